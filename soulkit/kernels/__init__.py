@@ -1,0 +1,10 @@
+"""Fused element-wise kernels for soulkit's second-order updates.
+
+Every kernel family has a plain-torch per-tensor *reference* (for debugging and for tests) and
+faster implementations of the same math (foreach torch on any device; Triton on CUDA). This
+package imports nothing else from soulkit.
+"""
+
+from .sophia import sophia_step, sophia_step_foreach, sophia_step_reference
+
+__all__ = ["sophia_step", "sophia_step_foreach", "sophia_step_reference"]

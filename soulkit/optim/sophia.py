@@ -1,0 +1,566 @@
+"""Sophia: a clipped, diagonal-Hessian-preconditioned optimizer (Liu et al., ICLR 2024).
+
+A drop-in replacement for ``torch.optim.AdamW``. Per element::
+
+    theta <- theta * (1 - lr * weight_decay)
+    m     <- beta1 * m + (1 - beta1) * g
+    h     <- beta2 * h + (1 - beta2) * h_hat           # on a Hessian refresh, every k steps
+    theta <- theta - lr * sign(m) * min(|m| / max(rho * h, eps), 1)
+
+``h_hat`` is an estimate of the Hessian diagonal:
+
+* Gauss-Newton-Bartlett (GNB, default): labels are sampled from the model's own softmax and
+  ``h_hat = B * g_s * g_s``, with ``g_s`` the gradient of the mean sampled-label loss over its B
+  terms (tokens). :meth:`Sophia.accumulate_gnb` builds it from the logits of the training forward
+  pass (one extra backward, no extra forward) and works with gradient accumulation.
+* Hutchinson: ``h_hat = u * (H u)`` with Rademacher ``u`` (:meth:`Sophia.accumulate_hutchinson`).
+* Anything else: pass a list of tensors to :meth:`Sophia.update_hessian`.
+
+Typical loop (the two refresh lines are marked)::
+
+    opt = Sophia(model.parameters(), lr=3e-4, rho=0.04, weight_decay=0.1)
+    for x, y in loader:
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if opt.hessian_due():                               # (1)
+            opt.accumulate_gnb(logits, labels=y)            # (2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # does not touch the estimate
+        opt.step()
+        opt.zero_grad()
+
+Scripts written for the paper's code port by changing the import: after a backward of the
+sampled-label loss, ``opt.update_hessian()`` uses the current ``.grad`` as ``g_s``; B is given once
+(``hessian_batch_size=`` at construction, or ``update_hessian(batch_size=...)``), never to ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ..kernels.sophia import sophia_step
+from ._sampling import sampled_label_loss
+
+__all__ = ["Sophia"]
+
+_NONFINITE_CHOICES = ("skip", "raise", "ignore")
+_STATE_KEYS = ("exp_avg", "hessian", "gnb_sum", "hutchinson_sum")
+
+
+def _check_hyper(lr: float, betas: tuple[float, float], rho: float, weight_decay: float, eps: float) -> None:
+    if not isinstance(lr, (float, int)) or not lr >= 0.0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b!r}")
+    if not float(rho) > 0.0:
+        raise ValueError(f"rho must be > 0, got {rho!r}")
+    if not float(weight_decay) >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not float(eps) > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+
+
+class Sophia(Optimizer):
+    """Sophia with GNB / Hutchinson / user-supplied Hessian-diagonal estimates.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        lr: learning rate; the largest per-coordinate step is ``lr`` (clipping).
+        betas: ``(beta1, beta2)``: EMA of gradients, EMA of Hessian estimates.
+        rho: clipping scale; tune it so that :meth:`win_rate` stays around 0.1-0.5.
+        weight_decay: decoupled weight decay (as AdamW).
+        eps: floor of the denominator ``rho * h``.
+        maximize: maximise the objective instead of minimising it.
+        bias_correction: divide ``m`` by ``1 - beta1**t`` (off in the paper).
+        hessian_update_interval: k; :meth:`hessian_due` is true every k steps (the first included).
+        hessian_batch_size: B for :meth:`update_hessian` without an estimate (paper-style usage).
+            :meth:`accumulate_gnb` counts B itself and ignores this.
+        nonfinite: what a non-finite gradient does to :meth:`step`: ``"skip"`` (default: the step
+            is skipped, state untouched, :attr:`skipped_steps` counts it; costs one host sync per
+            step), ``"raise"`` (``FloatingPointError``, state untouched) or ``"ignore"`` (no check,
+            no sync). A non-finite Hessian estimate is dropped and counted in
+            :attr:`skipped_hessian_updates` under ``"skip"``/``"ignore"``, and raises under ``"raise"``.
+        state_dtype: dtype of ``m`` and ``h``. Default: float32 for bf16/fp16 parameters, the
+            parameter's dtype otherwise. ``torch.bfloat16`` halves state memory.
+        foreach: use the foreach implementation (default) or the per-tensor reference (``False``).
+        track_win_rate: count unclipped coordinates on the device at each step (no host sync).
+        seed: seeds the label sampling of :meth:`accumulate_gnb` and the Rademacher vectors of
+            :meth:`accumulate_hutchinson`, combined with the step count so a resumed run draws
+            the same numbers.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        *,
+        eps: float = 1e-15,
+        maximize: bool = False,
+        bias_correction: bool = False,
+        hessian_update_interval: int = 10,
+        hessian_batch_size: int | None = None,
+        nonfinite: str = "skip",
+        state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        track_win_rate: bool = True,
+        seed: int = 0,
+    ) -> None:
+        _check_hyper(lr, betas, rho, weight_decay, eps)
+        if not isinstance(hessian_update_interval, int) or hessian_update_interval < 1:
+            raise ValueError(f"hessian_update_interval must be an int >= 1, got {hessian_update_interval!r}")
+        if hessian_batch_size is not None and (not isinstance(hessian_batch_size, int) or hessian_batch_size < 1):
+            raise ValueError(f"hessian_batch_size must be a positive int or None, got {hessian_batch_size!r}")
+        if nonfinite not in _NONFINITE_CHOICES:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_CHOICES}, got {nonfinite!r}")
+        if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
+        if fused:
+            raise ValueError(
+                "fused=True is not available in this version of soulkit; use foreach=True (the default)"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            bias_correction=bias_correction,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyper(group["lr"], group["betas"], group["rho"], group["weight_decay"], group["eps"])
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError("Sophia does not support complex parameters; view them as real (torch.view_as_real)")
+                if not p.is_floating_point():
+                    raise TypeError(f"Sophia needs floating-point parameters, got {p.dtype}")
+        self.hessian_update_interval = hessian_update_interval
+        self.hessian_batch_size = hessian_batch_size
+        self.nonfinite = nonfinite
+        self.state_dtype = state_dtype
+        self.track_win_rate = track_win_rate
+        self.seed = int(seed)
+        self.num_steps = 0
+        self.num_hessian_updates = 0
+        self.skipped_steps = 0
+        self.skipped_hessian_updates = 0
+        self._pending_terms = 0  # GNB terms accumulated since the last fold
+        self._pending_hutchinson = 0  # Hutchinson samples accumulated since the last fold
+        self._win_counts: list[torch.Tensor | None] = [None] * len(self.param_groups)
+        self._win_totals: list[int] = [0] * len(self.param_groups)
+
+    # ------------------------------------------------------------------ helpers
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            dt = self._state_dtype_for(p)
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return state
+
+    def _generator(self, device: torch.device, salt: int) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + self.num_steps * 7919 + salt) % (2**63 - 1))
+        return gen
+
+    @staticmethod
+    def _check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
+        if g.is_sparse:
+            raise RuntimeError(f"Sophia does not support sparse gradients ({where}); use a dense embedding")
+        if g.is_complex():
+            raise RuntimeError(f"Sophia does not support complex gradients ({where})")
+        if g.shape != p.shape:
+            raise ValueError(f"{where} has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
+
+    @staticmethod
+    def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+        if not tensors:
+            return True
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        flags = []
+        for ts in by_device.values():
+            norms = torch._foreach_norm(ts, float("inf"))
+            flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
+        return bool(torch.stack(flags).all())
+
+    # ------------------------------------------------------------------ Hessian refresh
+    def hessian_due(self) -> bool:
+        """True when the next :meth:`step` is a refresh step (every ``hessian_update_interval`` steps,
+        starting with the first). Call the estimator only then: a refresh costs one extra backward."""
+        return self.num_steps % self.hessian_update_interval == 0
+
+    @torch.no_grad()
+    def update_hessian(
+        self, estimate: Sequence[torch.Tensor | None] | None = None, *, batch_size: int | None = None
+    ) -> bool:
+        """Fold a Hessian-diagonal estimate into the EMA ``h <- beta2 h + (1 - beta2) h_hat`` now.
+
+        Args:
+            estimate: one tensor (or ``None`` to leave that ``h`` alone) per parameter, in the order
+                of the optimizer's parameters over all groups. ``None``: use the current ``.grad`` as
+                ``g_s`` of the GNB estimator, ``h_hat = B * grad**2`` (after a backward of the
+                sampled-label loss, as in the paper's code); parameters without ``.grad`` keep their h.
+            batch_size: B for the ``.grad`` form; defaults to ``hessian_batch_size`` of the constructor.
+
+        Returns ``True`` if folded, ``False`` if a non-finite estimate was dropped.
+        """
+        params = self._all_params()
+        if estimate is None:
+            bs = batch_size if batch_size is not None else self.hessian_batch_size
+            if bs is None:
+                raise ValueError(
+                    "update_hessian() without an estimate needs B, the number of terms of the sampled-label "
+                    "loss: pass Sophia(..., hessian_batch_size=B) once or update_hessian(batch_size=B)"
+                )
+            if not isinstance(bs, int) or bs < 1:
+                raise ValueError(f"batch_size must be a positive int, got {bs!r}")
+            est: list[torch.Tensor | None] = []
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    est.append(None)
+                    continue
+                self._check_grad(p, p.grad, f"params[{i}].grad")
+                est.append(p.grad.to(self._state_dtype_for(p)).square().mul_(bs))
+        else:
+            if isinstance(estimate, torch.Tensor) or not isinstance(estimate, Sequence):
+                raise TypeError("estimate must be a list of tensors (one per parameter) or None")
+            if len(estimate) != len(params):
+                raise ValueError(
+                    f"estimate has {len(estimate)} tensors but the optimizer has {len(params)} parameters "
+                    "(all groups, in order)"
+                )
+            est = list(estimate)
+            for i, (p, e) in enumerate(zip(params, est)):
+                if e is None:
+                    continue
+                if not isinstance(e, torch.Tensor):
+                    raise TypeError(f"estimate[{i}] must be a tensor or None, got {type(e).__name__}")
+                if e.shape != p.shape:
+                    raise ValueError(f"estimate[{i}] has shape {tuple(e.shape)} but params[{i}] has {tuple(p.shape)}")
+                if e.is_complex() or not e.is_floating_point():
+                    raise TypeError(f"estimate[{i}] must be a real floating-point tensor, got {e.dtype}")
+                if e.device != p.device:
+                    raise ValueError(f"estimate[{i}] is on {e.device} but params[{i}] is on {p.device}")
+        return self._fold(params, est)
+
+    def _fold(self, params: list[torch.Tensor], est: list[torch.Tensor | None]) -> bool:
+        present = [(p, e) for p, e in zip(params, est) if e is not None]
+        if not present:
+            return True
+        if not self._all_finite([e for _, e in present]):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("the Hessian estimate contains NaN or Inf; the EMA was not updated")
+            self.skipped_hessian_updates += 1
+            warnings.warn("soulkit.Sophia: dropped a non-finite Hessian estimate", RuntimeWarning, stacklevel=3)
+            return False
+        self._fold_ema(present)
+        self.num_hessian_updates += 1
+        return True
+
+    def _fold_ema(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``h <- beta2 h + (1 - beta2) e`` for each (param, estimate), grouped by beta2 for foreach."""
+        if not pairs:
+            return
+        p_to_group = {p: g for g in self.param_groups for p in g["params"]}
+        by_beta: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for p, e in pairs:
+            h = self._init_state(p)["hessian"]
+            beta2 = p_to_group[p]["betas"][1]
+            hs, es = by_beta.setdefault(beta2, ([], []))
+            hs.append(h)
+            es.append(e.to(h.dtype) if e.dtype != h.dtype else e)
+        for beta2, (hs, es) in by_beta.items():
+            # fp32 arithmetic for low-precision state, rounded once
+            hc = [h.float() if h.dtype in (torch.bfloat16, torch.float16) else h for h in hs]
+            ec = [e.to(h.dtype) for e, h in zip(es, hc)]
+            torch._foreach_mul_(hc, beta2)
+            torch._foreach_add_(hc, ec, alpha=1 - beta2)
+            for h, c in zip(hs, hc):
+                if h is not c:
+                    h.copy_(c)
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self._all_params() if p.requires_grad]
+
+    def accumulate_gnb(
+        self,
+        logits: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> int:
+        """Add one (micro-)batch to the pending GNB estimate, reusing the training forward's logits.
+
+        Samples labels from ``softmax(logits)``, backpropagates the summed sampled-label loss to the
+        parameters (``retain_graph=True``, so the training loss can still be backpropagated) and adds
+        the result to a buffer outside ``.grad`` (gradient clipping does not touch it). The next
+        :meth:`step` folds ``h_hat = B * (sum / B)**2`` over all accumulated micro-batches, B being the
+        total number of terms. Positions where ``labels == ignore_index`` or ``mask`` is False are left
+        out. Under DDP the buffers and B are summed over ranks before folding.
+
+        Returns the number of terms this call added.
+        """
+        params = self._trainable()
+        if not params:
+            raise ValueError("the optimizer has no parameters that require grad")
+        if logits.grad_fn is None:
+            raise ValueError(
+                "logits carry no autograd graph: call accumulate_gnb(logits) with the logits of the training "
+                "forward pass, before loss.backward() frees the graph"
+            )
+        loss_sum, n_terms = sampled_label_loss(
+            logits, labels=labels, mask=mask, ignore_index=ignore_index,
+            generator=self._generator(logits.device, salt=self._pending_terms + 1),
+        )
+        grads = torch.autograd.grad(loss_sum, params, retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                state = self._init_state(p)
+                buf = state.get("gnb_sum")
+                if buf is None:
+                    state["gnb_sum"] = g.to(torch.float64 if p.dtype == torch.float64 else torch.float32).clone()
+                else:
+                    buf.add_(g.to(buf.dtype))
+        self._pending_terms += n_terms
+        return n_terms
+
+    def accumulate_hutchinson(self, loss: torch.Tensor | Callable[[], torch.Tensor], *, n_samples: int = 1) -> None:
+        """Add ``u * (H u)`` (Rademacher ``u``) to the pending estimate; folded by the next :meth:`step`.
+
+        ``loss`` is a scalar with its graph (only the Hessian-vector product is differentiated twice:
+        no ``backward(create_graph=True)`` is needed in the training loop) or a closure returning one.
+        Several calls (micro-batches) average. Under gradient accumulation pass each micro-batch's loss
+        scaled as in training (e.g. divided by the number of micro-batches) and the estimates add up.
+        """
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+        from .curvature import differentiable_attention  # curvature needs the math attention path
+
+        params = self._trainable()
+        with differentiable_attention():
+            if callable(loss):
+                loss = loss()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss must be a scalar tensor (or a closure returning one)")
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            used = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
+            for s in range(n_samples):
+                us = []
+                for p, _ in used:
+                    gen = self._generator(p.device, salt=10_007 * (self._pending_hutchinson + s + 1) + len(us))
+                    us.append(torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1))
+                hus = torch.autograd.grad(
+                    [g for _, g in used], [p for p, _ in used], grad_outputs=us,
+                    retain_graph=s < n_samples - 1, allow_unused=True,
+                )
+                with torch.no_grad():
+                    for (p, _), u, hu in zip(used, us, hus):
+                        if hu is None:
+                            continue
+                        state = self._init_state(p)
+                        est = (u * hu).to(torch.float64 if p.dtype == torch.float64 else torch.float32) / n_samples
+                        if "hutchinson_sum" in state:
+                            state["hutchinson_sum"].add_(est)
+                        else:
+                            state["hutchinson_sum"] = est
+        self._pending_hutchinson += 1
+
+    def _sync_pending(self) -> None:
+        """Sum pending GNB buffers and term counts over DDP ranks (plain-tensor parameters only)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        bufs = [self.state[p]["gnb_sum"] for p in self._all_params() if "gnb_sum" in self.state.get(p, {})]
+        if any(type(b) is not torch.Tensor for b in bufs):
+            raise RuntimeError(
+                "accumulate_gnb does not support sharded (DTensor/FSDP2) parameters: backpropagate the "
+                "sampled-label loss (soulkit.optim.sampled_label_loss) and call update_hessian(batch_size=B)"
+            )
+        dev = bufs[0].device if bufs else torch.device("cpu")
+        terms = torch.tensor([float(self._pending_terms)], device=dev, dtype=torch.float64)
+        torch.distributed.all_reduce(terms)
+        for b in bufs:
+            torch.distributed.all_reduce(b)
+        self._pending_terms = int(terms.item())
+
+    def _take_pending(self, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+        if self._pending_terms == 0 and self._pending_hutchinson == 0:
+            return None
+        if self._pending_terms:
+            self._sync_pending()
+        est: list[torch.Tensor | None] = []
+        for p in params:
+            state = self.state.get(p, {})
+            e = None
+            if "gnb_sum" in state:
+                e = state.pop("gnb_sum").square_().div_(self._pending_terms)
+            if "hutchinson_sum" in state:
+                h = state.pop("hutchinson_sum").div_(self._pending_hutchinson)
+                e = h if e is None else (e + h) / 2
+            est.append(e)
+        self._pending_terms = 0
+        self._pending_hutchinson = 0
+        return est
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One Sophia update; folds a pending GNB/Hutchinson estimate first. Returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        groups = []
+        all_grads = []
+        for gi, group in enumerate(self.param_groups):
+            ps, gs = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_grad(p, p.grad, f"gradient of a parameter in param_groups[{gi}]")
+                ps.append(p)
+                gs.append(p.grad)
+            groups.append((gi, group, ps, gs))
+            all_grads.extend(gs)
+
+        if self.nonfinite != "ignore" and not self._all_finite(all_grads):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("a gradient contains NaN or Inf; the step was not taken (state untouched)")
+            self.skipped_steps += 1
+            return loss
+
+        stepping = {p for _, _, ps, _ in groups for p in ps}
+        fused_estimates: dict[torch.Tensor, torch.Tensor] = {}
+        pending = self._take_pending(self._all_params())
+        if pending is not None:
+            present = [(p, e) for p, e in zip(self._all_params(), pending) if e is not None]
+            if present and not self._all_finite([e for _, e in present]):
+                if self.nonfinite == "raise":
+                    raise FloatingPointError("the pending Hessian estimate contains NaN or Inf; it was dropped")
+                self.skipped_hessian_updates += 1
+                warnings.warn("soulkit.Sophia: dropped a non-finite Hessian estimate", RuntimeWarning, stacklevel=2)
+            elif present:
+                # estimates of stepping parameters are folded inside the update pass; others on their own
+                fused_estimates = {p: e for p, e in present if p in stepping}
+                self._fold_ema([(p, e) for p, e in present if p not in stepping])
+                self.num_hessian_updates += 1
+
+        for gi, group, ps, gs in groups:
+            if not ps:
+                continue
+            beta1, beta2 = group["betas"]
+            states = [self._init_state(p) for p in ps]
+            for st in states:
+                st["step"] += 1
+            t = states[0]["step"].item()
+            bc1 = 1 - beta1 ** t if group["bias_correction"] else 1.0
+            ests = None
+            if fused_estimates:
+                have = [(p, fused_estimates[p]) for p in ps if p in fused_estimates]
+                if len(have) == len(ps):
+                    ests = [e for _, e in have]
+                else:
+                    self._fold_ema(have)
+            win = None
+            if self.track_win_rate:
+                win = torch.zeros((), dtype=torch.int64, device=ps[0].device)
+            foreach = group["foreach"]
+            impl = "reference" if foreach is False else "foreach"
+            sophia_step(
+                ps, gs, [s["exp_avg"] for s in states], [s["hessian"] for s in states],
+                lr=float(group["lr"]), beta1=beta1, rho=float(group["rho"]),
+                weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+                maximize=bool(group["maximize"]), bias_correction1=bc1,
+                hessian_estimates=ests, beta2=beta2, win_count=win, implementation=impl,
+            )
+            self._win_counts[gi] = win
+            self._win_totals[gi] = sum(p.numel() for p in ps)
+        self.num_steps += 1
+        return loss
+
+    # ------------------------------------------------------------------ logging
+    def win_rate(self) -> list[float]:
+        """Per group: fraction of coordinates whose update was *not* clipped at the last step.
+
+        Counted on the device during :meth:`step`; this call does the only host sync. The paper's
+        authors tune ``rho`` to keep it within 0.1-0.5. ``nan`` for a group that has not stepped.
+        """
+        out = []
+        counts = [c for c in self._win_counts if c is not None]
+        values = torch.stack([c.cpu() for c in counts]).tolist() if counts else []
+        it = iter(values)
+        for c, total in zip(self._win_counts, self._win_totals):
+            out.append(next(it) / total if c is not None and total else math.nan)
+        return out
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["soulkit_sophia"] = {
+            "num_steps": self.num_steps,
+            "num_hessian_updates": self.num_hessian_updates,
+            "skipped_steps": self.skipped_steps,
+            "skipped_hessian_updates": self.skipped_hessian_updates,
+            "pending_terms": self._pending_terms,
+            "pending_hutchinson": self._pending_hutchinson,
+            "seed": self.seed,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("soulkit_sophia", None)
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; Sophia keeps its own state dtype
+        # (fp32 state for bf16 parameters, or bf16 state): restore the saved tensors exactly.
+        index_to_param = dict(enumerate(self._all_params()))
+        for idx, saved in saved_state.items():
+            p = index_to_param.get(idx)
+            if p is None:
+                continue
+            for key in _STATE_KEYS:
+                if key in saved and isinstance(saved[key], torch.Tensor):
+                    self.state[p][key] = saved[key].detach().to(device=p.device, copy=True)
+        if extra is not None:
+            self.num_steps = int(extra["num_steps"])
+            self.num_hessian_updates = int(extra["num_hessian_updates"])
+            self.skipped_steps = int(extra["skipped_steps"])
+            self.skipped_hessian_updates = int(extra["skipped_hessian_updates"])
+            self._pending_terms = int(extra["pending_terms"])
+            self._pending_hutchinson = int(extra["pending_hutchinson"])
+            self.seed = int(extra["seed"])
+        else:
+            steps = [s["step"] for s in self.state.values() if "step" in s]
+            self.num_steps = int(max(steps).item()) if steps else 0
