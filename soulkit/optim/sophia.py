@@ -367,7 +367,8 @@ class Sophia(Optimizer):
 
         params = self._trainable()
         with differentiable_attention():
-            if callable(loss):
+            owns_graph = callable(loss)  # a given loss is still backpropagated by the training loop
+            if owns_graph:
                 loss = loss()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss must be a scalar tensor (or a closure returning one)")
@@ -380,7 +381,7 @@ class Sophia(Optimizer):
                     us.append(torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1))
                 hus = torch.autograd.grad(
                     [g for _, g in used], [p for p, _ in used], grad_outputs=us,
-                    retain_graph=s < n_samples - 1, allow_unused=True,
+                    retain_graph=(s < n_samples - 1) or not owns_graph, allow_unused=True,
                 )
                 with torch.no_grad():
                     for (p, _), u, hu in zip(used, us, hus):
