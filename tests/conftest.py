@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under the interpreter on the CPU. This must be set before
+# triton.jit decorates soulkit's kernels, i.e. before the first import of soulkit.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep the 2-core CI machine responsive and results reproducible.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

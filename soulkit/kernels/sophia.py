@@ -89,10 +89,22 @@ def sophia_step_reference(
         ratio = (m_c / bias_correction1) / torch.clamp(rho * h_c, min=eps)
         ratio = ratio.clamp(-1.0, 1.0)
         if win_count is not None:
-            win_count += (ratio.abs() < 1).sum().to(win_count.dtype)
+            # DTensor (FSDP2): count this rank's shard only (see _local); adding a DTensor count into
+            # the plain win_count tensor would fail.
+            win_count += (_local(ratio).abs() < 1).sum().to(win_count.dtype)
         p_c = p_c - lr * ratio
         m.copy_(m_c)
         p.copy_(p_c)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters), the tensor itself otherwise.
+
+    Used only for the win-rate count: it stays a per-rank count without a collective, and Sophia
+    divides it by the local number of elements.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def _to(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -162,7 +174,9 @@ def sophia_step_foreach(
         torch._foreach_clamp_max_(ratio, 1.0)
         if win_count is not None:
             # |ratio| - 1 is exactly 0 where clipped and negative where not: an L0 norm counts the latter.
-            slack = torch._foreach_abs(ratio)
+            # DTensor (FSDP2): count this rank's shard only (see _local); adding a DTensor count into
+            # the plain win_count tensor would fail.
+            slack = torch._foreach_abs([_local(r) for r in ratio])
             torch._foreach_sub_(slack, 1.0)
             win_count += torch.stack(torch._foreach_norm(slack, 0)).sum().to(win_count.dtype)
         torch._foreach_add_(p_c, ratio, alpha=-lr)
@@ -170,10 +184,42 @@ def sophia_step_foreach(
         _write_back(ps, p_c)
 
 
-def sophia_step(*args, implementation: str = "foreach", **kwargs) -> None:
-    """Dispatch to an implementation of the Sophia step: ``"foreach"`` or ``"reference"``."""
-    if implementation == "foreach":
-        return sophia_step_foreach(*args, **kwargs)
-    if implementation == "reference":
-        return sophia_step_reference(*args, **kwargs)
-    raise ValueError(f"implementation must be 'foreach' or 'reference', got {implementation!r}")
+IMPLEMENTATIONS = ("auto", "triton", "foreach", "reference")
+
+
+def resolve_implementation(device: torch.device, requested: str = "auto") -> str:
+    """Map ``"auto"`` to the fastest available path for ``device``: Triton on CUDA, foreach elsewhere."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    from .sophia_triton import triton_usable
+
+    return "triton" if device.type == "cuda" and triton_usable(device) else "foreach"
+
+
+def sophia_step(params, grads, exp_avgs, hessians, *, implementation: str = "auto", **kwargs) -> None:
+    """Dispatch the Sophia step: ``"auto"`` (Triton on CUDA, foreach elsewhere), ``"triton"``,
+    ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging).
+
+    Non-contiguous tensors, which the Triton kernel rejects, are routed to the foreach path.
+    """
+    impl = resolve_implementation(params[0].device if params else torch.device("cpu"), implementation)
+    if impl == "reference":
+        return sophia_step_reference(params, grads, exp_avgs, hessians, **kwargs)
+    if impl == "foreach":
+        return sophia_step_foreach(params, grads, exp_avgs, hessians, **kwargs)
+    from .sophia_triton import sophia_step_triton
+
+    est = kwargs.get("hessian_estimates")
+    lists = [params, grads, exp_avgs, hessians] + ([est] if est is not None else [])
+    odd = [i for i in range(len(params)) if not all(lst[i].is_contiguous() for lst in lists)]
+    if not odd:
+        return sophia_step_triton(params, grads, exp_avgs, hessians, **kwargs)
+    keep = [i for i in range(len(params)) if i not in set(odd)]
+    for sel, fn in ((keep, sophia_step_triton), (odd, sophia_step_foreach)):
+        if sel:
+            sub = dict(kwargs)
+            if est is not None:
+                sub["hessian_estimates"] = [est[i] for i in sel]
+            fn(*[[lst[i] for i in sel] for lst in (params, grads, exp_avgs, hessians)], **sub)

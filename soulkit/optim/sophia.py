@@ -91,7 +91,11 @@ class Sophia(Optimizer):
             :attr:`skipped_hessian_updates` under ``"skip"``/``"ignore"``, and raises under ``"raise"``.
         state_dtype: dtype of ``m`` and ``h``. Default: float32 for bf16/fp16 parameters, the
             parameter's dtype otherwise. ``torch.bfloat16`` halves state memory.
-        foreach: use the foreach implementation (default) or the per-tensor reference (``False``).
+        foreach: ``False`` selects the plain per-tensor reference (for debugging); otherwise the
+            foreach path, or the fused Triton kernel on CUDA.
+        fused: ``True`` requires the fused Triton kernel (one launch per dtype bucket of a group;
+            CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``None`` (default) uses it on CUDA when
+            triton is installed.
         track_win_rate: count unclipped coordinates on the device at each step (no host sync).
         seed: seeds the label sampling of :meth:`accumulate_gnb` and the Rademacher vectors of
             :meth:`accumulate_hutchinson`, combined with the step count so a resumed run draws
@@ -127,10 +131,8 @@ class Sophia(Optimizer):
             raise ValueError(f"nonfinite must be one of {_NONFINITE_CHOICES}, got {nonfinite!r}")
         if state_dtype is not None and state_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"state_dtype must be a floating dtype or None, got {state_dtype!r}")
-        if fused:
-            raise ValueError(
-                "fused=True is not available in this version of soulkit; use foreach=True (the default)"
-            )
+        if fused and foreach is False:
+            raise ValueError("fused=True and foreach=False contradict each other: pick one")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -140,6 +142,7 @@ class Sophia(Optimizer):
             maximize=maximize,
             bias_correction=bias_correction,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -335,6 +338,14 @@ class Sophia(Optimizer):
                 "logits carry no autograd graph: call accumulate_gnb(logits) with the logits of the training "
                 "forward pass, before loss.backward() frees the graph"
             )
+        # FSDP2 (DTensor) parameters: the forward runs on unsharded copies, so autograd.grad w.r.t. the
+        # sharded parameters returns None for all of them and the estimate would silently be empty.
+        # Raise the error _sync_pending documents, up front.
+        if any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in params):
+            raise RuntimeError(
+                "accumulate_gnb does not support sharded (DTensor/FSDP2) parameters: backpropagate the "
+                "sampled-label loss (soulkit.optim.sampled_label_loss) and call update_hessian(batch_size=B)"
+            )
         loss_sum, n_terms = sampled_label_loss(
             logits, labels=labels, mask=mask, ignore_index=ignore_index,
             generator=self._generator(logits.device, salt=self._pending_terms + 1),
@@ -496,8 +507,7 @@ class Sophia(Optimizer):
             win = None
             if self.track_win_rate:
                 win = torch.zeros((), dtype=torch.int64, device=ps[0].device)
-            foreach = group["foreach"]
-            impl = "reference" if foreach is False else "foreach"
+            impl = self._implementation(group, ps[0].device)
             sophia_step(
                 ps, gs, [s["exp_avg"] for s in states], [s["hessian"] for s in states],
                 lr=float(group["lr"]), beta1=beta1, rho=float(group["rho"]),
@@ -506,9 +516,28 @@ class Sophia(Optimizer):
                 hessian_estimates=ests, beta2=beta2, win_count=win, implementation=impl,
             )
             self._win_counts[gi] = win
-            self._win_totals[gi] = sum(p.numel() for p in ps)
+            # DTensor (FSDP2): the kernel counts this rank's shard, so divide by the local numel
+            # (the win rate is then per rank, with no collective).
+            self._win_totals[gi] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
         self.num_steps += 1
         return loss
+
+    @staticmethod
+    def _implementation(group: dict[str, Any], device: torch.device) -> str:
+        """``fused=True``: Triton (error if unusable); ``foreach=False``: the per-tensor reference;
+        default: Triton on CUDA when available, foreach otherwise."""
+        if group.get("fused"):
+            from ..kernels.sophia_triton import triton_usable
+
+            if not triton_usable(device):
+                raise RuntimeError(
+                    f"fused=True needs the Triton kernel, which runs on CUDA (with the 'triton' package), "
+                    f"not on {device}; leave fused=None for the best available path"
+                )
+            return "triton"
+        if group.get("foreach") is False:
+            return "reference"
+        return "auto" if group.get("foreach") is None else "foreach"
 
     # ------------------------------------------------------------------ logging
     def win_rate(self) -> list[float]:

@@ -515,6 +515,20 @@ def test_nonfinite_estimate_is_dropped_and_counted():
         strict.update_hessian([torch.full((3,), float("inf"))])
 
 
-def test_fused_flag_is_refused_clearly():
+def test_fused_flag():
     with pytest.raises(ValueError, match="fused"):
-        Sophia([torch.zeros(2, requires_grad=True)], fused=True)
+        Sophia([torch.zeros(2, requires_grad=True)], fused=True, foreach=False)
+
+
+@pytest.mark.skipif(
+    not __import__("soulkit.kernels.sophia_triton", fromlist=["x"]).triton_usable(torch.device("cpu")),
+    reason="needs triton (interpreted on CPU)",
+)
+def test_fused_trajectory_matches_foreach():
+    runs = []
+    for fused in (True, None):
+        model, _ = _train(lambda ps, f=fused: Sophia(ps, lr=1e-2, fused=f, hessian_update_interval=2), 4,
+                          model=_mlp())
+        runs.append([q.detach().clone() for q in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
