@@ -5,6 +5,14 @@ faster implementations of the same math (foreach torch on any device; Triton on 
 package imports nothing else from soulkit.
 """
 
+from .adahessian import adahessian_step, adahessian_step_foreach, adahessian_step_reference
 from .sophia import sophia_step, sophia_step_foreach, sophia_step_reference
 
-__all__ = ["sophia_step", "sophia_step_foreach", "sophia_step_reference"]
+__all__ = [
+    "adahessian_step",
+    "adahessian_step_foreach",
+    "adahessian_step_reference",
+    "sophia_step",
+    "sophia_step_foreach",
+    "sophia_step_reference",
+]
