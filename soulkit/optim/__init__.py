@@ -25,8 +25,12 @@ try:
         gnvp,
         hutchinson_diag,
         hvp,
+        module_loss_fn,
     )
 
-    __all__ += ["hvp", "gnvp", "hutchinson_diag", "gnb_diag", "exact_hessian_diag", "differentiable_attention"]
+    __all__ += [
+        "hvp", "gnvp", "hutchinson_diag", "gnb_diag", "exact_hessian_diag", "differentiable_attention",
+        "module_loss_fn",
+    ]
 except ImportError:  # pragma: no cover
     pass
