@@ -202,7 +202,7 @@ def sophia_step(params, grads, exp_avgs, hessians, *, implementation: str = "aut
     """Dispatch the Sophia step: ``"auto"`` (Triton on CUDA, foreach elsewhere), ``"triton"``,
     ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging).
 
-    Non-contiguous tensors, which the Triton kernel rejects, are routed to the foreach path.
+    Non-contiguous tensors, which the Triton kernel rejects, and DTensors are routed to the foreach path.
     """
     impl = resolve_implementation(params[0].device if params else torch.device("cpu"), implementation)
     if impl == "reference":
@@ -213,7 +213,12 @@ def sophia_step(params, grads, exp_avgs, hessians, *, implementation: str = "aut
 
     est = kwargs.get("hessian_estimates")
     lists = [params, grads, exp_avgs, hessians] + ([est] if est is not None else [])
-    odd = [i for i in range(len(params)) if not all(lst[i].is_contiguous() for lst in lists)]
+    # DTensor (FSDP2) parameters/state go to the foreach path too: the Triton kernel reads raw data
+    # pointers, which a DTensor wrapper does not have (its interpreter run segfaults on them).
+    odd = [
+        i for i in range(len(params))
+        if not all(lst[i].is_contiguous() and _local(lst[i]) is lst[i] for lst in lists)
+    ]
     if not odd:
         return sophia_step_triton(params, grads, exp_avgs, hessians, **kwargs)
     keep = [i for i in range(len(params)) if i not in set(odd)]
