@@ -369,6 +369,9 @@ class Sophia(Optimizer):
 
         ``loss`` is a scalar with its graph (only the Hessian-vector product is differentiated twice:
         no ``backward(create_graph=True)`` is needed in the training loop) or a closure returning one.
+        A closure runs inside :func:`~soulkit.optim.differentiable_attention`; a given loss must have
+        been computed there already when the model uses SDPA/flash attention (their kernels have no
+        double backward): ``with differentiable_attention(model): logits = model(x)`` on refresh steps.
         Several calls (micro-batches) average. Under gradient accumulation pass each micro-batch's loss
         scaled as in training (e.g. divided by the number of micro-batches) and the estimates add up.
         """
@@ -390,10 +393,20 @@ class Sophia(Optimizer):
                 for p, _ in used:
                     gen = self._generator(p.device, salt=10_007 * (self._pending_hutchinson + s + 1) + len(us))
                     us.append(torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1))
-                hus = torch.autograd.grad(
-                    [g for _, g in used], [p for p, _ in used], grad_outputs=us,
-                    retain_graph=(s < n_samples - 1) or not owns_graph, allow_unused=True,
-                )
+                try:
+                    hus = torch.autograd.grad(
+                        [g for _, g in used], [p for p, _ in used], grad_outputs=us,
+                        retain_graph=(s < n_samples - 1) or not owns_graph, allow_unused=True,
+                    )
+                except RuntimeError as exc:
+                    if "not implemented" in str(exc) and "attention" in str(exc):
+                        raise RuntimeError(
+                            "the loss's forward pass used an attention kernel without a double backward "
+                            f"({exc}); on refresh steps run the forward inside "
+                            "`with soulkit.optim.differentiable_attention(model):`, or pass a closure that "
+                            "computes the loss"
+                        ) from exc
+                    raise
                 with torch.no_grad():
                     for (p, _), u, hu in zip(used, us, hus):
                         if hu is None:

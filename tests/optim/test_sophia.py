@@ -532,3 +532,28 @@ def test_fused_trajectory_matches_foreach():
         runs.append([q.detach().clone() for q in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_hutchinson_on_sdpa_llama_says_how_to_fix_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soulkit.optim import differentiable_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 32, (2, 6))
+    opt = Sophia(model.parameters())
+    loss = model(ids, labels=ids).loss
+    try:
+        opt.accumulate_hutchinson(loss)
+    except RuntimeError as exc:  # CPU SDPA picks a kernel without double backward
+        assert "differentiable_attention" in str(exc)
+    with differentiable_attention(model):
+        loss = model(ids, labels=ids).loss
+    opt.accumulate_hutchinson(loss)
+    loss.backward()
+    opt.step()
+    assert opt.num_hessian_updates == 1
+    assert all(torch.isfinite(opt.state[q]["hessian"]).all() for q in model.parameters() if q in opt.state)

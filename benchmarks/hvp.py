@@ -1,0 +1,171 @@
+"""Cost of curvature relative to one gradient on a tiny Llama: time and peak memory.
+
+Measured, each in a fresh subprocess (so peak RSS is its own):
+
+* ``gradient``: forward + backward of the LM loss (the unit);
+* ``hvp (double backward)`` / ``hvp (forward-over-reverse)``: :func:`soulkit.optim.hvp`, which
+  includes its own forward and gradient;
+* ``GNB refresh``: the *extra* cost a Sophia refresh adds to a training step, i.e. a step with
+  :meth:`Sophia.accumulate_gnb` on the step's own logits minus a step without it;
+* ``Hutchinson refresh``: the same for :meth:`Sophia.accumulate_hutchinson` on the step's loss.
+
+Time ratios are medians over repetitions; memory is the peak resident-set growth over the
+state after building the model and batch, divided by that of a gradient.
+
+    python benchmarks/hvp.py [--layers 2 --hidden 128 --seq 128 --batch 8 --reps 7]
+Outputs benchmarks/results/hvp.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ["gradient", "hvp-double-backward", "hvp-forward-over-reverse", "gnb-refresh", "hutchinson-refresh"]
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(mode: str, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from soulkit.optim import Sophia, differentiable_attention, hvp, module_loss_fn
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=args.seq, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 256, (args.batch, args.seq))
+    params = dict(model.named_parameters())
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def lm_loss(logits):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def grad_step(with_refresh=None):
+        opt.zero_grad(set_to_none=True)
+        if with_refresh == "hutchinson":  # SDPA's fused kernels have no double backward
+            with differentiable_attention(model):
+                logits = model(ids).logits
+        else:
+            logits = model(ids).logits
+        loss = lm_loss(logits)
+        if with_refresh == "gnb":
+            opt.accumulate_gnb(logits[:, :-1])
+        elif with_refresh == "hutchinson":
+            opt.accumulate_hutchinson(loss)
+        loss.backward()
+        # discard pending estimates so every repetition measures the same work
+        opt._take_pending(opt._all_params())
+
+    opt = Sophia(model.parameters(), lr=1e-4)
+    loss_fn = module_loss_fn(model, lambda call: lm_loss(call(ids).logits))
+    if mode == "gradient":
+        fn = grad_step
+    elif mode.startswith("hvp"):
+        m = "double_backward" if "double" in mode else "forward_over_reverse"
+        fn = lambda: hvp(loss_fn, params, v, mode=m)  # noqa: E731
+    elif mode == "gnb-refresh":
+        fn = lambda: grad_step("gnb")  # noqa: E731
+    else:
+        fn = lambda: grad_step("hutchinson")  # noqa: E731
+    base = grad_step  # every mode is timed against a plain gradient in the same process
+    with torch.no_grad():
+        model(ids)  # one-time lazy initialisation, outside the measured peak
+    rss0 = _rss_mib()
+    fn()
+    peak = _rss_mib() - rss0
+    times, base_times = [], []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        base()
+        base_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {
+        "mode": mode,
+        "median_s": statistics.median(times),
+        "gradient_median_s": statistics.median(base_times),
+        "peak_rss_growth_mib": peak,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    from _machine import machine_info, machine_line
+
+    info = machine_info()
+    rows = []
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--worker", mode] + [
+            f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "seq", "batch", "reps", "threads")
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(out.stderr[-2000:])
+            raise SystemExit(f"worker {mode} failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    grad_mem = next(r for r in rows if r["mode"] == "gradient")["peak_rss_growth_mib"]
+    for r in rows:
+        r["time_vs_gradient"] = r["median_s"] / r["gradient_median_s"]
+        if r["mode"].endswith("refresh"):
+            r["extra_time_vs_gradient"] = r["time_vs_gradient"] - 1.0
+        r["memory_vs_gradient"] = r["peak_rss_growth_mib"] / grad_mem if grad_mem > 0 else None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "config": {k: getattr(args, k) for k in ("layers", "hidden", "seq", "batch", "reps", "threads")},
+               "rows": rows}
+    tmp = RESULTS / "hvp.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, RESULTS / "hvp.json")
+    lines = [
+        "# Curvature cost relative to one gradient (tiny Llama)", "",
+        f"Machine: {machine_line(info)}. Model: Llama, {args.layers} layers, hidden {args.hidden}, "
+        f"{rows[0]['params'] / 1e6:.2f}M params; batch {args.batch} x {args.seq} tokens; {args.threads} threads; "
+        f"median of {args.reps} interleaved repetitions, each mode in its own process. "
+        "Refresh rows give the *extra* time a refresh adds to a training step (logits reused). "
+        "Memory: peak RSS growth over the built model and batch, relative to a gradient's.", "",
+        "| what | time vs gradient | extra time (refresh) | peak memory vs gradient |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        extra = f"{r['extra_time_vs_gradient']:.2f}x" if "extra_time_vs_gradient" in r else "-"
+        mem = f"{r['memory_vs_gradient']:.2f}x" if r["memory_vs_gradient"] is not None else "-"
+        lines.append(f"| {r['mode']} | {r['time_vs_gradient']:.2f}x | {extra} | {mem} |")
+    tmp = RESULTS / "hvp.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, RESULTS / "hvp.md")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
