@@ -185,6 +185,13 @@ class Sophia(Optimizer):
             state["hessian"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
+    @staticmethod
+    def _rank() -> int:
+        """Mixed into the sampling seed so that data-parallel ranks draw independent labels."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+        return 0
+
     def _generator(self, device: torch.device, salt: int) -> torch.Generator:
         gen = torch.Generator(device=device)
         gen.manual_seed((self.seed * 1_000_003 + self.num_steps * 7919 + salt) % (2**63 - 1))
@@ -348,9 +355,14 @@ class Sophia(Optimizer):
             )
         loss_sum, n_terms = sampled_label_loss(
             logits, labels=labels, mask=mask, ignore_index=ignore_index,
-            generator=self._generator(logits.device, salt=self._pending_terms + 1),
+            generator=self._generator(logits.device, salt=self._pending_terms + 1 + 7_777_777 * self._rank()),
         )
         grads = torch.autograd.grad(loss_sum, params, retain_graph=True, allow_unused=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "the logits do not depend on any of the optimizer's parameters, so the GNB estimate would be "
+                "empty; pass the logits of the model this optimizer trains"
+            )
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is None:
