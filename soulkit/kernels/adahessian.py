@@ -179,9 +179,22 @@ def adahessian_step_foreach(
 
 
 def adahessian_step(*args, implementation: str = "foreach", **kwargs) -> None:
-    """Dispatch to an implementation of the AdaHessian step: ``"foreach"`` or ``"reference"``."""
+    """Dispatch the AdaHessian step: ``"auto"`` (Triton on CUDA, foreach elsewhere), ``"triton"``,
+    ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging)."""
+    if implementation == "auto":
+        from ._triton_tables import triton_usable
+
+        params = args[0] if args else kwargs["params"]
+        dev = params[0].device if params else torch.device("cpu")
+        plain = all(type(p) is torch.Tensor or isinstance(p, torch.nn.Parameter) for p in params)
+        contiguous = all(t.is_contiguous() for lst in args[:5] for t in lst)
+        implementation = "triton" if dev.type == "cuda" and triton_usable(dev) and plain and contiguous else "foreach"
+    if implementation == "triton":
+        from .adahessian_triton import adahessian_step_triton
+
+        return adahessian_step_triton(*args, **kwargs)
     if implementation == "foreach":
         return adahessian_step_foreach(*args, **kwargs)
     if implementation == "reference":
         return adahessian_step_reference(*args, **kwargs)
-    raise ValueError(f"implementation must be 'foreach' or 'reference', got {implementation!r}")
+    raise ValueError(f"implementation must be 'auto', 'triton', 'foreach' or 'reference', got {implementation!r}")

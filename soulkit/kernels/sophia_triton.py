@@ -12,42 +12,29 @@ Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slow; used by the tes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
+from ._triton_tables import (
+    BLOCK,
+    HAS_TRITON,
+    TL_DTYPES,
+    block_tables,
+    check_launchable,
+    pointer_table,
+    triton_usable,
+)
 from .sophia import check_sophia_inputs
 
-try:  # triton is an optional dependency
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    HAS_TRITON = False
-
 __all__ = ["HAS_TRITON", "sophia_step_triton", "triton_usable"]
-
-BLOCK = 1024
-
-
-def triton_usable(device: torch.device) -> bool:
-    """True where the Triton kernels can run: CUDA tensors, or any tensor under TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return device.type == "cpu"
-    return device.type == "cuda"
 
 
 if HAS_TRITON:
-    _TL_DTYPES = {
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-        torch.bfloat16: tl.bfloat16,
-        torch.float16: tl.float16,
-    }
 
     @triton.jit
     def _sophia_kernel(
@@ -88,23 +75,6 @@ if HAS_TRITON:
         tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
 
-def _table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
-
-
-def _block_tables(numels: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    tensor_idx, starts = [], []
-    for i, n in enumerate(numels):
-        nb = (n + BLOCK - 1) // BLOCK
-        tensor_idx.extend([i] * nb)
-        starts.extend(range(0, nb * BLOCK, BLOCK))
-    return (
-        torch.tensor(tensor_idx, dtype=torch.int32).to(device, non_blocking=True),
-        torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True),
-        len(tensor_idx),
-    )
-
-
 def sophia_step_triton(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -127,25 +97,13 @@ def sophia_step_triton(
     All tensors must be contiguous and on one device; tensors are bucketed by dtype and each
     bucket is one kernel launch. Raises before launching anything if an input is invalid.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton Sophia kernel needs the 'triton' package (pip install soulkit[triton])")
     check_sophia_inputs(params, grads, exp_avgs, hessians, hessian_estimates)
     if not params:
         return
-    device = params[0].device
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "hessians": hessians}
     if hessian_estimates is not None:
         lists["hessian_estimates"] = hessian_estimates
-    for name, lst in lists.items():
-        for i, t in enumerate(lst):
-            if t.device != device:
-                raise ValueError(f"{name}[{i}] is on {t.device}; the Triton kernel needs every tensor on {device}")
-            if not t.is_contiguous():
-                raise ValueError(f"{name}[{i}] is not contiguous; pass .contiguous() tensors or use the foreach path")
-            if t.dtype not in _TL_DTYPES:
-                raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}")
-    if not triton_usable(device):
-        raise RuntimeError(f"Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device}")
+    device = check_launchable(lists, "Sophia")
     if win_count is not None and (win_count.dtype != torch.int64 or win_count.device != device):
         raise ValueError(f"win_count must be an int64 tensor on {device}")
 
@@ -159,20 +117,20 @@ def sophia_step_triton(
         if m_dt != h_dt:
             raise TypeError(f"exp_avgs[{idx[0]}] and hessians[{idx[0]}] must share a dtype for the Triton kernel")
         numels = [params[i].numel() for i in idx]
-        blk_tensor, blk_start, n_blocks = _block_tables(numels, device)
+        blk_tensor, blk_start, n_blocks = block_tables(numels, device)
         if n_blocks == 0:
             continue
         c_dt = tl.float64 if torch.float64 in (p_dt, m_dt) else tl.float32
-        p_tab = _table([params[i] for i in idx], device)
-        e_tab = _table([hessian_estimates[i] for i in idx], device) if hessian_estimates is not None else p_tab
+        p_tab = pointer_table([params[i] for i in idx], device)
+        e_tab = pointer_table([hessian_estimates[i] for i in idx], device) if hessian_estimates is not None else p_tab
         _sophia_kernel[(n_blocks,)](
-            p_tab, _table([grads[i] for i in idx], device), _table([exp_avgs[i] for i in idx], device),
-            _table([hessians[i] for i in idx], device), e_tab,
+            p_tab, pointer_table([grads[i] for i in idx], device), pointer_table([exp_avgs[i] for i in idx], device),
+            pointer_table([hessians[i] for i in idx], device), e_tab,
             torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True),
             blk_tensor, blk_start, dummy_win,
             float(lr), float(beta1), float(rho), float(1 - lr * weight_decay), float(eps), float(bias_correction1),
             float(beta2), -1.0 if maximize else 1.0,
-            P_DTYPE=_TL_DTYPES[p_dt], G_DTYPE=_TL_DTYPES[g_dt], S_DTYPE=_TL_DTYPES[m_dt],
-            E_DTYPE=_TL_DTYPES[e_dt] if e_dt is not None else _TL_DTYPES[p_dt], C_DTYPE=c_dt,
+            P_DTYPE=TL_DTYPES[p_dt], G_DTYPE=TL_DTYPES[g_dt], S_DTYPE=TL_DTYPES[m_dt],
+            E_DTYPE=TL_DTYPES[e_dt] if e_dt is not None else TL_DTYPES[p_dt], C_DTYPE=c_dt,
             HAS_EST=hessian_estimates is not None, COUNT_WIN=win_count is not None, BLOCK_SIZE=BLOCK,
         )

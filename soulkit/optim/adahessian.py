@@ -109,6 +109,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"seed must be an int, got {group['seed']!r}")
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
+    if group.get("fused") not in (None, True, False):
+        raise ValueError(f"fused must be None, True or False, got {group['fused']!r}")
+    if group.get("fused") and group["foreach"] is False:
+        raise ValueError("fused=True and foreach=False contradict each other: pick one")
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -132,8 +136,10 @@ class AdaHessian(Optimizer):
         block_size: average ``|D|`` of 2-D matrices over blocks of this many entries along the
             last dim (1: element-wise, the default).
         maximize: maximise the objective instead of minimising it.
-        foreach: use the foreach implementation (``None``: when all tensors are on CPU/CUDA) or the
-            per-tensor reference (``False``).
+        foreach: ``False`` selects the plain per-tensor reference (for debugging); otherwise the
+            foreach path, or the fused Triton kernel on CUDA.
+        fused: ``True`` requires the fused Triton kernel (CUDA, or the CPU under
+            ``TRITON_INTERPRET=1``); ``None`` (default) uses it on CUDA when triton is installed.
         seed: seeds the Rademacher vectors together with the parameter index and the step count.
             ``None``: drawn from torch's global RNG (so ``torch.manual_seed`` makes runs repeatable).
 
@@ -157,6 +163,7 @@ class AdaHessian(Optimizer):
         block_size: int = 1,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         seed: int | None = None,
     ) -> None:
         if seed is None:
@@ -173,6 +180,7 @@ class AdaHessian(Optimizer):
             block_size=block_size,
             maximize=bool(maximize),
             foreach=foreach,
+            fused=fused,
             seed=seed,
             global_step=0,
         )
@@ -421,9 +429,21 @@ class AdaHessian(Optimizer):
             if not params:
                 continue
             states = [self.state[p] for p in params]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type in ("cpu", "cuda") for p in params)
+            if group.get("fused"):
+                from ..kernels._triton_tables import triton_usable
+
+                if not triton_usable(params[0].device):
+                    raise RuntimeError(
+                        f"fused=True needs the Triton kernel, which runs on CUDA (with the 'triton' package), "
+                        f"not on {params[0].device}; leave fused=None for the best available path"
+                    )
+                implementation = "triton"
+            elif group["foreach"] is False:
+                implementation = "reference"
+            elif group["foreach"] is None and all(p.device.type in ("cpu", "cuda") for p in params):
+                implementation = "auto"
+            else:
+                implementation = "foreach" if group["foreach"] else "reference"
             beta1, beta2 = group["betas"]
             adahessian_step(
                 params,
@@ -439,7 +459,7 @@ class AdaHessian(Optimizer):
                 weight_decay=float(group["weight_decay"]),
                 hessian_power=float(group["hessian_power"]),
                 maximize=bool(group["maximize"]),
-                implementation="foreach" if foreach else "reference",
+                implementation=implementation,
             )
 
     def _hutchinson(self, entries: list[tuple[int, dict[str, Any], torch.Tensor]]) -> dict[int, torch.Tensor]:
