@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import gc
 import io
 import math
-import pathlib
 import weakref
 
 import pytest
