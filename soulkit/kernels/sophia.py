@@ -184,45 +184,59 @@ def sophia_step_foreach(
         _write_back(ps, p_c)
 
 
-IMPLEMENTATIONS = ("auto", "triton", "foreach", "reference")
+IMPLEMENTATIONS = ("auto", "triton", "compiled", "foreach", "reference")
+# Below this many elements the one-off compile of the CPU path does not pay for itself.
+COMPILE_MIN_NUMEL = 1 << 20
 
 
-def resolve_implementation(device: torch.device, requested: str = "auto") -> str:
-    """Map ``"auto"`` to the fastest available path for ``device``: Triton on CUDA, foreach elsewhere."""
+def resolve_implementation(device: torch.device, requested: str = "auto", numel: int = 0) -> str:
+    """Map ``"auto"`` to the fastest available path: Triton on CUDA; on the CPU the inductor-compiled
+    step for groups of at least ``COMPILE_MIN_NUMEL`` elements (measured faster, see
+    benchmarks/results/kernels_cpu.md), foreach below that."""
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
     if requested != "auto":
         return requested
-    from .sophia_triton import triton_usable
+    if device.type == "cuda":
+        from .sophia_triton import triton_usable
 
-    return "triton" if device.type == "cuda" and triton_usable(device) else "foreach"
+        return "triton" if triton_usable(device) else "foreach"
+    if device.type == "cpu" and numel >= COMPILE_MIN_NUMEL:
+        from .sophia_compiled import compile_available
+
+        if compile_available():
+            return "compiled"
+    return "foreach"
 
 
 def sophia_step(params, grads, exp_avgs, hessians, *, implementation: str = "auto", **kwargs) -> None:
-    """Dispatch the Sophia step: ``"auto"`` (Triton on CUDA, foreach elsewhere), ``"triton"``,
+    """Dispatch the Sophia step.
+
+    ``implementation``: ``"auto"`` (Triton on CUDA; on the CPU the compiled step for groups of at
+    least ``COMPILE_MIN_NUMEL`` elements, foreach below), ``"triton"``, ``"compiled"``,
     ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging).
 
-    Non-contiguous tensors, which the Triton kernel rejects, and DTensors are routed to the foreach path.
+    Tensors the fused paths cannot take (non-contiguous ones, and DTensors, whose wrapper has no
+    raw data pointer) go to the foreach path; the rest keep the requested path.
     """
-    impl = resolve_implementation(params[0].device if params else torch.device("cpu"), implementation)
+    device = params[0].device if params else torch.device("cpu")
+    numel = sum(p.numel() for p in params) if implementation == "auto" else 0
+    impl = resolve_implementation(device, implementation, numel)
     if impl == "reference":
         return sophia_step_reference(params, grads, exp_avgs, hessians, **kwargs)
     if impl == "foreach":
         return sophia_step_foreach(params, grads, exp_avgs, hessians, **kwargs)
-    from .sophia_triton import sophia_step_triton
-
+    if impl == "triton":
+        from .sophia_triton import sophia_step_triton as fused
+    else:
+        from .sophia_compiled import sophia_step_compiled as fused
     est = kwargs.get("hessian_estimates")
     lists = [params, grads, exp_avgs, hessians] + ([est] if est is not None else [])
-    # DTensor (FSDP2) parameters/state go to the foreach path too: the Triton kernel reads raw data
-    # pointers, which a DTensor wrapper does not have (its interpreter run segfaults on them).
-    odd = [
-        i for i in range(len(params))
-        if not all(lst[i].is_contiguous() and _local(lst[i]) is lst[i] for lst in lists)
-    ]
+    odd = {i for i in range(len(params)) if not all(lst[i].is_contiguous() and _local(lst[i]) is lst[i] for lst in lists)}
     if not odd:
-        return sophia_step_triton(params, grads, exp_avgs, hessians, **kwargs)
-    keep = [i for i in range(len(params)) if i not in set(odd)]
-    for sel, fn in ((keep, sophia_step_triton), (odd, sophia_step_foreach)):
+        return fused(params, grads, exp_avgs, hessians, **kwargs)
+    keep = [i for i in range(len(params)) if i not in odd]
+    for sel, fn in ((keep, fused), (sorted(odd), sophia_step_foreach)):
         if sel:
             sub = dict(kwargs)
             if est is not None:

@@ -96,7 +96,9 @@ class Sophia(Optimizer):
         fused: ``True`` requires the fused Triton kernel (one launch per dtype bucket of a group;
             CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``None`` (default) uses it on CUDA when
             triton is installed.
-        track_win_rate: count unclipped coordinates on the device at each step (no host sync).
+        track_win_rate: count unclipped coordinates on the device (no host sync) on the first step
+            and on each step that follows a Hessian refresh, so the extra reduction is paid once
+            every k steps; :meth:`win_rate` reports the latest count.
         seed: seeds the label sampling of :meth:`accumulate_gnb` and the Rademacher vectors of
             :meth:`accumulate_hutchinson`, combined with the step count so a resumed run draws
             the same numbers.
@@ -166,6 +168,7 @@ class Sophia(Optimizer):
         self._pending_hutchinson = 0  # Hutchinson samples accumulated since the last fold
         self._win_counts: list[torch.Tensor | None] = [None] * len(self.param_groups)
         self._win_totals: list[int] = [0] * len(self.param_groups)
+        self._refreshed = False  # a Hessian estimate was folded since the last step
 
     # ------------------------------------------------------------------ helpers
     def _all_params(self) -> list[torch.Tensor]:
@@ -297,6 +300,7 @@ class Sophia(Optimizer):
         """``h <- beta2 h + (1 - beta2) e`` for each (param, estimate), grouped by beta2 for foreach."""
         if not pairs:
             return
+        self._refreshed = True
         p_to_group = {p: g for g in self.param_groups for p in g["params"]}
         by_beta: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for p, e in pairs:
@@ -510,6 +514,7 @@ class Sophia(Optimizer):
             elif present:
                 # estimates of stepping parameters are folded inside the update pass; others on their own
                 fused_estimates = {p: e for p, e in present if p in stepping}
+                self._refreshed = True
                 self._fold_ema([(p, e) for p, e in present if p not in stepping])
                 self.num_hessian_updates += 1
 
@@ -530,7 +535,7 @@ class Sophia(Optimizer):
                 else:
                     self._fold_ema(have)
             win = None
-            if self.track_win_rate:
+            if self.track_win_rate and (self._refreshed or self._win_counts[gi] is None):
                 win = torch.zeros((), dtype=torch.int64, device=ps[0].device)
             impl = self._implementation(group, ps[0].device)
             sophia_step(
@@ -540,11 +545,13 @@ class Sophia(Optimizer):
                 maximize=bool(group["maximize"]), bias_correction1=bc1,
                 hessian_estimates=ests, beta2=beta2, win_count=win, implementation=impl,
             )
-            self._win_counts[gi] = win
-            # DTensor (FSDP2): the kernel counts this rank's shard, so divide by the local numel
-            # (the win rate is then per rank, with no collective).
-            self._win_totals[gi] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
+            if win is not None:
+                self._win_counts[gi] = win
+                # DTensor (FSDP2): the kernel counts this rank's shard, so divide by the local numel
+                # (the win rate is then per rank, with no collective).
+                self._win_totals[gi] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
         self.num_steps += 1
+        self._refreshed = False
         return loss
 
     @staticmethod
@@ -566,7 +573,8 @@ class Sophia(Optimizer):
 
     # ------------------------------------------------------------------ logging
     def win_rate(self) -> list[float]:
-        """Per group: fraction of coordinates whose update was *not* clipped at the last step.
+        """Per group: fraction of coordinates whose update was *not* clipped, at the latest counted
+        step (the first step, then each step after a Hessian refresh).
 
         Counted on the device during :meth:`step`; this call does the only host sync. The paper's
         authors tune ``rho`` to keep it within 0.1-0.5. ``nan`` for a group that has not stepped.
