@@ -1,0 +1,401 @@
+"""Influence scores with calibrated sign and scale: ``InfluenceAnalyzer``.
+
+Setting. The model was trained on ``n`` examples to a minimum of
+
+    L(theta) = (1/n) sum_j loss_j(theta) + (l2 / 2) ||theta||^2,
+
+so ``H = (1/n) sum_j Hess loss_j + l2 I`` (solved with ``A = H + damping I``). "Removing ``j``" means
+minimising ``L - loss_j / n`` -- the same objective without ``j``'s term, the regulariser unchanged
+(exactly what retraining a sum-of-losses model such as scikit-learn's ``LogisticRegression(C=...)``
+without ``j`` does; see the note below for the mean-over-``n - 1`` convention).
+
+First order (Koh & Liang 2017). ``theta_{-j} - theta ~ A^{-1} g_j / n``, so the change of a query's loss is
+
+    scores[i, j] = (1/n) g_i^T A^{-1} g_j       ~ loss_i(theta_{-j}) - loss_i(theta)
+
+in loss units: positive means removing ``j`` raises query ``i``'s loss (``j`` helps ``i``).
+
+Newton-corrected (``loo="newton"``). One Newton step on the leave-one-out objective from ``theta`` uses
+its own Hessian ``A - H_j / n``: ``scores[i, j] = (1/n) g_i^T (A - H_j/n)^{-1} g_j``, with ``H_j`` the
+Gauss-Newton block ``J_j^T Lambda_j J_j`` of example ``j`` (``J_j``: Jacobian ``[k, p]`` of its ``k``
+outputs, ``Lambda_j``: Hessian ``[k, k]`` of its loss in the outputs). Woodbury,
+
+    (A - J^T (Lambda/n) J)^{-1} = A^{-1} + A^{-1} J^T (I - (Lambda/n) M)^{-1} (Lambda/n) J A^{-1},
+    M_j = J_j A^{-1} J_j^T   [k, k],
+
+and ``g_j = J_j^T r_j`` (``r_j = d loss_j / d out_j``) collapse it to
+
+    scores[i, j] = (1/n) (J_j A^{-1} g_i)^T (I - X_j)^{-1} r_j,      X_j = Lambda_j M_j / n,
+
+i.e. first-order influence with ``g_j`` replaced by ``J_j^T (I - X_j)^{-1} r_j``. For a scalar output
+``X_j`` is the leverage ``lambda_j J_j A^{-1} J_j^T / n`` and the score is the first-order score divided
+by ``1 - X_j``. Cost: ``k`` extra solves per training example. For a quadratic objective (ridge) the
+Newton step is the exact leave-one-out parameter change.
+
+Mean-over-``(n - 1)`` convention. Retraining on ``(1/(n-1)) sum_{k != j} loss_k + (l2/2)||theta||^2``
+instead moves ``theta`` by an extra ``(l2/n) A^{-1} theta`` (the same for every ``j``): the scores of
+query ``i`` shift by the constant ``(l2/n) g_i^T A^{-1} theta``; correlations across ``j`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._data import Batch, DataSource, slice_batch
+from .gradients import BoundLoss, OutputLoss
+from .hessian import CURVATURES, ENGINES, CurvatureOperator
+from .solvers import Solver, make_solver
+
+__all__ = ["InfluenceAnalyzer", "InfluenceConfig"]
+
+LOO_MODES = ("first_order", "newton")
+_HVP_MODES = ("auto", "forward_over_reverse", "double_backward")
+
+
+@dataclass
+class InfluenceConfig:
+    """Options of :class:`InfluenceAnalyzer` (validated on construction; see its docstring)."""
+
+    solver: str | Solver = "cg"
+    l2: float = 0.0
+    damping: float = 0.0
+    curvature: Literal["hessian", "gauss_newton"] = "hessian"
+    loo: Literal["first_order", "newton"] = "first_order"
+    params: Sequence[str] | None = None
+    batch_size: int = 64
+    dtype: torch.dtype | None = None
+    chunk_size: int | None = None
+    max_memory_mb: float = 512.0
+    engine: Literal["auto", "batched", "loop"] = "auto"
+    hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto"
+    solve_chunk: int = 256
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("l2", "damping"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
+        if self.loo not in LOO_MODES:
+            raise ValueError(f"loo must be one of {LOO_MODES}, got {self.loo!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.hvp_mode not in _HVP_MODES:
+            raise ValueError(f"hvp_mode must be one of {_HVP_MODES}, got {self.hvp_mode!r}")
+        for name, low in (("batch_size", 1), ("solve_chunk", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {self.chunk_size!r}")
+        m = self.max_memory_mb
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or not math.isfinite(m):
+            raise ValueError(f"max_memory_mb must be a finite number > 0, got {m!r}")
+        if self.dtype not in (None, torch.float32, torch.float64):
+            raise TypeError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
+        self.solver = make_solver(self.solver)
+
+
+class InfluenceAnalyzer:
+    """Influence of training examples on query losses, in the units of leave-one-out retraining.
+
+    Args:
+        model: a trained ``nn.Module`` (never modified; put it in eval mode if it has dropout or
+            batch norm).
+        loss_fn: ``loss_fn(model, batch) -> Tensor [B]`` of per-example losses (checked). Batches
+            are what the ``DataLoader`` yields. ``curvature="gauss_newton"`` and ``loo="newton"`` need
+            an :class:`~soulkit.influence.OutputLoss` (``output_fn`` + ``loss_on_output``).
+        solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"diagonal"``, ``"identity"`` or a
+            configured :class:`~soulkit.influence.solvers.Solver` (e.g. ``CGSolver(tol=1e-10)``).
+        l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
+        damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
+        curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
+            for convex losses).
+        loo: ``"first_order"`` (classic influence) or ``"newton"`` (removed example's own curvature).
+        params: names of the attributed parameters (default all with ``requires_grad``); ``l2`` applies
+            to them.
+        batch_size: batch size when a ``Dataset`` is given.
+        dtype: ``torch.float32``/``torch.float64`` to compute in (default: the parameters' dtype).
+        chunk_size, max_memory_mb: per-example gradient chunking (see :mod:`.gradients`); the training
+            batches are kept in memory (once prepared) while they fit in ``max_memory_mb``.
+        engine: curvature-product engine (``"auto"``, ``"batched"``, ``"loop"``; see :mod:`.hessian`).
+        hvp_mode: passed to :func:`soulkit.optim.hvp`.
+        solve_chunk: right-hand sides per ``solve`` call.
+        progress: tqdm bars (``None``: only on a terminal).
+
+    Example::
+
+        an = InfluenceAnalyzer(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                               solver="cg", l2=1e-3).fit(train)
+        s = an.scores(train, test)        # [n_test, n_train], ~ loss_test(theta without j) - loss_test(theta)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Batch], Tensor],
+        *,
+        solver: str | Solver = "cg",
+        l2: float = 0.0,
+        damping: float = 0.0,
+        curvature: Literal["hessian", "gauss_newton"] = "hessian",
+        loo: Literal["first_order", "newton"] = "first_order",
+        params: Sequence[str] | None = None,
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+        max_memory_mb: float = 512.0,
+        engine: Literal["auto", "batched", "loop"] = "auto",
+        hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto",
+        solve_chunk: int = 256,
+        progress: bool | None = None,
+    ) -> None:
+        self.config = InfluenceConfig(
+            solver=solver, l2=l2, damping=damping, curvature=curvature, loo=loo, params=params,
+            batch_size=batch_size, dtype=dtype, chunk_size=chunk_size, max_memory_mb=max_memory_mb,
+            engine=engine, hvp_mode=hvp_mode, solve_chunk=solve_chunk, progress=progress,
+        )  # fmt: skip
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
+            )
+        needs = [
+            what
+            for what, on in (
+                ("loo='newton'", loo == "newton"),
+                ("curvature='gauss_newton'", curvature == "gauss_newton"),
+            )
+            if on
+        ]
+        if needs and not isinstance(loss_fn, OutputLoss):
+            raise TypeError(
+                f"{' and '.join(needs)} need loss_fn to be an OutputLoss(output_fn, loss_on_output): the "
+                "per-example Gauss-Newton block J^T Lambda J is taken w.r.t. the model outputs"
+            )
+        self.model, self.loss_fn = model, loss_fn
+        self.solver: Solver = self.config.solver  # type: ignore[assignment]
+        self.bound = BoundLoss(model, loss_fn, params=params, dtype=dtype)
+        self.operator: CurvatureOperator | None = None
+        self.n_train: int | None = None
+        self._train_obj: Any = None
+        self._newton_cache: tuple[Any, dict[str, Tensor]] | None = None
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def _source(self, data: Any, name: str, *, cache: bool) -> DataSource:
+        if data is self._train_obj and self.operator is not None and name == "train":
+            return self.operator.source
+        return DataSource(
+            data,
+            name=name,
+            batch_size=self.config.batch_size,
+            dtype=self.bound.dtype,
+            device=self.bound.device,
+            cache_bytes=int(self.config.max_memory_mb * 2**20) if cache else 0,
+        )
+
+    def _bar(self, desc: str, total: int | None = None) -> tqdm:
+        p = self.config.progress
+        return tqdm(total=total, desc=desc, unit="ex", disable=None if p is None else not p, leave=False)
+
+    def _check_first(self, batch: Batch, b: int, name: str) -> None:
+        self.bound.check_batch(batch, b, name=name)
+        k = min(b, 16)
+        self.bound.grads(slice_batch(batch, 0, k), k, chunk_size=self.config.chunk_size, check=True)
+        if self.bound.output_loss is not None:
+            self.bound.output_derivatives(slice_batch(batch, 0, k), k, check=True)
+
+    def _grads(self, source: DataSource, name: str) -> Iterator[tuple[Tensor, Batch, int]]:
+        first = True
+        with self._bar(f"gradients ({name})", total=source.n if source._n is not None else None) as bar:
+            for batch, b in source:
+                if first:
+                    self._check_first(batch, b, name)
+                    first = False
+                g, _ = self.bound.grads(
+                    batch, b, chunk_size=self.config.chunk_size, max_memory_mb=self.config.max_memory_mb
+                )
+                yield g, batch, b
+                bar.update(b)
+
+    def _require_fit(self) -> CurvatureOperator:
+        if self.operator is None:
+            raise RuntimeError("InfluenceAnalyzer: call fit(train) before scores/self_scores/inverse_hvp")
+        return self.operator
+
+    def _check_count(self, n: int, name: str = "train") -> None:
+        if n != self.n_train:
+            raise ValueError(
+                f"{name} has {n} examples but the analyzer was fitted on {self.n_train}: pass the training set given to fit"
+            )
+
+    # ---- public ----------------------------------------------------------------------------
+
+    def fit(self, train: Any) -> InfluenceAnalyzer:
+        """Check the loss on ``train``, count it, and fit the solver to its curvature. Returns ``self``.
+
+        ``train``: the ``Dataset``/unshuffled ``DataLoader`` the model was trained on (all ``n`` examples).
+        The attributed parameters are copied here: later scores refer to the model as it was at ``fit``.
+        """
+        cfg = self.config
+        self.bound = BoundLoss(self.model, self.loss_fn, params=cfg.params, dtype=cfg.dtype)  # fresh snapshot
+        self.operator, self._train_obj, self._newton_cache = None, None, None
+        source = self._source(train, "train", cache=True)
+        first = True
+        for batch, b in source:
+            if first:
+                self._check_first(batch, b, "train")
+                first = False
+        op = CurvatureOperator(
+            self.bound, source, curvature=cfg.curvature, l2=cfg.l2, damping=cfg.damping,
+            hvp_mode=cfg.hvp_mode, engine=cfg.engine,
+        )  # fmt: skip
+        self.solver.fit(op)
+        self.operator, self.n_train, self._train_obj = op, source.n, train
+        return self
+
+    def inverse_hvp(self, V: Tensor) -> Tensor:
+        """``(H + damping I)^{-1}`` applied to the rows of ``V [m, p]`` (chunked by ``solve_chunk``)."""
+        self._require_fit()
+        if V.dim() == 1:
+            return self.solver.solve(V)
+        step = self.config.solve_chunk
+        if V.shape[0] <= step:
+            return self.solver.solve(V)
+        return torch.cat([self.solver.solve(V[s : s + step]) for s in range(0, V.shape[0], step)])
+
+    def query_gradients(self, queries: Any) -> Tensor:
+        """Per-example gradients ``[m, p]`` of the query losses."""
+        source = self._source(queries, "queries", cache=False)
+        return torch.cat([g for g, _, _ in self._grads(source, "queries")])
+
+    def train_gradients(self, train: Any) -> Tensor:
+        """Per-example gradients ``[n, p]`` of the training losses (memory ``n * p``)."""
+        source = self._source(train, "train", cache=True)
+        return torch.cat([g for g, _, _ in self._grads(source, "train")])
+
+    def scores(self, train: Any, queries: Any) -> Tensor:
+        """``[n_queries, n_train]``: predicted ``loss_i(theta without j) - loss_i(theta)``.
+
+        ``(1/n) g_i^T A^{-1} g_j`` (``loo="first_order"``) or ``(1/n) g_i^T (A - H_j/n)^{-1} g_j``
+        (``loo="newton"``). Queries are solved (``m`` solves), training gradients streamed.
+        """
+        self._require_fit()
+        n = self.n_train
+        assert n is not None
+        S = self.inverse_hvp(self.query_gradients(queries))  # [m, p]
+        out = torch.empty(S.shape[0], n, dtype=S.dtype, device=S.device)
+        source = self._source(train, "train", cache=True)
+        j = 0
+        if self.config.loo == "first_order":
+            for g, _, b in self._grads(source, "train"):
+                if j + b > n:
+                    self._check_count(j + b)
+                out[:, j : j + b] = S @ g.T / n
+                j += b
+        else:
+            factors = self._newton_factors(train, source)
+            W = factors["W"]
+            with self._bar("Jacobians (train)", total=n) as bar:
+                for batch, b in source:
+                    if j + b > n:
+                        self._check_count(j + b)
+                    J = self._jac(batch, b)
+                    gt = torch.einsum("bkp,bk->bp", J, W[j : j + b])
+                    out[:, j : j + b] = S @ gt.T / n
+                    j += b
+                    bar.update(b)
+        self._check_count(j)
+        return out
+
+    def self_scores(self, train: Any) -> Tensor:
+        """``[n_train]``: predicted ``loss_j(theta without j) - loss_j(theta)`` for each training example."""
+        self._require_fit()
+        n = self.n_train
+        assert n is not None
+        source = self._source(train, "train", cache=True)
+        if self.config.loo == "newton":
+            f = self._newton_factors(train, source)
+            return (f["Mr"] * f["W"]).sum(1) / n
+        out, j = [], 0
+        for g, _, b in self._grads(source, "train"):
+            if j + b > n:
+                self._check_count(j + b)
+            out.append((g * self.inverse_hvp(g)).sum(1) / n)
+            j += b
+        self._check_count(j)
+        return torch.cat(out)
+
+    def leverages(self, train: Any) -> Tensor:
+        """``X_j = Lambda_j J_j A^{-1} J_j^T / n`` ``[n, k, k]`` (``loo="newton"``; ``k = 1``: the leverage)."""
+        self._require_fit()
+        if self.config.loo != "newton":
+            raise RuntimeError(
+                "leverages are computed for loo='newton'; construct the analyzer with loo='newton'"
+            )
+        return self._newton_factors(train, self._source(train, "train", cache=True))["X"]
+
+    # ---- Newton-corrected leave-one-out ---------------------------------------------------------
+
+    def _jac(self, batch: Batch, b: int) -> Tensor:
+        k = self._out_dim(batch)
+        return self.bound.jacobians(
+            batch, b, k, chunk_size=self.config.chunk_size, max_memory_mb=self.config.max_memory_mb
+        )
+
+    def _out_dim(self, batch: Batch) -> int:
+        with torch.no_grad():
+            out = self.bound.outputs(self.bound.params, batch)
+        return int(out[0].numel()) if out.dim() > 0 else 1
+
+    def _newton_factors(self, train: Any, source: DataSource) -> dict[str, Tensor]:
+        """Per training example: ``W_j = (I - X_j)^{-1} r_j``, ``X_j``, and ``M_j r_j``."""
+        if self._newton_cache is not None and self._newton_cache[0] is train:
+            return self._newton_cache[1]
+        n = self.n_train
+        assert n is not None
+        Ws, Xs, Mrs = [], [], []
+        j, first = 0, True
+        with self._bar("Newton leave-one-out factors", total=n) as bar:
+            for batch, b in source:
+                if first:
+                    self._check_first(batch, b, "train")
+                    first = False
+                J = self._jac(batch, b)  # [b, k, p]
+                k = J.shape[1]
+                r, lam = self.bound.output_derivatives(batch, b)  # [b, k], [b, k, k]
+                Z = self.inverse_hvp(J.reshape(b * k, -1)).reshape(b, k, -1)
+                M = torch.einsum("bkp,blp->bkl", J, Z)
+                M = 0.5 * (M + M.transpose(1, 2))
+                X = lam @ M / n
+                eig = torch.linalg.eigvals(X).real.amax(dim=1)
+                if bool((eig >= 1).any()):
+                    bad = torch.nonzero(eig >= 1).flatten()[:5] + j
+                    raise ValueError(
+                        f"loo='newton': removing training examples {bad.tolist()} leaves H - H_j/n + damping singular or "
+                        f"indefinite (leverage {float(eig.max()):.4g} >= 1); add damping or l2, or use loo='first_order'"
+                    )
+                eye = torch.eye(k, dtype=X.dtype, device=X.device).expand(b, k, k)
+                W = torch.linalg.solve(eye - X, r.unsqueeze(-1)).squeeze(-1)
+                Ws.append(W)
+                Xs.append(X)
+                Mrs.append(torch.einsum("bkl,bl->bk", M, r))
+                j += b
+                bar.update(b)
+        self._check_count(j)
+        factors = {"W": torch.cat(Ws), "X": torch.cat(Xs), "Mr": torch.cat(Mrs)}
+        self._newton_cache = (train, factors)
+        return factors

@@ -1,0 +1,245 @@
+"""Per-example gradients: vmap equals a Python loop (chunked, float32/float64, dict batches, subsets),
+flat layout helpers, OutputLoss Jacobians/derivatives, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from soulkit.influence import (
+    OutputLoss,
+    ParamSpace,
+    flatten_tensors,
+    iter_per_example_grads,
+    per_example_grads,
+    unflatten_tensor,
+)
+from soulkit.influence.gradients import BoundLoss
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def data(n=11, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def loop_grads(model, x, y, names=None):
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(
+            torch.cat(
+                [p.grad.reshape(-1) for k, p in model.named_parameters() if names is None or k in names]
+            )
+        )
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_vmap_equals_python_loop(dtype, chunk_size):
+    model = mlp(dtype)
+    x, y = data(dtype=dtype)
+    got = per_example_grads(model, ce, (x, y), chunk_size=chunk_size)
+    ref = loop_grads(copy.deepcopy(model), x, y)
+    assert got.shape == (11, sum(p.numel() for p in model.parameters()))
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+def test_memory_budget_chunks_give_same_result():
+    model = mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    tiny = per_example_grads(model, ce, (x, y), max_memory_mb=1e-4)  # one example per chunk
+    big = per_example_grads(model, ce, (x, y), max_memory_mb=1024)
+    torch.testing.assert_close(tiny, big, rtol=0, atol=1e-15)
+
+
+def test_float64_from_float32_model_and_dict_batches():
+    model = mlp(torch.float32)
+    x, y = data()
+    got = per_example_grads(
+        model,
+        lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"),
+        {"x": x, "y": y},
+        dtype=torch.float64,
+    )
+    assert got.dtype == torch.float64
+    ref = loop_grads(copy.deepcopy(model).double(), x.double(), y)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
+    assert next(model.parameters()).dtype == torch.float32  # model untouched
+
+
+def test_parameter_subset_in_model_order():
+    model = mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    names = ["2.bias", "0.weight"]  # given out of order: flattened in model order
+    got = per_example_grads(model, ce, (x, y), params=names)
+    ref = loop_grads(copy.deepcopy(model), x, y, names=set(names))
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+    space = ParamSpace.from_model(model, names)
+    assert space.names == ("0.weight", "2.bias") and space.dim == 35 + 3
+
+
+def test_iter_over_dataset_and_loader_matches_one_batch():
+    model = mlp(torch.float64)
+    x, y = data(n=13, dtype=torch.float64)
+    whole = per_example_grads(model, ce, (x, y))
+    ds = TensorDataset(x, y)
+    a = torch.cat(list(iter_per_example_grads(model, ce, ds, batch_size=4, progress=False)))
+    b = torch.cat(list(iter_per_example_grads(model, ce, DataLoader(ds, batch_size=5), progress=False)))
+    torch.testing.assert_close(a, whole, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(b, whole, rtol=1e-13, atol=1e-14)
+
+
+def test_flatten_roundtrip():
+    d = {"a": torch.randn(2, 3), "b": torch.randn(4), "c": torch.randn(1, 1, 2)}
+    flat = flatten_tensors(d)
+    assert flat.shape == (12,)
+    back = unflatten_tensor(flat, d)
+    for k in d:
+        torch.testing.assert_close(back[k], d[k])
+    batched = flatten_tensors({k: torch.stack([v, 2 * v]) for k, v in d.items()}, batch_dims=1)
+    assert batched.shape == (2, 12)
+    torch.testing.assert_close(unflatten_tensor(batched, d)["a"][1], 2 * d["a"])
+    with pytest.raises(ValueError, match="last dimension"):
+        unflatten_tensor(torch.zeros(5), d)
+    with pytest.raises(ValueError, match="tensors is empty"):
+        flatten_tensors({})
+
+
+def test_output_loss_jacobians_and_output_derivatives():
+    model = mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    loss = OutputLoss(lambda m, b: m(b[0]), lambda z, b: F.cross_entropy(z, b[1], reduction="none"))
+    bound = BoundLoss(model, loss)
+    J = bound.jacobians((x, y), 11, 3, chunk_size=3, max_memory_mb=1.0)
+    r, lam = bound.output_derivatives((x, y), 11, check=True)
+    g = per_example_grads(model, loss, (x, y))
+    torch.testing.assert_close(torch.einsum("bkp,bk->bp", J, r), g, rtol=1e-12, atol=1e-13)
+    p = torch.softmax(model(x), -1).detach()
+    torch.testing.assert_close(
+        lam, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], rtol=1e-12, atol=1e-13
+    )
+
+    # Jacobian rows against autograd on one example
+    def out0(w):
+        return torch.func.functional_call(model, {**dict(model.named_parameters()), "2.bias": w}, (x[:1],))[0]
+
+    jb = torch.autograd.functional.jacobian(out0, model[2].bias.detach())
+    torch.testing.assert_close(J[0, :, -3:], jb, rtol=1e-12, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_non_per_example_loss_is_rejected():
+    model = mlp()
+    x, y = data()
+    with pytest.raises(ValueError, match=r"per-example losses of shape \[B\] = \[11\], got shape \(\)"):
+        per_example_grads(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+    with pytest.raises(ValueError, match=r"got shape \(11, 1\)"):
+        per_example_grads(model, lambda m, b: ce(m, b)[:, None], (x, y))
+
+    def mixes(m, b):  # right shape, but each loss depends on the whole batch
+        losses = ce(m, b)
+        return losses - losses.mean()
+
+    with pytest.raises(ValueError, match="not per-example"):
+        per_example_grads(model, mixes, (x, y))
+
+
+def test_unused_parameter_is_named():
+    class WithExtra(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+            self.extra = nn.Linear(2, 2)  # never used by the loss
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithExtra()
+    x, y = data()
+    with pytest.raises(ValueError, match=r"does not depend on parameters \['extra.weight', 'extra.bias'\]"):
+        per_example_grads(model, ce, (x, y))
+    # excluding them works
+    names = [k for k, _ in model.named_parameters() if not k.startswith("extra")]
+    assert per_example_grads(model, ce, (x, y), params=names).shape == (11, 66)
+
+
+def test_dropout_in_training_mode_gets_a_clear_error_and_eval_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Linear(7, 3))
+    x, y = data()
+    with pytest.raises(RuntimeError, match=r"model.eval\(\)"):
+        per_example_grads(model, ce, (x, y))
+    model.eval()
+    assert per_example_grads(model, ce, (x, y)).shape == (11, 66)
+
+
+def test_bad_arguments():
+    model = mlp()
+    x, y = data()
+    with pytest.raises(ValueError, match="batch is empty"):
+        per_example_grads(model, ce, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match="different leading sizes"):
+        per_example_grads(model, ce, (x, y[:5]))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        per_example_grads(lambda z: z, ce, (x, y))
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        per_example_grads(model, "ce", (x, y))
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        per_example_grads(model, ce, (x, y), params=["nope"])
+    with pytest.raises(TypeError, match="dtype must be"):
+        per_example_grads(model, ce, (x, y), dtype=torch.float16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_example_grads(model, ce, (x, y), chunk_size=0)
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        per_example_grads(model, ce, (x, y), max_memory_mb=-1)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        per_example_grads(model, ce, (x.clone().fill_(float("nan")), y))
+
+    class Empty(Dataset):
+        def __len__(self):
+            return 0
+
+        def __getitem__(self, i):
+            raise IndexError(i)
+
+    with pytest.raises(ValueError, match="data is empty"):
+        list(iter_per_example_grads(model, ce, Empty(), progress=False))
+    with pytest.raises(ValueError, match="shuffles"):
+        list(iter_per_example_grads(model, ce, DataLoader(TensorDataset(x, y), shuffle=True), progress=False))
+    with pytest.raises(TypeError, match="Dataset or DataLoader"):
+        list(iter_per_example_grads(model, ce, [(x, y)], progress=False))
+
+
+def test_model_is_not_modified():
+    model = mlp()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = data()
+    per_example_grads(model, ce, (x, y), dtype=torch.float64)
+    list(iter_per_example_grads(model, ce, TensorDataset(x, y), batch_size=3, progress=False))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
