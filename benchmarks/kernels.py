@@ -217,7 +217,10 @@ def main(argv=None):
     ap.add_argument("--layouts", default=None, help="comma-separated: gpt2-small, llama-1b")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sizes = [float(s) for s in args.sizes.split(",")] if args.sizes else ([1, 4, 16, 64, 256] if cuda else [1, 4, 16, 64])
