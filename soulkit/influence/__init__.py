@@ -25,6 +25,7 @@ from .gradients import (
     flatten_tensors,
     iter_per_example_grads,
     per_example_grads,
+    projected_per_example_grads,
     unflatten_tensor,
 )
 from .hessian import CurvatureOperator
@@ -71,6 +72,7 @@ __all__ = [
     "loo_correlation",
     "make_solver",
     "per_example_grads",
+    "projected_per_example_grads",
     "scatter_panels",
     "scatter_predicted_vs_actual",
     "unflatten_tensor",

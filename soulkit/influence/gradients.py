@@ -563,3 +563,35 @@ def iter_per_example_grads(
             yield bound.grads(batch, b, chunk_size=chunk_size, max_memory_mb=max_memory_mb, check=first)[0]
             first = False
             bar.update(b)
+
+
+def projected_per_example_grads(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    data: Any,
+    k: int,
+    *,
+    seed: int = 0,
+    implementation: str = "auto",
+    **kwargs: Any,
+) -> Tensor:
+    """Per-example gradients projected to ``k`` dimensions: ``[n, k]`` instead of ``[n, p]``.
+
+    Each batch's ``[B, p]`` block is multiplied by a seeded Rademacher matrix ``R`` (``[p, k]``,
+    entries ``+-1/sqrt(k)``) that is never stored (:func:`soulkit.kernels.project`: Triton on CUDA,
+    bounded row chunks in torch elsewhere), so only ``n * k`` numbers are kept. Inner products are
+    preserved in expectation (Johnson-Lindenstrauss): ``E[proj_i . proj_j] = g_i . g_j`` with a
+    relative spread of about ``sqrt(2 / k)``; the same ``seed`` gives the same projection for
+    training and query sets. ``kwargs`` go to :func:`iter_per_example_grads`.
+    """
+    from ..kernels.projection import project
+
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    blocks = [
+        project(g, k, seed, implementation=implementation).to(g.dtype if g.dtype == torch.float64 else torch.float32)
+        for g in iter_per_example_grads(model, loss_fn, data, desc="projected per-example gradients", **kwargs)
+    ]
+    if not blocks:
+        raise ValueError("data is empty: no per-example gradients to project")
+    return torch.cat(blocks)

@@ -243,3 +243,24 @@ def test_model_is_not_modified():
         assert torch.equal(v, before[k]) and v.dtype == before[k].dtype
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
+
+
+def test_projected_gradients_preserve_inner_products():
+    from soulkit.influence import projected_per_example_grads
+    from soulkit.kernels.projection import rademacher_matrix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = TensorDataset(torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731
+    full = per_example_grads(model, loss, (data.tensors[0], data.tensors[1]))
+    k = 2048
+    proj = projected_per_example_grads(model, loss, data, k, seed=3, batch_size=5)
+    assert proj.shape == (12, k)
+    # exactly the full gradients times the seeded matrix, never stored by the projection
+    torch.testing.assert_close(proj, full @ rademacher_matrix(full.shape[1], k, 3, dtype=torch.float64))
+    gram, approx = full @ full.T, proj @ proj.T
+    norms = full.norm(dim=1)
+    assert ((approx - gram).abs() <= 5 * (2 / k) ** 0.5 * norms[:, None] * norms[None, :]).all()
+    with pytest.raises(ValueError, match="k must"):
+        projected_per_example_grads(model, loss, data, 0)
