@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------------------------------------- train
 def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
-    p.add_argument("--out", type=Path, default=None, help="output directory (md/json/png)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory for the md/json/png (default: ./soulkit-train, ./soulkit-demo)")
     p.add_argument("--seed", type=int, default=0, help="model init and Sophia sampling seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
@@ -112,7 +113,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)  # validates before anything slow happens
     _set_threads(args)
-    print(_run_train(config, args.out))
+    print(_run_train(config, args.out if args.out is not None else Path("soulkit-train")))
     return 0
 
 
