@@ -128,7 +128,7 @@ def bench_case(name, shapes, device, reps, warmup):
         dst.copy_(src)
     t_copy = run(lambda: dst.copy_(src), reps)
     copy_bw = BYTES["copy"] * n / t_copy
-    del src, dst
+    src = dst = None  # free before the next allocations
     results = {}
     for impl, fn in implementations(device).items():
         for _ in range(warmup):
@@ -155,7 +155,7 @@ def bench_case(name, shapes, device, reps, warmup):
             "vs_adamw_fused": (t / results["adamw-fused"]) if "adamw-fused" in results else None,
             "copy_bandwidth_gbs": copy_bw / 1e9,
         })
-    del tensors
+    tensors = None  # free before the next case
     return rows
 
 

@@ -24,16 +24,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ._common import compute_dtype, to_dtype, write_back
+
 __all__ = [
     "adahessian_step",
     "adahessian_step_reference",
     "adahessian_step_foreach",
     "check_adahessian_inputs",
 ]
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def check_adahessian_inputs(
@@ -96,7 +94,7 @@ def adahessian_step_reference(
     """
     check_adahessian_inputs(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, steps)
     for p, g, m, v, d, t in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, steps):
-        cdt = _compute_dtype(p.dtype, m.dtype, v.dtype)
+        cdt = compute_dtype(p.dtype, m.dtype, v.dtype)
         p_c, g_c, m_c, v_c, d_c = p.to(cdt), g.to(cdt), m.to(cdt), v.to(cdt), d.to(cdt)
         if weight_decay != 0:
             p_c = p_c * (1 - lr * weight_decay)
@@ -112,16 +110,6 @@ def adahessian_step_reference(
         m.copy_(m_c)
         v.copy_(v_c)
         p.copy_(p_c)
-
-
-def _to(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
-def _write_back(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
-    if pairs:
-        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
 def _buckets(params, exp_avgs, exp_hessian_diag_sqs) -> list[list[int]]:
@@ -155,10 +143,10 @@ def adahessian_step_foreach(
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_hessian_diag_sqs[i] for i in idx]
-        cdt = _compute_dtype(ps[0].dtype, ms[0].dtype, vs[0].dtype)
-        p_c, m_c, v_c = _to(ps, cdt), _to(ms, cdt), _to(vs, cdt)
-        g_c = _to([grads[i] for i in idx], cdt)
-        d_c = _to([hessian_diags[i] for i in idx], cdt)
+        cdt = compute_dtype(ps[0].dtype, ms[0].dtype, vs[0].dtype)
+        p_c, m_c, v_c = to_dtype(ps, cdt), to_dtype(ms, cdt), to_dtype(vs, cdt)
+        g_c = to_dtype([grads[i] for i in idx], cdt)
+        d_c = to_dtype([hessian_diags[i] for i in idx], cdt)
         if weight_decay != 0:
             torch._foreach_mul_(p_c, 1 - lr * weight_decay)
         torch._foreach_mul_(m_c, beta1)
@@ -173,9 +161,9 @@ def adahessian_step_foreach(
             torch._foreach_pow_(denom, hessian_power)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p_c, m_c, denom, [-lr / b for b in bc1])
-        _write_back(ms, m_c)
-        _write_back(vs, v_c)
-        _write_back(ps, p_c)
+        write_back(ms, m_c)
+        write_back(vs, v_c)
+        write_back(ps, p_c)
 
 
 def adahessian_step(*args, implementation: str = "foreach", **kwargs) -> None:

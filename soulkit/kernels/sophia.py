@@ -21,11 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ._common import compute_dtype, to_dtype, write_back
+
 __all__ = ["sophia_step", "sophia_step_reference", "sophia_step_foreach", "check_sophia_inputs"]
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def check_sophia_inputs(
@@ -76,7 +74,7 @@ def sophia_step_reference(
     """Plain-torch, one tensor at a time: the definition the fast paths are tested against."""
     check_sophia_inputs(params, grads, exp_avgs, hessians, hessian_estimates)
     for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians)):
-        cdt = _compute_dtype(p.dtype, m.dtype)
+        cdt = compute_dtype(p.dtype, m.dtype)
         p_c, g_c, m_c, h_c = p.to(cdt), g.to(cdt), m.to(cdt), h.to(cdt)
         if maximize:
             g_c = -g_c
@@ -105,16 +103,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
-
-
-def _to(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
-def _write_back(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
-    if pairs:
-        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
 
 def _group(params, *lists):
@@ -149,9 +137,9 @@ def sophia_step_foreach(
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         hs = [hessians[i] for i in idx]
-        cdt = _compute_dtype(ps[0].dtype, ms[0].dtype)
-        p_c, m_c, h_c = _to(ps, cdt), _to(ms, cdt), _to(hs, cdt)
-        g_c = _to([grads[i] for i in idx], cdt)
+        cdt = compute_dtype(ps[0].dtype, ms[0].dtype)
+        p_c, m_c, h_c = to_dtype(ps, cdt), to_dtype(ms, cdt), to_dtype(hs, cdt)
+        g_c = to_dtype([grads[i] for i in idx], cdt)
         if maximize:
             g_c = torch._foreach_neg(g_c)
         if weight_decay != 0:
@@ -159,10 +147,10 @@ def sophia_step_foreach(
         torch._foreach_mul_(m_c, beta1)
         torch._foreach_add_(m_c, g_c, alpha=1 - beta1)
         if hessian_estimates is not None:
-            e_c = _to([hessian_estimates[i] for i in idx], cdt)
+            e_c = to_dtype([hessian_estimates[i] for i in idx], cdt)
             torch._foreach_mul_(h_c, beta2)
             torch._foreach_add_(h_c, e_c, alpha=1 - beta2)
-            _write_back(hs, h_c)
+            write_back(hs, h_c)
         denom = torch._foreach_mul(h_c, rho)
         torch._foreach_clamp_min_(denom, eps)
         if bias_correction1 != 1.0:
@@ -180,8 +168,8 @@ def sophia_step_foreach(
             torch._foreach_sub_(slack, 1.0)
             win_count += torch.stack(torch._foreach_norm(slack, 0)).sum().to(win_count.dtype)
         torch._foreach_add_(p_c, ratio, alpha=-lr)
-        _write_back(ms, m_c)
-        _write_back(ps, p_c)
+        write_back(ms, m_c)
+        write_back(ps, p_c)
 
 
 IMPLEMENTATIONS = ("auto", "triton", "compiled", "foreach", "reference")
