@@ -49,7 +49,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     if not full:
         return
-    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 300)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 250)")
     p.add_argument("--optimizers", default=None, help="comma-separated: adamw,sophia (default both)")
     p.add_argument("--model", default=None, help="llama (default) or gpt2")
     p.add_argument("--data-seed", type=int, default=None, help="batch order seed (default: --seed)")

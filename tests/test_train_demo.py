@@ -149,3 +149,25 @@ def test_steps_to_reach_and_atomic_write(tmp_path):
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["x.txt"]
+
+
+def test_summary_of_synthetic_arms_including_a_diverged_one():
+    from soulkit.demos.train_lm import ArmResult, format_table, summarize
+
+    cfg = TrainConfig(steps=20, eval_every=10)
+    adamw = ArmResult(spec=OptimizerSpec("adamw", 1e-3), eval_steps=[0, 10, 20], val_loss=[5.5, 3.0, 2.5],
+                      step_time=[0.1] * 20)
+    sophia = ArmResult(spec=OptimizerSpec("sophia", 1e-3), eval_steps=[0, 10, 20], val_loss=[5.5, 2.4, 2.0],
+                       step_time=([0.3] + [0.1] * 9) * 2, refresh_steps=[0, 10], win_rate=[0.2, 0.4])
+    broken = ArmResult(spec=OptimizerSpec("sophia", 1.0, label="sophia-hot"), eval_steps=[0], val_loss=[5.5],
+                       step_time=[0.1, 0.1], diverged_at=1)
+    rows = {r["label"]: r for r in summarize([adamw, sophia, broken], cfg)}
+    assert rows["adamw"]["target"] == 2.5
+    assert rows["sophia"]["steps_to_target"] == 10 and rows["sophia"]["steps_ratio"] == 0.5
+    assert rows["sophia"]["wall_ratio"] == pytest.approx(1.2 / 2.0)  # 10 steps incl. one refresh vs 20 steps
+    assert rows["sophia"]["step_overhead"] == pytest.approx(0.2)  # one 0.3 s refresh per 10-step window
+    assert rows["sophia"]["median_step_overhead"] == pytest.approx(0.0)
+    assert rows["sophia"]["win_rate_mean"] == pytest.approx(0.3)
+    assert rows["sophia-hot"]["steps_to_target"] is None and math.isnan(rows["sophia-hot"]["val_loss_final"])
+    table = format_table(list(rows.values()))
+    assert "diverged @1" in table and "10 (0.50x)" in table
