@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true", help="tiny model and budget (smoke test of the script)")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True): on x86 CPUs, attention probabilities that underflow into "
+                        "denormals slow the math down (seen for sharply-attending models); this removes that effect")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="rewrite the md/png of a finished run from its optimizers.json (no training)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; on a shared machine 1 avoids OpenMP spin-wait stalls)")
@@ -191,6 +196,57 @@ def _pick(arms: list[ArmResult], kind: str) -> tuple[ArmResult, bool]:
     return best, best.spec.lr in (lrs[0], lrs[-1])
 
 
+def step_time_drift(arm: ArmResult, n: int = 100) -> float:
+    """Median step time of the last ``n`` steps over that of the first ``n`` (1.0: no drift)."""
+    n = max(1, min(n, len(arm.step_time) // 2))
+    return statistics.median(arm.step_time[-n:]) / statistics.median(arm.step_time[:n])
+
+
+def overhead_rows(run: str, arms: list[ArmResult], k: int = 10) -> list[dict[str, Any]]:
+    """Each Sophia arm's k-step-window time against the median AdamW arm of the same lockstep run."""
+    ref = statistics.median(median_window_time(a.step_time, k) for a in arms if a.spec.kind == "adamw")
+    return [
+        {"run": run, "label": a.spec.label, "overhead": median_window_time(a.step_time, k) / ref - 1}
+        for a in arms if a.spec.kind == "sophia"
+    ]
+
+
+def sweep_rows(sweep: list[ArmResult], best_a: ArmResult, best_s: ArmResult) -> list[dict[str, Any]]:
+    adamw_drift = statistics.median(step_time_drift(a) for a in sweep if a.spec.kind == "adamw")
+    return [
+        {
+            "kind": a.spec.kind, "lr": a.spec.lr,
+            "final_val": a.val_loss[-1] if a.diverged_at is None else None,
+            "win_rate_mean": _finite_mean(a.win_rate),
+            "median_window_step_s": median_window_time(a.step_time, 10),
+            "step_time_drift": step_time_drift(a),
+            "step_time_drift_vs_adamw": step_time_drift(a) / adamw_drift,
+            "chosen": a is best_a or a is best_s,
+        }
+        for a in sweep
+    ]
+
+
+def _edge_notes(rows: list[dict[str, Any]], edges: dict[str, bool]) -> list[str]:
+    notes = []
+    for kind, edge in edges.items():
+        if not edge:
+            continue
+        pts = sorted((r["lr"], r["final_val"]) for r in rows if r["kind"] == kind and r["final_val"] is not None)
+        best = min(pts, key=lambda t: t[1])
+        i = pts.index(best)
+        nb = pts[1] if i == 0 else pts[-2]
+        gap = nb[1] - best[1]
+        note = f"Note: the chosen {kind} lr ({best[0]:g}) is at the edge of its grid"
+        if gap < 0.01:
+            note += (f"; its neighbour (lr {nb[0]:g}) is within {gap:.4f} nats of it, so the optimum most likely "
+                     "lies between the two, not beyond the edge.")
+        else:
+            note += "; the optimum may lie outside the grid."
+        notes.append(note)
+    return notes
+
+
 def _fmt_ratio(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.2f}x"
 
@@ -214,6 +270,11 @@ def plot(sweep: list[ArmResult], runs: dict[int, list[ArmResult]], path: Path, t
         pts = sorted((a.spec.lr, a.val_loss[-1] if a.diverged_at is None else math.nan) for a in sweep if a.spec.kind == kind)
         ax0.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=kind)
     ax0.set_xscale("log")
+    from matplotlib.ticker import NullLocator
+
+    grid = sorted({a.spec.lr for a in sweep})
+    ax0.set_xticks(grid, [f"{lr:g}" for lr in grid])
+    ax0.xaxis.set_minor_locator(NullLocator())
     ax0.set_xlabel("peak learning rate")
     ax0.set_ylabel("final validation loss (nats/byte)")
     ax0.set_title("tuning sweep (seed 0)")
@@ -273,17 +334,28 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "",
         f"## Tuning (seed {res['seeds'][0]}, {len(res['sweep_grid']['adamw'])} learning rates per optimizer, one lockstep run)",
         "",
-        "| optimizer | lr | final val loss | mean win rate |",
-        "|---|---|---|---|",
+        "| optimizer | lr | final val loss | mean win rate | median step, 10-step windows | "
+        "step-time drift vs AdamW |",
+        "|---|---|---|---|---|---|",
     ]
     for row in res["sweep"]:
         mark = " **(chosen)**" if row["chosen"] else ""
         wr = "-" if row["win_rate_mean"] is None else f"{row['win_rate_mean']:.3f}"
         val = "diverged" if row["final_val"] is None else f"{row['final_val']:.4f}"
-        lines.append(f"| {row['kind']} | {row['lr']:g}{mark} | {val} | {wr} |")
-    for kind, edge in res["chosen_at_grid_edge"].items():
-        if edge:
-            lines.append(f"\nNote: the chosen {kind} lr is at the edge of its grid; its optimum may lie outside it.")
+        lines.append(f"| {row['kind']} | {row['lr']:g}{mark} | {val} | {wr} | "
+                     f"{row['median_window_step_s'] * 1e3:.0f} ms | {row['step_time_drift_vs_adamw']:.2f}x |")
+    for note in _edge_notes(res["sweep"], res["chosen_at_grid_edge"]):
+        lines += ["", note]
+    drift = max(res["sweep"], key=lambda r: r["step_time_drift_vs_adamw"])
+    lines += [
+        "",
+        "Step-time drift vs AdamW: (median step time of the last 100 steps / of the first 100) divided by the same "
+        "ratio of the median AdamW arm, so that machine load, which all arms of the lockstep run share, cancels out"
+        + (f". Largest here: {drift['kind']} lr {drift['lr']:g}, {drift['step_time_drift_vs_adamw']:.2f}x: this arm "
+           "got slower as it trained. The likely cause on x86 CPUs is denormal floats: sharper attention puts more "
+           "softmax probabilities below 1.2e-38, where the CPU math is slow (`--flush-denormal` removes the effect)."
+           if drift["step_time_drift_vs_adamw"] > 1.15 else "."),
+    ]
     lines += [
         "",
         "## Tuned runs, per seed",
@@ -312,12 +384,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "One-off warm-up (2 untimed steps on a throwaway copy before each run; for Sophia this includes "
         f"compiling its CPU step), excluded from step times and wall-time ratios: {warm}.",
         "",
-        f"Per-step overhead from all {len(res['overheads'])} Sophia arms against the AdamW arms of their own run "
-        f"(10-step windows): {', '.join(f'{o * 100:+.1f}%' for o in res['overheads'])}.",
+        "Per-step overhead of every Sophia arm against the median AdamW arm of its own run (10-step windows): "
+        + ", ".join(f"{o['run']} {o['label']}: {o['overhead'] * 100:+.1f}%" for o in res["overheads"]) + ".",
         "",
         "## Against the project's goals",
         "",
-        "| claim | goal | measured (mean over seeds; per seed) | verdict |",
+        "| claim | goal | measured (mean over seeds) | verdict |",
         "|---|---|---|---|",
     ]
     for key, name in (("steps_ratio", "Sophia steps to AdamW's final val loss"), ("wall_ratio", "Sophia wall time to it"),
@@ -326,9 +398,16 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         per = "; ".join("not reached" if v is None else (f"{v * 100:+.1f}%" if key == "overhead" else f"{v:.2f}x")
                         for v in a["per_seed"])
         mean = a["mean"]
-        mean_s = "not reached (some seed)" if mean is None else (f"{mean * 100:+.1f}%" if key == "overhead" else f"{mean:.2f}x")
+        if mean is None:
+            mean_s = "not reached in any seed" if all(v is None for v in a["per_seed"]) else "not reached in some seeds"
+        else:
+            mean_s = f"{mean * 100:+.1f}%" if key == "overhead" else f"{mean:.2f}x"
         goal = f"<= {GOALS[key] * 100:.0f}%" if key == "overhead" else f"<= {GOALS[key]}x"
-        lines.append(f"| {name} | {goal} | {mean_s} ({per}) | {a['verdict']} |")
+        lines.append(f"| {name} | {goal} | {mean_s} (per seed: {per}) | {a['verdict']} |")
+    rev = [c["adamw_steps_ratio_to_sophia_final"] for c in res["per_seed"].values()]
+    if all(v is not None for v in rev):
+        lines += ["", "The other way round: AdamW reached Sophia's final validation loss after "
+                  + "; ".join(f"{v:.2f}x" for v in rev) + " of the steps (per seed)."]
     lines += [
         "",
         "Reading the numbers: both optimizers use a schedule that decays over the full budget, so AdamW's final "
@@ -343,13 +422,42 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
+def rewrite_from_json(path: Path) -> int:
+    """Regenerate optimizers.md/.png beside ``path`` from a finished run's JSON (no training)."""
+    import json
+
+    res = json.loads(Path(path).read_text())
+    sweep = [_arm_from_dict(d) for d in res["sweep_curves"]]
+    runs = {int(seed): [_arm_from_dict(d) for d in arms] for seed, arms in res["curves"].items()}
+    pick = {k: next(a for a in sweep if a.spec.kind == k and a.spec.lr == res["chosen"][f"{k}_lr"])
+            for k in ("adamw", "sophia")}
+    res["sweep"] = sweep_rows(sweep, pick["adamw"], pick["sophia"])
+    res["overheads"] = overhead_rows("sweep", sweep)
+    for seed, arms in runs.items():
+        if seed != res["seeds"][0]:
+            res["overheads"] += overhead_rows(f"seed {seed}", arms)
+    out = Path(path).parent
+    atomic_write_text(out / "optimizers.json", to_json(res))
+    plot(sweep, runs, out / "optimizers.png",
+         f"Sophia vs AdamW, byte-level {res['config']['model']} ({res['n_params'] / 1e6:.2f} M params), "
+         f"{res['config']['steps']} steps")
+    write_markdown(res, out / "optimizers.md")
+    print((out / "optimizers.md").read_text())
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
+    if args.threads is not None or args.flush_denormal:
         import torch
 
-        torch.set_num_threads(args.threads)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        if args.flush_denormal and not torch.set_flush_denormal(True):
+            print("warning: --flush-denormal is not supported on this CPU", file=sys.stderr)
+    if args.from_json is not None:
+        return rewrite_from_json(args.from_json)
     t_start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -390,14 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {str(seeds[0]): compare(best_a, best_s, k)}
     runs = {seeds[0]: [best_a, best_s]}
     # overhead of every Sophia arm against the median AdamW window time of the same run
-    adamw_win = statistics.median(median_window_time(a.step_time, k) for a in sweep if a.spec.kind == "adamw")
-    overheads = [median_window_time(a.step_time, k) / adamw_win - 1 for a in sweep if a.spec.kind == "sophia"]
+    overheads = overhead_rows("sweep", sweep)
     for seed in seeds[1:]:
         tuned = [best_a.spec, best_s.spec]
         arms, _ = run(seed, tuned, f"seed{seed}")
         per_seed[str(seed)] = compare(arms[0], arms[1], k)
         runs[seed] = arms
-        overheads.append(per_seed[str(seed)]["overhead_window"])
+        overheads += overhead_rows(f"seed {seed}", arms)
 
     aggregate = {}
     for key, field in (("steps_ratio", "steps_ratio"), ("wall_ratio", "wall_ratio"), ("overhead", "overhead_window")):
@@ -416,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "optimizers",
         "command": " ".join(["python benchmarks/optimizers.py", *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick,
+        "flush_denormal": bool(args.flush_denormal),
         "machine": info0,
         "machine_line": machine_line(info0),
         "load_avg_end": machine_info().get("load_avg_1_5_15"),
@@ -426,15 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "rho": args.rho,
         "sweep_grid": {"adamw": list(args.adamw_lrs), "sophia": list(args.sophia_lrs)},
-        "sweep": [
-            {
-                "kind": a.spec.kind, "lr": a.spec.lr,
-                "final_val": a.val_loss[-1] if a.diverged_at is None else None,
-                "win_rate_mean": _finite_mean(a.win_rate),
-                "chosen": a is best_a or a is best_s,
-            }
-            for a in sweep
-        ],
+        "sweep": sweep_rows(sweep, best_a, best_s),
         "chosen": {"adamw_lr": best_a.spec.lr, "sophia_lr": best_s.spec.lr},
         "chosen_at_grid_edge": {"adamw": edge_a, "sophia": edge_s},
         "per_seed": per_seed,

@@ -3,9 +3,11 @@
 The data is the interpreter's own standard library: every ``.py`` file under
 ``sysconfig.get_paths()["stdlib"]`` (``site-packages``/``dist-packages`` left out), listed in sorted
 order, then put in a fixed pseudo-random order by the SHA-1 of each relative path (so a byte cap
-takes files from all over the library, not only its first directories). Files are read in that order
-until ``max_bytes`` are read; each file goes to the validation split when the SHA-1 of its relative
-path, read as a number, falls in the first ``val_fraction`` of the range. No network, no randomness.
+takes files from all over the library, not only its first directories). Each file goes to the
+validation split when the SHA-1 of ``"val:" + relative path``, read as a number, falls in the first
+``val_fraction`` of the range; files are read in that order until the training split holds
+``(1 - val_fraction) * max_bytes`` bytes and the validation split the rest (the last file of each is
+cut). No network, no randomness. ``data_path`` points at a local file or directory instead.
 
 The model is a small ``LlamaForCausalLM`` (or ``GPT2LMHeadModel``) over the 256 byte values, built
 from scratch under a seed. Every optimizer ("arm") trains its own copy of the *same* initial weights
@@ -15,8 +17,9 @@ Validation loss is computed every ``eval_every`` steps on fixed validation windo
 
 Defaults (``hidden_size=192``, 4 layers, 4 heads, ``seq_len=128``, batch 16 = 2,048 tokens per step,
 1.87 M parameters, 250 steps; AdamW lr 1e-3, Sophia lr 5e-4 with rho 0.04) come from sweeps on
-2 CPU cores (see the module constants below); the default demo takes about 4 minutes on an idle
-2-core machine (steady state ~0.35 s per step and optimizer with 2 threads).
+2 CPU cores (see the module constants below); the default demo takes under 3 minutes on an idle
+2-core Xeon (~0.25 s per step and optimizer with 2 threads; ``soulkit train --threads 1`` is the
+better choice when other jobs share the cores).
 
 Library use::
 
