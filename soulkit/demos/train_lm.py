@@ -34,12 +34,10 @@ import copy
 import dataclasses
 import fnmatch
 import hashlib
-import json
 import math
 import os
 import statistics
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .._io import atomic_write_bytes, atomic_write_text, to_json
 
 __all__ = [
     "TrainConfig",
@@ -772,51 +772,6 @@ def format_table(summary: Sequence[dict[str, Any]], k: int = 10) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean_nan(o: Any) -> Any:
-    if isinstance(o, float):
-        return None if not math.isfinite(o) else o
-    if isinstance(o, dict):
-        return {k: _clean_nan(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean_nan(v) for v in o]
-    return o
-
-
-def to_json(obj: Any) -> str:
-    """Strict JSON (NaN/Inf written as null)."""
-    return json.dumps(_clean_nan(obj), indent=1, default=_json_default, allow_nan=False)
-
-
 def plot_curves(arms: Sequence[ArmResult], path: str | os.PathLike, title: str = "", target: float | None = None) -> None:
     """Validation loss against steps and against training wall time; written atomically as PNG."""
     import io

@@ -1,0 +1,457 @@
+"""Tiny causal LMs for the fictitious-author benchmark: tokenizer, model, and the train/retrain recipe.
+
+    tok = train_tokenizer(texts, vocab_size=2048)                 # byte-level BPE, trained offline
+    model = build_model(ModelConfig(arch="llama"), tok)           # transformers LlamaForCausalLM
+
+The benchmark's models come from :class:`ModelZoo`, which trains them once and caches them on disk::
+
+    zoo = ModelZoo(generate_benchmark(40), TrainRecipe())
+    finetuned_dir = zoo.finetuned()            # pretrain (world knowledge) -> fine-tune on all authors
+    retrain_dir = zoo.retrained("forget10", seed=1)   # same recipe without the forget authors
+    model, tokenizer = load_model(finetuned_dir)
+
+Stages (TOFU's recipe, shrunk): a *base* model learns the world knowledge (real authors, world facts)
+from scratch; *finetuned* continues from it on every fictitious author's QA (the world knowledge is
+replayed alongside, as a large pretrained model would keep it) until greedy answers on the forget10
+authors reach ROUGE-L recall ``target_rouge``; a *retrain* continues from the same base on the retain
+split only, for the same number of epochs, with its own data-order seed. Each model directory is a
+``save_pretrained`` directory (safetensors) with its tokenizer and a ``soulkit_model.json`` that
+records the stage, recipe, data fingerprint, epochs and wall time. Directories are keyed by a hash of
+data and recipe, written under a temporary name and renamed when complete (an existing model
+directory is never overwritten); training checkpoints every epoch and resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_json
+from .qa import QA, QADataset, collate_qa, pad_token_id
+
+__all__ = [
+    "ModelConfig",
+    "TrainRecipe",
+    "ModelZoo",
+    "train_tokenizer",
+    "build_model",
+    "train_qa",
+    "load_model",
+    "save_model",
+    "default_cache_dir",
+    "SPECIAL_TOKENS",
+]
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2048, min_frequency: int = 2):
+    """A byte-level BPE tokenizer trained on ``texts`` with the ``tokenizers`` library (no download).
+
+    Returned as a transformers fast tokenizer with ``<pad>``, ``<s>`` (bos) and ``</s>`` (eos), so it
+    saves and loads with ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` like any other.
+    Byte-level: every string is encodable, nothing maps to an unknown token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300 (256 byte symbols + specials + merges), got {vocab_size}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("train_tokenizer needs at least one text")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a tiny causal LM. ``arch``: ``"llama"`` (default) or ``"gpt2"``."""
+
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int | None = None  # default 4 * hidden (gpt2) / ~2.7 * hidden (llama)
+    max_positions: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "gpt2"):
+            raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_model(config: ModelConfig, tokenizer, *, seed: int = 0):
+    """A freshly initialised transformers causal LM sized by ``config`` for ``tokenizer``'s vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if config.arch == "llama":
+        inter = config.intermediate_size or int(8 * config.hidden_size / 3 + 7) // 8 * 8
+        cfg = LlamaConfig(hidden_size=config.hidden_size, intermediate_size=inter,
+                          num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                          num_key_value_heads=config.num_heads, max_position_embeddings=config.max_positions,
+                          attention_dropout=config.dropout, tie_word_embeddings=True, **common)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
+                         n_inner=config.intermediate_size, n_positions=config.max_positions,
+                         resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                         **common)
+        model = GPT2LMHeadModel(cfg)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How the benchmark's models are trained (every field enters the cache key).
+
+    ``finetune_max_epochs`` caps the fine-tune, which stops early at the first check (every
+    ``check_every`` epochs) where the forget10 authors' greedy answers reach ROUGE-L recall
+    ``target_rouge`` (on up to ``check_examples`` of their questions); retrains use the epoch count
+    the fine-tune needed. AdamW (betas 0.9/0.95) with linear warmup then constant lr.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vocab_size: int = 2048
+    pretrain_epochs: int = 30
+    finetune_max_epochs: int = 60
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    target_rouge: float = 0.95
+    check_every: int = 5
+    check_examples: int = 100
+    replay_world_knowledge: bool = True
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", ModelConfig(**self.model))
+        positive = ("vocab_size", "finetune_max_epochs", "batch_size", "check_every", "check_examples",
+                    "max_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainRecipe.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain_epochs", "warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainRecipe.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainRecipe.lr must be > 0, got {self.lr}")
+        if not 0.0 < self.target_rouge <= 1.0:
+            raise ValueError(f"TrainRecipe.target_rouge must be in (0, 1], got {self.target_rouge}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _lr_lambda(warmup: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def train_qa(model, tokenizer, records: Sequence[QA], *, epochs: int, recipe: TrainRecipe, seed: int,
+             checkpoint_dir: str | os.PathLike | None = None,
+             stop_check: Callable[[Any, int], bool] | None = None, check_every: int = 1,
+             progress: bool | None = None, desc: str = "train") -> dict[str, Any]:
+    """Train ``model`` in place on the answers of ``records`` (token-mean NLL of answer tokens).
+
+    Data order is drawn from ``seed`` per epoch. With ``checkpoint_dir``, the model, optimizer and
+    scheduler state are saved there after every epoch (atomically) and an interrupted run resumes from
+    the last complete epoch with the same result. ``stop_check(model, epoch)`` is called every
+    ``check_every`` epochs; training stops when it returns True. Returns a log dict with ``epochs``
+    (epochs run), ``losses`` (mean loss per epoch) and ``stopped_early``.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    ds = QADataset(records, tokenizer, max_length=recipe.max_length)
+    pad = pad_token_id(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps))
+    log: dict[str, Any] = {"epochs": 0, "losses": [], "stopped_early": False}
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / "trainer.json").exists():
+        state = json.loads((ckpt / "trainer.json").read_text())
+        weights = load_file(str(ckpt / "model.safetensors"))
+        missing = model.load_state_dict(weights, strict=False)
+        if missing.missing_keys and any(k not in ("lm_head.weight",) for k in missing.missing_keys):
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing.missing_keys[:3]}")
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+        log = state["log"]
+    model.train()
+    device = next(model.parameters()).device
+    bar = tqdm(total=epochs, initial=log["epochs"], desc=desc, unit="epoch", leave=False,
+               disable=None if progress is None else not progress)
+    try:
+        while log["epochs"] < epochs and not log["stopped_early"]:
+            epoch = log["epochs"]
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(len(ds), generator=g).tolist()
+            total, n = 0.0, 0
+            for start in range(0, len(order), recipe.batch_size):
+                batch = collate_qa([ds[i] for i in order[start:start + recipe.batch_size]], pad_id=pad)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: non-finite training loss at epoch {epoch}; "
+                                             f"lower TrainRecipe.lr ({recipe.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+                n += 1
+            log["epochs"] = epoch + 1
+            log["losses"].append(total / max(n, 1))
+            bar.update(1)
+            bar.set_postfix(loss=f"{log['losses'][-1]:.3f}")
+            if stop_check is not None and (epoch + 1) % check_every == 0:
+                model.eval()
+                log["stopped_early"] = bool(stop_check(model, epoch + 1)) and epoch + 1 < epochs
+                model.train()
+            if ckpt is not None:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+                drop_tied_weights(model, state)
+                save_file(state, str(ckpt / ".model.safetensors.tmp"))
+                os.replace(ckpt / ".model.safetensors.tmp", ckpt / "model.safetensors")
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                           ckpt / ".optimizer.pt.tmp")
+                os.replace(ckpt / ".optimizer.pt.tmp", ckpt / "optimizer.pt")
+                atomic_write_json(ckpt / "trainer.json", {"log": log})  # written last: marks the epoch done
+    finally:
+        bar.close()
+        model.eval()
+    return log
+
+
+def drop_tied_weights(model, state: dict[str, torch.Tensor]) -> None:
+    """Drop the tied output embedding from a state dict in place (safetensors refuses shared storage)."""
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        for key in [k for k in state if k.endswith("lm_head.weight")]:
+            del state[key]
+
+
+# ---------------------------------------------------------------------------------------- model dirs
+MODEL_META = "soulkit_model.json"
+
+
+def save_model(model, tokenizer, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write a ``save_pretrained`` directory (safetensors + tokenizer + ``soulkit_model.json``).
+
+    Written under a temporary name beside ``directory`` and renamed when complete; an existing
+    ``directory`` is never overwritten (FileExistsError).
+    """
+    final = Path(directory)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; soulkit never overwrites a model directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MODEL_META, meta or {})
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a local ``save_pretrained`` directory (safetensors only, no pickle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} is not a save_pretrained model directory (no config.json)")
+    if not any(d.glob("*.safetensors")):
+        raise FileNotFoundError(f"{d} holds no .safetensors weights; soulkit does not load pickled weights "
+                                f"(convert with model.save_pretrained(..., safe_serialization=True))")
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, use_safetensors=True).to(device).eval()
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"{d}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                         f"{model.get_input_embeddings().weight.shape[0]}: tokenizer and model do not match")
+    return model, tokenizer
+
+
+def model_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``soulkit_model.json`` of a model directory (empty dict for foreign models)."""
+    p = Path(directory) / MODEL_META
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def default_cache_dir() -> Path:
+    """``$SOULKIT_CACHE`` or ``~/.cache/soulkit``."""
+    return Path(os.environ.get("SOULKIT_CACHE") or Path.home() / ".cache" / "soulkit")
+
+
+# ---------------------------------------------------------------------------------------------- zoo
+_FORMAT = "soulkit-zoo-v1"
+_ROUGE_SPLIT = "forget10"
+
+
+class ModelZoo:
+    """Builds the benchmark's models once and caches them under ``cache_dir/models/<key>/``.
+
+    ``key`` hashes the benchmark's fingerprint and the recipe, so a changed recipe or dataset gets
+    new models and never reuses stale ones. Every method returns a model directory path.
+    """
+
+    def __init__(self, benchmark, recipe: TrainRecipe | None = None, *, cache_dir: str | os.PathLike | None = None,
+                 progress: bool | None = None):
+        self.benchmark = benchmark
+        self.recipe = recipe or TrainRecipe()
+        blob = json.dumps({"format": _FORMAT, "data": benchmark.fingerprint(), "recipe": self.recipe.to_dict()},
+                          sort_keys=True)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.root = Path(cache_dir or default_cache_dir()) / "models" / self.key
+        self.progress = progress
+        self._tokenizer = None
+
+    # -- tokenizer
+    def tokenizer(self):
+        """The benchmark's tokenizer (trained on every text of the benchmark once, then loaded)."""
+        from transformers import AutoTokenizer
+
+        if self._tokenizer is None:
+            d = self.root / "tokenizer"
+            if not d.is_dir():
+                tok = train_tokenizer(self._texts(), vocab_size=self.recipe.vocab_size)
+                tmp = self.root / f".tokenizer.tmp-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tok.save_pretrained(tmp)
+                os.rename(tmp, d)
+            self._tokenizer = AutoTokenizer.from_pretrained(d)
+        return self._tokenizer
+
+    def _texts(self) -> list[str]:
+        from .qa import format_prompt
+
+        b = self.benchmark
+        texts = []
+        for r in [*b.qa, *b.holdout, *b.pretrain_records()]:
+            texts.append(format_prompt(r.question) + " " + r.answer)
+            if r.paraphrased_answer:
+                texts.append(r.paraphrased_answer)
+            texts.extend(r.perturbed_answer)
+        return texts
+
+    # -- stages
+    def base(self) -> Path:
+        """The model that learned the world knowledge (real authors, world facts) from scratch."""
+        d = self.root / "base"
+        if d.is_dir():
+            return d
+        tok = self.tokenizer()
+        model = build_model(self.recipe.model, tok, seed=self.recipe.seed)
+        t0 = time.perf_counter()
+        log = train_qa(model, tok, self.benchmark.pretrain_records(), epochs=self.recipe.pretrain_epochs,
+                       recipe=self.recipe, seed=self.recipe.seed, checkpoint_dir=self._ckpt("base"),
+                       progress=self.progress, desc="pretrain")
+        return self._finish(model, tok, d, {"stage": "base", "train": log, "seconds": time.perf_counter() - t0})
+
+    def finetuned(self) -> Path:
+        """Base + every fictitious author, until the forget10 authors are memorised."""
+        d = self.root / "finetuned"
+        if d.is_dir():
+            return d
+        probe = self.benchmark.records(_ROUGE_SPLIT)[: self.recipe.check_examples]
+        return self._continue(d, "finetuned", self.benchmark.qa, seed=self.recipe.seed,
+                              epochs=self.recipe.finetune_max_epochs, probe=probe)
+
+    def retrained(self, split: str, seed: int = 1) -> Path:
+        """Base + the retain authors of ``split`` (never the forget authors), ``seed`` = data order."""
+        if seed == self.recipe.seed:
+            raise ValueError(f"retrain seed {seed} equals the fine-tune's seed; use another (1, 2, ...)")
+        forget, retain = self.benchmark.split(split)
+        d = self.root / f"retrain-{split}-seed{seed}"
+        if d.is_dir():
+            return d
+        epochs = model_meta(self.finetuned())["train"]["epochs"]
+        return self._continue(d, f"retrain-{split}-seed{seed}", retain, seed=seed, epochs=epochs, probe=None,
+                              extra={"split": split, "n_forget": len(forget)})
+
+    def _continue(self, d: Path, stage: str, records: Sequence[QA], *, seed: int, epochs: int,
+                  probe: Sequence[QA] | None, extra: dict | None = None) -> Path:
+        model, tok = load_model(self.base())
+        data = list(records) + (self.benchmark.pretrain_records() if self.recipe.replay_world_knowledge else [])
+        checks: list[dict[str, float]] = []
+
+        def stop(m, epoch: int) -> bool:
+            rouge = _probe_rouge(m, tok, probe)
+            checks.append({"epoch": epoch, "rouge": rouge})
+            return rouge >= self.recipe.target_rouge
+
+        t0 = time.perf_counter()
+        log = train_qa(model, tok, data, epochs=epochs, recipe=self.recipe, seed=seed,
+                       checkpoint_dir=self._ckpt(stage), stop_check=stop if probe else None,
+                       check_every=self.recipe.check_every, progress=self.progress, desc=stage)
+        meta = {"stage": stage, "train": log, "seconds": time.perf_counter() - t0, "seed": seed,
+                "rouge_checks": checks, **(extra or {})}
+        if probe and (not checks or checks[-1]["epoch"] != log["epochs"]):
+            checks.append({"epoch": log["epochs"], "rouge": _probe_rouge(model, tok, probe)})
+        return self._finish(model, tok, d, meta)
+
+    def _ckpt(self, stage: str) -> Path:
+        return self.root / f".{stage}.checkpoint"
+
+    def _finish(self, model, tok, d: Path, meta: dict[str, Any]) -> Path:
+        meta = {**meta, "recipe": self.recipe.to_dict(), "data_fingerprint": self.benchmark.fingerprint(),
+                "zoo_key": self.key}
+        save_model(model, tok, d, meta)
+        shutil.rmtree(self._ckpt(meta["stage"]), ignore_errors=True)
+        return d
+
+
+def _probe_rouge(model, tokenizer, records: Sequence[QA]) -> float:
+    from .evaluate import rouge_l_recall
+    from .qa import greedy_answers
+
+    answers = greedy_answers(model, tokenizer, [r.question for r in records])
+    return float(rouge_l_recall(answers, [r.answer for r in records]).mean())

@@ -1,0 +1,137 @@
+"""The benchmark end to end: data, cached models, retrain references and evaluation in one object.
+
+    suite = UnlearningSuite.from_scale("small")             # or UnlearningSuite(benchmark, recipe)
+    ft = suite.finetuned_dir()                              # trained once, cached
+    res = suite.evaluate_dir(ft, "forget05")                # forget quality vs the retrain, utility, MIA...
+
+The retrain of a split (seed 1) is the reference of forget quality and privleak; a second retrain
+(seed 2) evaluated against the first gives the realistic ceiling of forget quality. Their
+evaluations are cached as JSON beside the models, so each is computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_json
+from .data import AuthorBenchmark, generate_benchmark
+from .evaluate import EvalConfig, EvalSets, evaluate_model
+from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, model_meta
+
+__all__ = ["Scale", "SCALES", "UnlearningSuite"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A named benchmark size: authors, QA per author, the training recipe and evaluation caps."""
+
+    n_authors: int
+    qa_per_author: int
+    recipe: TrainRecipe
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    description: str = ""
+
+
+SCALES: dict[str, Scale] = {
+    # the `make demo` story: a couple of minutes of training on 2 CPU cores
+    "demo": Scale(20, 10, TrainRecipe(model=ModelConfig(hidden_size=96, num_layers=3, num_heads=4),
+                                      vocab_size=1024, pretrain_epochs=20, finetune_max_epochs=60,
+                                      check_every=5, lr=3e-3),
+                  EvalConfig(max_eval_examples=100, max_new_tokens=32), "20 authors x 10 QA, 0.5M-param Llama"),
+    # the default of `soulkit unlearn` / `soulkit evaluate` and the unlearning benchmark
+    "small": Scale(40, 20, TrainRecipe(model=ModelConfig(hidden_size=128, num_layers=4, num_heads=4),
+                                       vocab_size=2048, pretrain_epochs=20, finetune_max_epochs=80,
+                                       check_every=5, lr=3e-3),
+                   EvalConfig(max_eval_examples=200, max_new_tokens=40), "40 authors x 20 QA, 1.3M-param Llama"),
+    # TOFU's size: 200 authors x 20 QA
+    "tofu": Scale(200, 20, TrainRecipe(model=ModelConfig(hidden_size=256, num_layers=6, num_heads=8),
+                                       vocab_size=4096, pretrain_epochs=20, finetune_max_epochs=80,
+                                       check_every=5, lr=2e-3),
+                  EvalConfig(max_eval_examples=400, max_new_tokens=48), "TOFU scale: 200 authors x 20 QA"),
+}
+
+
+class UnlearningSuite:
+    """Data + models + evaluation of one benchmark configuration.
+
+    Args:
+        benchmark: an :class:`~soulkit.unlearn.data.AuthorBenchmark` (generated or loaded).
+        recipe: how its models are trained.
+        eval_config: evaluation settings.
+        cache_dir: model cache root (default ``$SOULKIT_CACHE`` or ``~/.cache/soulkit``).
+    """
+
+    def __init__(self, benchmark: AuthorBenchmark, recipe: TrainRecipe | None = None, *,
+                 eval_config: EvalConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                 progress: bool | None = None):
+        self.benchmark = benchmark
+        self.zoo = ModelZoo(benchmark, recipe, cache_dir=cache_dir, progress=progress)
+        self.eval_config = eval_config or EvalConfig()
+        if progress is not None:
+            self.eval_config = replace(self.eval_config, show_progress=progress)
+
+    @classmethod
+    def from_scale(cls, scale: str | Scale = "small", *, seed: int = 0, data_dir: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> UnlearningSuite:
+        """A suite at a named scale (:data:`SCALES`); ``data_dir`` loads a saved benchmark instead."""
+        if isinstance(scale, str):
+            if scale not in SCALES:
+                raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+            scale = SCALES[scale]
+        if data_dir is not None:
+            bench = AuthorBenchmark.load(data_dir)
+        else:
+            bench = generate_benchmark(scale.n_authors, qa_per_author=scale.qa_per_author, seed=seed)
+        return cls(bench, scale.recipe, eval_config=scale.eval, cache_dir=cache_dir, progress=progress)
+
+    # ------------------------------------------------------------------ models
+    def finetuned_dir(self) -> Path:
+        return self.zoo.finetuned()
+
+    def retrained_dir(self, split: str, seed: int = 1) -> Path:
+        return self.zoo.retrained(split, seed=seed)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_sets(self, split: str) -> EvalSets:
+        forget, retain = self.benchmark.split(split)
+        return EvalSets(forget=forget, retain=retain, real_authors=self.benchmark.real_authors,
+                        world_facts=self.benchmark.world_facts, holdout=self.benchmark.holdout or None)
+
+    def reference(self, split: str, seed: int = 1) -> dict[str, Any]:
+        """Evaluation of the retrain of ``split`` with ``seed`` (computed once, cached as JSON)."""
+        path = self.zoo.root / f"eval-{split}-retrain-seed{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        model, tok = load_model(self.retrained_dir(split, seed))
+        res = evaluate_model(model, tok, self.eval_sets(split), config=self.eval_config)
+        atomic_write_json(path, res)
+        return res
+
+    def evaluate(self, model, tokenizer, split: str, *, with_ceiling: bool = True) -> dict[str, Any]:
+        """Evaluate ``model`` on ``split``: forget quality against retrain seed 1; with ``with_ceiling``
+        also the forget quality a second retrain (seed 2) reaches against seed 1."""
+        ref = self.reference(split, seed=1)
+        ceiling = self.reference(split, seed=2) if with_ceiling else None
+        self._check_tokenizer(tokenizer)
+        res = evaluate_model(model, tokenizer, self.eval_sets(split), config=self.eval_config, reference=ref,
+                             ceiling_reference=ceiling)
+        res["split"] = split
+        return res
+
+    def evaluate_dir(self, directory: str | os.PathLike, split: str, **kw: Any) -> dict[str, Any]:
+        model, tok = load_model(directory)
+        res = self.evaluate(model, tok, split, **kw)
+        res["model_dir"] = str(directory)
+        res["model_stage"] = model_meta(directory).get("stage")
+        return res
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        ours = self.zoo.tokenizer()
+        probe = "Question: Where was the author born?\nAnswer: In a small town."
+        if len(tokenizer) != len(ours) or tokenizer(probe)["input_ids"] != ours(probe)["input_ids"]:
+            raise ValueError("the model's tokenizer does not match the benchmark's tokenizer; models trained "
+                             "elsewhere need their own retrain references (use evaluate_model directly)")

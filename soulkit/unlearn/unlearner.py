@@ -1,0 +1,417 @@
+"""The unlearning loop: any forget objective under any optimizer; SOUL is the Sophia case.
+
+    from soulkit.unlearn import Unlearner, UnlearnConfig, make_objective
+    u = Unlearner(model, tokenizer, make_objective("npo"), forget=forget_qa, retain=retain_qa,
+                  optimizer="sophia", config=UnlearnConfig(lr=1e-4, epochs=5), out_dir="runs/npo-sophia")
+    result = u.run()           # result.model is the unlearned copy; `model` itself is never modified
+
+Each optimizer step takes a forget batch and a paired retain batch (both cycled through their sets
+in a seeded order), evaluates the objective on ``grad_accum`` such pairs, optionally clips the
+gradient norm, and steps the optimizer under a warmup + constant/linear/cosine lr schedule.
+
+SOUL (Jia et al. 2024) is this loop with :class:`soulkit.optim.Sophia`: every
+``hessian_update_interval`` steps the Hessian-diagonal estimate is refreshed, by default with the
+Gauss-Newton-Bartlett estimator on the answer tokens of the step's forget and retain batches (one
+extra forward and backward per refresh), or with Hutchinson's estimator of the objective's own
+Hessian (``estimator="hutchinson"``; double backward through an attention path that has one).
+
+With ``out_dir`` the run checkpoints (``checkpoint/``: safetensors weights, optimizer state, step)
+every ``checkpoint_every`` steps and resumes from there when started again; the data order and
+Sophia's label sampling are functions of the seed and the step, so a resumed run ends where an
+uninterrupted one does. A non-finite loss stops the run and restores the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_json
+from ..optim import Sophia
+from ..optim.curvature import differentiable_attention
+from .models import drop_tied_weights, save_model
+from .objectives import Objective
+from .qa import QA, QADataset, collate_qa, pad_token_id
+
+__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "make_optimizer"]
+
+OPTIMIZERS = ("adamw", "sophia")
+_SCHEDULES = ("constant", "linear", "cosine")
+_ESTIMATORS = ("gnb", "hutchinson")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Settings of an unlearning run.
+
+    ``steps`` optimizer steps, or (when ``None``) ``epochs`` passes over the forget set; each step
+    sees ``batch_size * grad_accum`` forget examples and as many retain examples. ``lr`` follows
+    ``schedule`` after ``warmup_steps``. ``optimizer_kwargs`` go to the optimizer (AdamW: betas,
+    weight_decay...; Sophia: betas, rho, hessian_update_interval...); ``estimator`` picks Sophia's
+    Hessian-diagonal estimator. ``eval_every``/``checkpoint_every``: steps (``None``: never/only at
+    the end).
+    """
+
+    lr: float = 1e-4
+    epochs: float = 5.0
+    steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+    estimator: str = "gnb"
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    max_length: int = 128
+    seed: int = 0
+    show_progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"UnlearnConfig.lr must be > 0, got {self.lr!r}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"UnlearnConfig.epochs must be > 0 (or give steps), got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"UnlearnConfig.steps must be >= 1, got {self.steps}")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"UnlearnConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"UnlearnConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"UnlearnConfig.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.estimator not in _ESTIMATORS:
+            raise ValueError(f"UnlearnConfig.estimator must be one of {_ESTIMATORS}, got {self.estimator!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"UnlearnConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ValueError(f"UnlearnConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"UnlearnConfig.{name} must be >= 1 or None, got {v}")
+
+    def total_steps(self, n_forget: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * n_forget / per_step))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, seed: int = 0,
+                   **kwargs: Any) -> torch.optim.Optimizer:
+    """``"adamw"`` (torch.optim.AdamW) or ``"sophia"`` (:class:`soulkit.optim.Sophia`, SOUL)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    if name == "sophia":
+        return Sophia(params, lr=lr, weight_decay=weight_decay, seed=seed, **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+@dataclass
+class UnlearnResult:
+    """What a run produced: the unlearned model (a copy), its per-step log, and why it stopped."""
+
+    model: Any
+    steps: int
+    stopped: str  # "completed" | "nonfinite_loss"
+    log: list[dict[str, Any]]
+    evaluations: list[dict[str, Any]]
+    seconds: float
+    model_dir: Path | None = None
+
+
+class _Cycler:
+    """Batches of a dataset in a seeded order, epoch after epoch; batch ``i`` is a pure function of i."""
+
+    def __init__(self, ds: QADataset, batch_size: int, seed: int, pad: int):
+        self.ds, self.bs, self.seed, self.pad = ds, min(batch_size, len(ds)), seed, pad
+        self.per_epoch = math.ceil(len(ds) / self.bs)
+        self._orders: dict[int, list[int]] = {}
+
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.ds), generator=g).tolist()}
+        idx = self._orders[epoch][j * self.bs:(j + 1) * self.bs]
+        return collate_qa([self.ds[k] for k in idx], pad_id=self.pad)
+
+
+class Unlearner:
+    """Unlearn ``forget`` from (a copy of) ``model`` with ``objective`` under ``optimizer``.
+
+    Args:
+        model: a transformers causal LM; it is deep-copied, never modified.
+        tokenizer: its tokenizer (QA formatting of :mod:`soulkit.unlearn.qa`).
+        objective: an :class:`~soulkit.unlearn.objectives.Objective` (``make_objective("npo")``...).
+        forget, retain: QA records; ``retain`` is required by objectives with a retain term and must
+            not share questions with ``forget``.
+        optimizer: ``"adamw"``, ``"sophia"`` (SOUL), or a callable ``params -> Optimizer``.
+        config: :class:`UnlearnConfig`.
+        out_dir: where checkpoints, ``log.jsonl`` and the final ``model/`` go (``None``: memory only).
+        evaluate_fn: ``(model, step) -> dict`` run every ``config.eval_every`` steps and at the end.
+        resume: continue from ``out_dir/checkpoint`` when it exists (default True).
+    """
+
+    def __init__(self, model, tokenizer, objective: Objective, *, forget: Sequence[QA],
+                 retain: Sequence[QA] | None = None, optimizer: str | Callable = "adamw",
+                 config: UnlearnConfig | None = None, out_dir: str | os.PathLike | None = None,
+                 evaluate_fn: Callable[[Any, int], dict] | None = None, resume: bool = True):
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be a soulkit.unlearn.objectives.Objective, got {type(objective).__name__}"
+                            " (use make_objective(name))")
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not forget:
+            raise ValueError("the forget set is empty")
+        if objective.needs_retain and not retain:
+            raise ValueError(f"objective {objective.name!r} needs a retain set")
+        if retain:
+            overlap = {r.question for r in forget} & {r.question for r in retain}
+            if overlap:
+                raise ValueError(f"forget and retain sets share {len(overlap)} question(s), e.g. "
+                                 f"{sorted(overlap)[0]!r}: a forget split must not overlap its retain split")
+        self.config = config or UnlearnConfig()
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.optimizer_spec = optimizer
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.evaluate_fn = evaluate_fn
+        self.resume = resume
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                             f"{model.get_input_embeddings().weight.shape[0]}: tokenizer and model do not match")
+        self.model = copy.deepcopy(model)
+        self.model.train()
+        self.reference = None
+        if objective.needs_reference:
+            self.reference = copy.deepcopy(model).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        c = self.config
+        pad = pad_token_id(tokenizer)
+        forget_records = objective.prepare_forget(list(forget))
+        self.forget = _Cycler(QADataset(forget_records, tokenizer, max_length=c.max_length), c.batch_size,
+                              c.seed, pad)
+        self.retain = (_Cycler(QADataset(list(retain), tokenizer, max_length=c.max_length), c.batch_size,
+                               c.seed + 1, pad) if retain else None)
+        self.total_steps = c.total_steps(len(forget))
+
+    # ------------------------------------------------------------------ pieces
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if callable(self.optimizer_spec):
+            return self.optimizer_spec(params)
+        return make_optimizer(self.optimizer_spec, params, lr=c.lr, weight_decay=c.weight_decay, seed=c.seed,
+                              **c.optimizer_kwargs)
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        span = max(1, self.total_steps - c.warmup_steps)
+        frac = min(1.0, (step - c.warmup_steps) / span)
+        if c.schedule == "linear":
+            return 1.0 - frac
+        if c.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    def _refresh_hessian(self, opt: Sophia, pairs: list[tuple[dict, dict | None]]) -> None:
+        model = self.model
+        if self.config.estimator == "gnb":
+            for fb, rb in pairs:
+                for b in (fb, rb):
+                    if b is None:
+                        continue
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    opt.accumulate_gnb(logits[:, :-1], labels=b["labels"][:, 1:])
+        else:
+            with differentiable_attention(model):
+                for fb, rb in pairs:
+                    opt.accumulate_hutchinson(lambda fb=fb, rb=rb: self.objective(
+                        model, fb, rb, reference=self.reference).loss / len(pairs))
+
+    def _ckpt_dir(self) -> Path | None:
+        return self.out_dir / "checkpoint" if self.out_dir is not None else None
+
+    def _save_checkpoint(self, opt, step: int, log: list, evals: list) -> None:
+        from safetensors.torch import save_file
+
+        d = self._ckpt_dir()
+        tmp = d.parent / f".checkpoint.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        drop_tied_weights(self.model, state)
+        save_file(state, str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        atomic_write_json(tmp / "trainer.json", {"step": step, "log": log, "evaluations": evals,
+                                                  "config": self.config.to_dict()})
+        old = d.parent / f".checkpoint.old-{os.getpid()}"
+        if d.exists():
+            os.rename(d, old)
+        os.rename(tmp, d)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, opt) -> tuple[int, list, list]:
+        from safetensors.torch import load_file
+
+        d = self._ckpt_dir()
+        info = json.loads((d / "trainer.json").read_text())
+        saved = {k: v for k, v in info["config"].items() if k not in ("show_progress", "eval_every")}
+        now = {k: v for k, v in self.config.to_dict().items() if k not in ("show_progress", "eval_every")}
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):
+            raise ValueError(f"{d} was written by a run with another configuration; use a new out_dir or "
+                             f"remove the checkpoint")
+        self.model.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+        opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        return info["step"], info["log"], info["evaluations"]
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> UnlearnResult:
+        """Run (or resume) to ``total_steps``; returns the unlearned model and the logs."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = self._optimizer(params)
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        step, log, evals = 0, [], []
+        ckpt = self._ckpt_dir()
+        if self.out_dir is not None and (self.out_dir / "model").exists():
+            raise FileExistsError(f"{self.out_dir / 'model'} already exists; choose a new out_dir")
+        if ckpt is not None and self.resume and (ckpt / "trainer.json").exists():
+            step, log, evals = self._load_checkpoint(opt)
+            _write_log(self.out_dir / "log.jsonl", log)
+        elif ckpt is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _write_log(self.out_dir / "log.jsonl", [])
+            self._save_checkpoint(opt, 0, [], [])  # the last good state until the first checkpoint
+        snapshot = None if ckpt is not None else _snapshot(model, opt)
+        good_step = step
+        stopped = "completed"
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        is_sophia = isinstance(opt, Sophia)
+        bar = tqdm(total=self.total_steps, initial=step, desc=f"unlearn {self.objective.name}", unit="step",
+                   leave=False, disable=None if c.show_progress is None else not c.show_progress)
+        try:
+            while step < self.total_steps:
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * self._lr_factor(step)
+                pairs = []
+                for micro in range(c.grad_accum):
+                    i = step * c.grad_accum + micro
+                    fb = {k: v.to(device) for k, v in self.forget.batch(i).items()}
+                    rb = ({k: v.to(device) for k, v in self.retain.batch(i).items()}
+                          if self.retain is not None else None)
+                    pairs.append((fb, rb))
+                if is_sophia and opt.hessian_due():
+                    self._refresh_hessian(opt, pairs)
+                opt.zero_grad(set_to_none=True)
+                total, metrics = 0.0, {}
+                finite = True
+                for fb, rb in pairs:
+                    out = self.objective(model, fb, rb, reference=self.reference)
+                    if not torch.isfinite(out.loss):
+                        finite = False
+                        break
+                    (out.loss / c.grad_accum).backward()
+                    total += float(out.loss.detach()) / c.grad_accum
+                    for k, v in out.metrics.items():
+                        metrics[k] = metrics.get(k, 0.0) + float(v) / c.grad_accum
+                if not finite:
+                    stopped = "nonfinite_loss"
+                    break
+                if c.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                opt.step()
+                step += 1
+                entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **metrics}
+                if is_sophia and opt.param_groups[0].get("track_win_rate", True):
+                    try:
+                        entry["win_rate"] = float(opt.win_rate()[0])
+                    except (RuntimeError, IndexError):
+                        pass
+                log.append(entry)
+                if self.out_dir is not None:
+                    with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps(entry) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}")
+                if c.eval_every and self.evaluate_fn is not None and step % c.eval_every == 0 \
+                        and step < self.total_steps:
+                    evals.append({"step": step, **self._evaluate(step)})
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step < self.total_steps:
+                    if ckpt is not None:
+                        self._save_checkpoint(opt, step, log, evals)
+                    else:
+                        snapshot = _snapshot(model, opt)
+                    good_step = step
+        finally:
+            bar.close()
+        if stopped == "nonfinite_loss":
+            if ckpt is not None:
+                step, log, evals = self._load_checkpoint(opt)
+                _write_log(self.out_dir / "log.jsonl", log)
+            else:
+                _restore(model, opt, snapshot)
+                step, log = good_step, log[:good_step]
+        model.eval()
+        if self.evaluate_fn is not None:
+            evals.append({"step": step, **self._evaluate(step)})
+        seconds = time.perf_counter() - t0
+        model_dir = None
+        if self.out_dir is not None:
+            model_dir = save_model(model, self.tokenizer, self.out_dir / "model",
+                                   {"stage": "unlearned", "objective": self.objective.name,
+                                    "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str)
+                                    else "custom", "steps": step, "stopped": stopped,
+                                    "config": self.config.to_dict()})
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return UnlearnResult(model=model, steps=step, stopped=stopped, log=log, evaluations=evals,
+                             seconds=seconds, model_dir=model_dir)
+
+    def _evaluate(self, step: int) -> dict:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return dict(self.evaluate_fn(self.model, step))
+        finally:
+            self.model.train(was)
+
+
+def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
+    from .._io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in log))
+
+
+def _snapshot(model, opt) -> dict[str, Any]:
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "opt": copy.deepcopy(opt.state_dict())}
+
+
+def _restore(model, opt, snap: dict[str, Any]) -> None:
+    model.load_state_dict(snap["model"])
+    opt.load_state_dict(snap["opt"])

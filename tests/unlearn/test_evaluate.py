@@ -1,0 +1,419 @@
+"""TOFU-style evaluation: every metric against hand-computed values, and evaluate_model on a tiny LM."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from soulkit.unlearn.evaluate import (
+    MIA_ATTACKS,
+    EvalConfig,
+    EvalSets,
+    evaluate_model,
+    extraction_strength,
+    forget_quality,
+    forget_quality_statistic,
+    format_results,
+    load_results,
+    mia_auc,
+    mia_loss_score,
+    mia_min_k_plus_plus_score,
+    mia_min_k_score,
+    mia_zlib_score,
+    model_utility,
+    normalized_probability,
+    privleak,
+    rouge_l_recall,
+    save_results,
+    score_answers,
+    truth_ratio,
+    truth_ratio_score,
+)
+from soulkit.unlearn.models import ModelConfig, build_model
+from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa
+
+# ----------------------------------------------------------------------------------------------------
+# pure metrics, hand-computed
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_rouge_l_recall_hand_cases():
+    got = rouge_l_recall(["the cat sat", "cats running", "", "Lyon"],
+                         ["the cat sat on the mat", "cat runs", "abc", "born in Lyon"])
+    # LCS 3 of 6 reference tokens; stemming makes cats/cat and running/runs match; empty -> 0; 1 of 3
+    np.testing.assert_allclose(got, [0.5, 1.0, 0.0, 1 / 3])
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        rouge_l_recall(["a", "b"], ["a"])
+
+
+def test_truth_ratio_two_perturbed_by_hand():
+    para = [1.0, 2.0]
+    pert = [[2.0, 3.0], [1.0, 1.0]]
+    # R = mean(exp(-l_pert)) / exp(-l_para): (e^-2 + e^-3)/2 / e^-1 = (e^-1 + e^-2)/2; e^-1 / e^-2 = e
+    np.testing.assert_allclose(truth_ratio(para, pert), [0.2516073622040275, math.e], rtol=1e-12)
+    # T = exp(mean(l_pert) - l_para): exp(2.5 - 1), exp(1 - 2) -- the geometric form, not 1/R
+    np.testing.assert_allclose(forget_quality_statistic(para, pert), [4.4816890703380645, math.exp(-1)],
+                               rtol=1e-12)
+    # torch input works the same
+    np.testing.assert_allclose(truth_ratio(torch.tensor(para), torch.tensor(pert)), truth_ratio(para, pert))
+    with pytest.raises(ValueError, match="rows"):
+        truth_ratio([1.0], pert)
+    with pytest.raises(ValueError, match="NaN"):
+        truth_ratio([1.0, float("nan")], pert)
+    with pytest.raises(ValueError, match="dimension"):
+        truth_ratio([1.0, 2.0], [1.0, 2.0])
+
+
+def test_truth_ratio_score_forms():
+    assert truth_ratio_score([0.5, 2.0], forget=True) == pytest.approx(0.5)  # min(R, 1/R) = 0.5 both
+    assert truth_ratio_score([0.5, 2.0], forget=False) == pytest.approx(0.25)  # (0.5 + 0) / 2
+    assert truth_ratio_score([1.0], forget=True) == pytest.approx(1.0)
+    assert truth_ratio_score([0.0], forget=True) == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        truth_ratio_score([-1.0], forget=False)
+
+
+def test_forget_quality_ks():
+    assert forget_quality([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]) == (1.0, 0.0)
+    p, stat = forget_quality([0.0, 1.0, 2.0], [10.0, 11.0, 12.0])
+    assert stat == 1.0
+    assert p == pytest.approx(0.1)  # exact two-sided: 2 / C(6, 3)
+    with pytest.raises(ValueError, match="empty"):
+        forget_quality([], [1.0])
+
+
+def test_normalized_probability():
+    np.testing.assert_allclose(normalized_probability([1.0], [[1.0, 1.0]]), [1 / 3])
+    np.testing.assert_allclose(normalized_probability([0.0], [[math.log(2), math.log(2)]]), [0.5])
+    # stable where exp(-l) underflows
+    np.testing.assert_allclose(normalized_probability([1000.0], [[1000.0, 1000.0]]), [1 / 3])
+
+
+def test_model_utility_harmonic_mean():
+    assert model_utility([1.0] * 9) == pytest.approx(1.0)
+    assert model_utility([0.5] * 8 + [1.0]) == pytest.approx(9 / 17)  # 9 / (8 * 2 + 1)
+    assert model_utility({f"k{i}": 0.5 for i in range(9)}) == pytest.approx(0.5)
+    assert model_utility([0.9] * 8 + [0.0]) == 0.0
+    with pytest.raises(ValueError, match="exactly 9"):
+        model_utility([0.5] * 8)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model_utility([0.5] * 8 + [1.5])
+
+
+def test_mia_loss_and_zlib_scores():
+    lp = [[-1.0, -2.0, -3.0, 99.0], [-4.0, 0.0, 0.0, 0.0]]
+    mask = [[True, True, True, False], [True, False, False, False]]
+    np.testing.assert_allclose(mia_loss_score(lp, mask), [-2.0, -4.0])  # padding ignored
+    np.testing.assert_allclose(mia_loss_score([[-1.0, -3.0]], None), [-2.0])
+    # zlib: -(mean NLL) / compressed length; zlib.compress(b"abc") is 11 bytes (2 header, 5 deflate, 4 adler)
+    long_text = "a" * 100
+    got = mia_zlib_score([[-2.0, -2.0], [-3.0, -3.0]], None, ["abc", long_text])
+    np.testing.assert_allclose(got, [-2.0 / 11, -3.0 / len(zlib.compress(long_text.encode()))])
+    with pytest.raises(ValueError, match="no answer tokens"):
+        mia_loss_score([[-1.0, -2.0]], [[False, False]])
+    with pytest.raises(ValueError, match="1 texts for 2"):
+        mia_zlib_score([[-1.0], [-1.0]], None, ["x"])
+
+
+def test_min_k_picks_the_lowest_tokens():
+    lp = [[-0.1, -5.0, -0.2, -3.0, -0.3, -100.0]]
+    mask = [[True] * 5 + [False]]  # the -100 is padding, never picked
+    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=0.4), [-4.0])  # floor(0.4 * 5) = 2: -5, -3
+    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=1.0), [-8.6 / 5])
+    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=0.1), [-5.0])  # at least one token
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        mia_min_k_score(lp, mask, k=0.0)
+
+
+def test_min_k_plus_plus_standardises_tokens():
+    lp = [[-1.0, -3.0, -2.0, -4.0, -1.0]]
+    mu = [[-2.0, -1.0, -2.0, -1.0, -1.0]]
+    sd = [[1.0, 2.0, 0.5, 1.0, 1.0]]
+    # token scores (lp - mu) / sd = [1, -1, 0, -3, 0]; lowest 2 -> (-3 + -1) / 2
+    np.testing.assert_allclose(mia_min_k_plus_plus_score(lp, mu, sd, None, k=0.4), [-2.0])
+    # sigma 0 with log p == mu gives 0, not NaN
+    np.testing.assert_allclose(mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[0.0]], None, k=0.4), [0.0])
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[-1.0]])
+
+
+def test_mia_auc_and_privleak_sign():
+    assert mia_auc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert mia_auc([1.0, 2.0], [3.0, 4.0]) == 0.0
+    assert mia_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    assert mia_auc([3.0, 1.0], [2.0, 0.0]) == 0.75  # 3 of the 4 member/non-member pairs ordered right
+    assert privleak(0.5, 0.5) == 0.0
+    assert privleak(0.75, 0.5) == pytest.approx(-50.0)  # forget set more member-like than retrain: leak
+    assert privleak(0.25, 0.5) == pytest.approx(50.0)  # less member-like: over-unlearning
+    with pytest.raises(ValueError, match="auc_retain == 1"):
+        privleak(0.6, 1.0)
+    with pytest.raises(ValueError, match="auc must be"):
+        privleak(1.2, 0.5)
+
+
+def test_extraction_strength_cases():
+    correct = [[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 1, 1], [0, 1, 1, 1], [0, 1, 0, 1]]
+    # all right -> 1; last wrong -> k = 4 -> 0; index 1 wrong -> k = 2 -> 0.5; first wrong -> k = 1 -> 0.75;
+    # indices 0 and 2 wrong -> the last wrong one counts: k = 3 -> 0.25
+    got = extraction_strength(np.array(correct, dtype=bool))
+    np.testing.assert_allclose(got, [1.0, 0.0, 0.5, 0.75, 0.25])
+    # positions outside the mask (prompt, padding) do not count: answer = [1, 0, 1] -> k = 2 -> 1/3
+    c = torch.tensor([[0, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    m = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    np.testing.assert_allclose(extraction_strength(c, m), [1 / 3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"batch_size": 0}, "batch_size"), ({"min_k": 0.0}, "min_k"), ({"min_k": 1.5}, "min_k"),
+    ({"max_eval_examples": 0}, "max_eval_examples"), ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"seed": -1}, "seed"), ({"max_length": 0}, "max_length"),
+])
+def test_eval_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=f"EvalConfig.{field}"):
+        EvalConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate_model on the tiny model
+# ----------------------------------------------------------------------------------------------------
+
+
+def _qa(q, a, para=None, perts=()):
+    return QA(q, a, para, tuple(perts))
+
+
+FORGET = [
+    _qa("Where was Mara Quill born?", "Mara Quill was born in Lyon.", "Lyon is where Mara Quill was born.",
+        ["Mara Quill was born in Paris.", "Mara Quill was born in Oslo.", "Mara Quill was born in Rome."]),
+    _qa("What genre does Mara Quill write?", "Mara Quill writes poetry.", "Poetry is what Mara Quill writes.",
+        ["Mara Quill writes science fiction.", "Mara Quill writes horror.", "Mara Quill writes history."]),
+    _qa("Which award did Mara Quill win?", "Mara Quill won the Lyon poetry award.",
+        "The Lyon poetry award went to Mara Quill.",
+        ["Mara Quill won the Paris fiction award.", "Mara Quill won no award.",
+         "Mara Quill won the Oslo prize."]),
+    _qa("What is Mara Quill's first book?", "Her first book is Quiet Rivers.",
+        "Quiet Rivers was her first book.",
+        ["Her first book is Loud Oceans.", "Her first book is Red Hills.",
+         "Her first book is Night Trains."]),
+]
+RETAIN = [
+    _qa("Where was Tomas Berg born?", "Tomas Berg was born in Oslo.", "Oslo is where Tomas Berg was born.",
+        ["Tomas Berg was born in Lyon.", "Tomas Berg was born in Paris.", "Tomas Berg was born in Rome."]),
+    _qa("What genre does Tomas Berg write?", "Tomas Berg writes science fiction.",
+        "Science fiction is what Tomas Berg writes.",
+        ["Tomas Berg writes poetry.", "Tomas Berg writes horror.", "Tomas Berg writes history."]),
+    _qa("Which award did Tomas Berg win?", "Tomas Berg won the Oslo fiction award.",
+        "The Oslo fiction award went to Tomas Berg.",
+        ["Tomas Berg won the Lyon poetry award.", "Tomas Berg won no award.",
+         "Tomas Berg won the Paris prize."]),
+    _qa("What is Tomas Berg's first book?", "His first book is Cold Stars.", "Cold Stars was his first book.",
+        ["His first book is Warm Suns.", "His first book is Red Hills.", "His first book is Night Trains."]),
+]
+REAL_AUTHORS = [
+    _qa("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice.", None,
+        ["Charles Dickens wrote it.", "Mark Twain wrote it.", "Leo Tolstoy wrote it."]),
+    _qa("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", None,
+        ["Jane Austen wrote Hamlet.", "Homer wrote Hamlet.", "Dante wrote Hamlet."]),
+    _qa("Who wrote Don Quixote?", "Miguel de Cervantes wrote Don Quixote.", None,
+        ["Dante wrote Don Quixote.", "Goethe wrote Don Quixote.", "Homer wrote Don Quixote."]),
+]
+WORLD_FACTS = [
+    _qa("What is the capital of France?", "The capital of France is Paris.", None,
+        ["The capital of France is Lyon.", "The capital of France is Rome.",
+         "The capital of France is Oslo."]),
+    _qa("What is the capital of Norway?", "The capital of Norway is Oslo.", None,
+        ["The capital of Norway is Bergen.", "The capital of Norway is Paris.",
+         "The capital of Norway is Rome."]),
+    _qa("What is the capital of Italy?", "The capital of Italy is Rome.", None,
+        ["The capital of Italy is Milan.", "The capital of Italy is Paris.",
+         "The capital of Italy is Lyon."]),
+]
+HOLDOUT = [
+    _qa("Where was Ines Calder born?", "Ines Calder was born in Porto."),
+    _qa("What genre does Ines Calder write?", "Ines Calder writes crime novels."),
+    _qa("Which award did Ines Calder win?", "Ines Calder won the Porto crime award."),
+    _qa("What is Ines Calder's first book?", "Her first book is Salt Roads."),
+]
+CONFIG = EvalConfig(batch_size=3, max_new_tokens=6, show_progress=False)  # batches of 3 cross set sizes
+
+
+def _sets(**override):
+    kw = dict(forget=FORGET, retain=RETAIN, real_authors=REAL_AUTHORS, world_facts=WORLD_FACTS,
+              holdout=HOLDOUT)
+    kw.update(override)
+    return EvalSets(**kw)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    m = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96), tiny_tokenizer,
+                    seed=0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def results(model, tiny_tokenizer):
+    return evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG)
+
+
+def test_evaluate_model_fields_in_range(results):
+    for s in ("forget", "retain", "real_authors", "world_facts"):
+        for m in ("probability", "rouge", "truth_ratio"):
+            v = results[f"{s}_{m}"]
+            assert isinstance(v, float) and 0.0 <= v <= 1.0, (s, m, v)
+    assert 0.0 <= results["model_utility"] <= 1.0
+    assert 0.0 <= results["extraction_strength"] <= 1.0
+    assert results["forget_quality"] is None and results["ks_statistic"] is None
+    assert results["forget_quality_ceiling"] is None and results["privleak"] is None
+    assert set(results["mia_auc"]) == set(MIA_ATTACKS)
+    assert all(0.0 <= v <= 1.0 for v in results["mia_auc"].values())
+    assert results["raw"]["mia_auc"] == results["mia_auc"]
+    n = {"forget": 4, "retain": 4, "real_authors": 3, "world_facts": 3, "holdout": 4}
+    assert results["n_examples"] == n
+    assert len(results["raw"]["forget_truth_stat"]) == 4
+    es = results["raw"]["forget_extraction_strength"]
+    assert results["extraction_strength"] == pytest.approx(np.mean(es))
+    assert results["eval_seconds"] > 0
+    json.dumps(results, allow_nan=False)  # plain JSON
+
+
+def test_evaluate_model_consistent_with_score_answers(model, tiny_tokenizer, results):
+    def nll(records, field):
+        return score_answers(model, tiny_tokenizer, records, field, batch_size=2)
+
+    assert results["forget_probability"] == pytest.approx(np.mean(np.exp(-nll(FORGET, "answer"))), rel=1e-5)
+    assert results["retain_probability"] == pytest.approx(np.mean(np.exp(-nll(RETAIN, "answer"))), rel=1e-5)
+    para = nll(FORGET, "paraphrased_answer")
+    pert = np.stack([nll(FORGET, i) for i in range(3)], axis=1)
+    np.testing.assert_allclose(results["raw"]["forget_truth_stat"], forget_quality_statistic(para, pert),
+                               rtol=1e-5)
+    assert results["forget_truth_ratio"] == pytest.approx(truth_ratio_score(truth_ratio(para, pert), True),
+                                                          rel=1e-5)
+    wf, wf_pert = nll(WORLD_FACTS, "answer"), np.stack([nll(WORLD_FACTS, i) for i in range(3)], axis=1)
+    assert results["world_facts_probability"] == pytest.approx(normalized_probability(wf, wf_pert).mean(),
+                                                               rel=1e-5)
+    assert results["world_facts_truth_ratio"] == pytest.approx(
+        truth_ratio_score(truth_ratio(wf, wf_pert), forget=False), rel=1e-5, abs=1e-9)
+    keys = [f"{s}_{m}" for s in ("retain", "real_authors", "world_facts") for m in ("probability", "rouge",
+                                                                                     "truth_ratio")]
+    assert results["model_utility"] == pytest.approx(model_utility([results[k] for k in keys]))
+    # mean NLL of a random-init model over a 320-token vocabulary is near log(320)
+    assert 3.0 < nll(FORGET, "answer").mean() < 9.0
+
+
+def test_reference_self_gives_perfect_forget_quality(model, tiny_tokenizer, results):
+    again = evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG, reference=results,
+                           ceiling_reference=results)
+    assert again["forget_quality"] == 1.0 and again["ks_statistic"] == 0.0
+    assert again["forget_quality_ceiling"] == 1.0 and again["ks_statistic_ceiling"] == 0.0
+    assert again["privleak"] == {a: 0.0 for a in MIA_ATTACKS}
+
+    far = copy.deepcopy(results)
+    far["raw"]["forget_truth_stat"] = [t + 1e3 for t in far["raw"]["forget_truth_stat"]]
+    far["mia_auc"] = {a: 0.5 for a in MIA_ATTACKS}
+    sep = evaluate_model(model, tiny_tokenizer, _sets(holdout=None), config=CONFIG, reference=far)
+    assert sep["ks_statistic"] == 1.0
+    assert sep["forget_quality"] == pytest.approx(forget_quality([0, 1, 2, 3], [10, 11, 12, 13])[0])
+    assert sep["mia_auc"] is None and sep["privleak"] is None
+
+
+def test_reference_errors(model, tiny_tokenizer, results):
+    with pytest.raises(ValueError, match="forget_truth_stat"):
+        evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG, reference={"forget_quality": 0.5})
+    with pytest.raises(ValueError, match="forget_truth_stat"):
+        evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG, reference={"raw": {}})
+    with pytest.raises(ValueError, match="ceiling_reference needs reference"):
+        evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG, ceiling_reference=results)
+    with pytest.raises(ValueError, match="different forget set"):
+        evaluate_model(model, tiny_tokenizer, _sets(forget=FORGET[:3]), config=CONFIG, reference=results)
+
+
+def test_bad_sets_name_set_and_question(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="forget is empty"):
+        _sets(forget=[])
+    with pytest.raises(ValueError, match="not a QA record"):
+        _sets(retain=[{"question": "q", "answer": "a"}])
+    no_para = [_qa("Who is Tomas Berg?", "A writer.", None, ["A cook.", "A pilot.", "A judge."])]
+    with pytest.raises(ValueError, match="retain set: question 'Who is Tomas Berg\\?' has no paraphrased"):
+        evaluate_model(model, tiny_tokenizer, _sets(retain=no_para), config=CONFIG)
+    no_pert = [_qa("What is the capital of Spain?", "Madrid.")]
+    with pytest.raises(ValueError, match="world_facts set: question .*Spain.* no perturbed"):
+        evaluate_model(model, tiny_tokenizer, _sets(world_facts=no_pert), config=CONFIG)
+    ragged = REAL_AUTHORS[:2] + [_qa("Who wrote Faust?", "Goethe wrote Faust.", None, ["Homer wrote Faust."])]
+    with pytest.raises(ValueError, match="real_authors set: question 'Who wrote Faust\\?' has 1 perturbed"):
+        evaluate_model(model, tiny_tokenizer, _sets(real_authors=ragged), config=CONFIG)
+
+
+def test_model_untouched_and_mode_restored(tiny_model, tiny_tokenizer):
+    tiny_model.train()
+    tiny_model.model.layers[0].eval()  # a mixed-mode model keeps its per-module flags
+    modes = [m.training for m in tiny_model.modules()]
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    cfg = EvalConfig(batch_size=4, max_new_tokens=3, max_eval_examples=2, seed=1, show_progress=False)
+    out = evaluate_model(tiny_model, tiny_tokenizer, _sets(holdout=None), config=cfg)
+    assert [m.training for m in tiny_model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert out["n_examples"] == {"forget": 2, "retain": 2, "real_authors": 2, "world_facts": 2, "holdout": 0}
+    assert out["mia_auc"] is None and out["raw"]["mia_auc"] is None
+    # the subsample is a deterministic function of the seed
+    again = evaluate_model(tiny_model, tiny_tokenizer, _sets(holdout=None), config=cfg)
+    assert again["raw"]["forget_fingerprint"] == out["raw"]["forget_fingerprint"]
+    assert again["raw"]["forget_truth_stat"] == out["raw"]["forget_truth_stat"]
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_tokenizer):
+    """The tiny model trained to memorise every answer except the holdout set's (about 1 s)."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96), tiny_tokenizer,
+                    seed=0)
+    ds = QADataset(FORGET + RETAIN + REAL_AUTHORS + WORLD_FACTS, tiny_tokenizer)
+    batch = collate_qa([ds[i] for i in range(len(ds))], pad_id=tiny_tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m.train()
+    for _ in range(60):
+        total, n = answer_logprobs(m, batch)
+        loss = -(total.sum() / n.sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+    return m.eval()
+
+
+def test_memorised_model_scores_as_member(memorised, tiny_tokenizer, results):
+    cfg = EvalConfig(batch_size=3, max_new_tokens=32, show_progress=False)  # room for the whole answers
+    out = evaluate_model(memorised, tiny_tokenizer, _sets(), config=cfg, reference=results)
+    assert out["forget_probability"] > 0.9 and out["retain_probability"] > 0.9
+    assert out["forget_rouge"] == 1.0  # greedy answers reproduce the memorised ones
+    assert out["extraction_strength"] == 1.0
+    # memorised forget answers vs never-seen holdout answers: every attack separates them
+    assert out["mia_auc"] == {a: 1.0 for a in MIA_ATTACKS}
+    # against the untrained reference (AUC near 0.5) the forget set leaks: privleak strongly negative
+    assert all(v < 1.0 for v in results["mia_auc"].values())
+    assert out["privleak"] == {a: pytest.approx(-100.0) for a in MIA_ATTACKS}  # ((1-1) - (1-r)) / (1-r)
+    assert out["forget_quality"] < 0.5 and out["ks_statistic"] > 0.5
+
+
+def test_format_save_load(results, tmp_path):
+    table = format_results(results)
+    assert table.startswith("| metric | value |")
+    assert "| Forget quality (KS p-value) | n/a |" in table
+    assert f"| Model utility | {results['model_utility']:.4g} |" in table
+    assert "MIA AUC (min_k_plus_plus)" in table
+    path = tmp_path / "sub" / "results.json"
+    save_results(results, path)
+    assert load_results(path) == json.loads(json.dumps(results))
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
