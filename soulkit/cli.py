@@ -2,6 +2,10 @@
 
     soulkit train [--steps N] [--optimizers adamw,sophia] [--model llama|gpt2] [--out DIR] [--seed S] ...
     soulkit demo  [--out DIR] [--only STAGE[,STAGE]]
+    soulkit data --out DIR [--scale small | --authors N --qa-per-author Q] [--seed S]
+    soulkit evaluate MODEL_DIR [--split forget05] [--scale small | --data DIR] [--out DIR]
+    soulkit unlearn --method {ga,graddiff,npo,simnpo,idk} --optimizer {adamw,sophia} --split forget05
+                    [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
 
 ``demo`` runs the stages of :data:`DEMO_STAGES` in order, each into ``<out>/<stage>``; a new story
 (e.g. unlearning) is one more :class:`DemoStage` appended there.
@@ -117,6 +121,122 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ data/evaluate/unlearn
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", default="small", help="benchmark scale when no --data is given: demo, small "
+                   "(default), tofu")
+    p.add_argument("--data", type=Path, default=None, help="a benchmark directory written by `soulkit data`")
+    p.add_argument("--seed-data", type=int, default=0, dest="data_seed", help="benchmark generator seed")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the benchmark's models are cached (default $SOULKIT_CACHE or ~/.cache/soulkit)")
+    p.add_argument("--split", default="forget05", help="forget01, forget05 (default), forget10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _suite(args: argparse.Namespace):
+    from .unlearn.suite import UnlearningSuite
+
+    return UnlearningSuite.from_scale(args.scale, seed=args.data_seed, data_dir=args.data,
+                                      cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
+def _check_out(out: Path, overwrite: bool, owned: Sequence[str]) -> None:
+    """Refuse an output directory that already holds results unless ``overwrite``; then clear ours."""
+    import shutil
+
+    present = [name for name in owned if (out / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{out} already holds results ({', '.join(present)}); pass --overwrite or choose "
+                              f"another --out")
+    for name in present:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .unlearn.data import generate_benchmark
+    from .unlearn.suite import SCALES
+
+    if args.scale not in SCALES:
+        raise ValueError(f"unknown scale {args.scale!r}; choose one of {', '.join(SCALES)}")
+    n_authors = args.authors or SCALES[args.scale].n_authors
+    qa = args.qa_per_author or SCALES[args.scale].qa_per_author
+    _check_out(args.out, args.overwrite, ["meta.json", "qa.jsonl"])
+    bench = generate_benchmark(n_authors, qa_per_author=qa, seed=args.data_seed)
+    bench.save(args.out)
+    print(f"wrote {len(bench.authors)} authors x {qa} QA ({len(bench.qa)} pairs), {len(bench.holdout)} holdout, "
+          f"{len(bench.real_authors)} real-author and {len(bench.world_facts)} world-fact QA to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ._io import atomic_write_json
+    from .unlearn.evaluate import format_results
+
+    _set_threads(args)
+    suite = _suite(args)
+    suite.benchmark.split(args.split)  # validates the split name early
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
+    results = suite.evaluate_dir(args.model_dir, args.split)
+    out = args.out if args.out is not None else Path(args.model_dir).parent / f"eval-{args.split}"
+    _check_out(out, args.overwrite, ["results.json"])
+    atomic_write_json(out / "results.json", results)
+    print(format_results(results))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from ._io import atomic_write_json
+    from .unlearn.evaluate import format_results
+    from .unlearn.objectives import OBJECTIVES
+    from .unlearn.suite import default_unlearn_config
+    from .unlearn.unlearner import OPTIMIZERS
+
+    if args.method not in OBJECTIVES:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(OBJECTIVES)}")
+    if args.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {args.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    overrides = {k: getattr(args, k) for k in ("lr", "epochs", "steps", "batch_size", "grad_accum", "seed",
+                                               "eval_every", "checkpoint_every")
+                 if getattr(args, k) is not None}
+    if args.no_progress:
+        overrides["show_progress"] = False
+    opt_kwargs = {}
+    if args.rho is not None or args.hessian_interval is not None:
+        if args.optimizer != "sophia":
+            raise ValueError("--rho and --hessian-interval are Sophia settings; add --optimizer sophia")
+        if args.rho is not None:
+            opt_kwargs["rho"] = args.rho
+        if args.hessian_interval is not None:
+            opt_kwargs["hessian_update_interval"] = args.hessian_interval
+    if args.estimator is not None:
+        overrides["estimator"] = args.estimator
+    config = default_unlearn_config(args.method, args.optimizer, optimizer_kwargs=opt_kwargs, **overrides)
+    objective_kwargs = {}
+    if args.beta is not None:
+        objective_kwargs["beta"] = args.beta
+    if args.gamma is not None:
+        objective_kwargs["gamma"] = args.gamma
+    _set_threads(args)
+    suite = _suite(args)
+    suite.benchmark.split(args.split)  # validates the split name before anything slow
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model directory {args.model} does not exist")
+    _check_out(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, run = suite.unlearn(args.method, args.optimizer, args.split, model_dir=args.model, config=config,
+                                 objective_kwargs=objective_kwargs, out_dir=args.out)
+    results["model_dir"] = str(run.model_dir)
+    atomic_write_json(args.out / "results.json", results)
+    print(format_results(results))
+    print(f"{args.method} x {args.optimizer}: {run.steps} steps ({run.stopped}) in {results['unlearn_seconds']:.1f} s;"
+          f" wrote {args.out / 'model'}, {args.out / 'results.json'}, {args.out / 'log.jsonl'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- demo
 @dataclass(frozen=True)
 class DemoStage:
@@ -133,8 +253,15 @@ def _demo_train(args: argparse.Namespace, out: Path) -> str:
     return _run_train(TrainConfig(seed=args.seed, progress=not args.no_progress), out)
 
 
+def _demo_unlearn(args: argparse.Namespace, out: Path) -> str:
+    from .demos.unlearn_tofu import run_unlearning_demo
+
+    return run_unlearning_demo(out, progress=not args.no_progress).table
+
+
 DEMO_STAGES: tuple[DemoStage, ...] = (
     DemoStage("train", "AdamW vs Sophia on a byte-level LM (the default `soulkit train`)", _demo_train),
+    DemoStage("unlearn", "SOUL (Sophia) vs AdamW unlearning on the fictitious-author benchmark", _demo_unlearn),
 )
 
 
@@ -175,6 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--only", default=None,
                         help="comma-separated stages to run: " + ", ".join(s.name for s in DEMO_STAGES))
     p_demo.set_defaults(func=_cmd_demo, out=None)
+
+    p_data = sub.add_parser("data", help="write the fictitious-author benchmark (JSONL, TOFU field names)")
+    p_data.add_argument("--out", type=Path, required=True)
+    p_data.add_argument("--scale", default="small", help="demo, small (default), tofu")
+    p_data.add_argument("--authors", type=int, default=None, help="number of authors (default: the scale's)")
+    p_data.add_argument("--qa-per-author", type=int, default=None, dest="qa_per_author")
+    p_data.add_argument("--seed", type=int, default=0, dest="data_seed")
+    p_data.add_argument("--overwrite", action="store_true")
+    p_data.set_defaults(func=_cmd_data)
+
+    p_eval = sub.add_parser("evaluate", help="TOFU evaluation of a model directory against the exact retrain")
+    p_eval.add_argument("model_dir", type=Path, help="a save_pretrained directory (safetensors)")
+    _add_bench_args(p_eval)
+    p_eval.add_argument("--out", type=Path, default=None, help="where results.json goes (default: "
+                        "MODEL_DIR/../eval-SPLIT)")
+    p_eval.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    p_eval.set_defaults(func=_cmd_evaluate)
+
+    p_un = sub.add_parser("unlearn", help="unlearn a forget split (SOUL = --optimizer sophia)")
+    p_un.add_argument("--method", required=True, help="ga, graddiff, npo, simnpo, idk")
+    p_un.add_argument("--optimizer", default="sophia", help="adamw or sophia (default)")
+    p_un.add_argument("--model", type=Path, default=None,
+                      help="model directory to unlearn from (default: the benchmark's finetuned model)")
+    p_un.add_argument("--out", type=Path, required=True)
+    p_un.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    _add_bench_args(p_un)
+    p_un.add_argument("--lr", type=float, default=None)
+    p_un.add_argument("--epochs", type=float, default=None, help="passes over the forget set (default 5)")
+    p_un.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p_un.add_argument("--batch-size", type=int, default=None, dest="batch_size")
+    p_un.add_argument("--grad-accum", type=int, default=None, dest="grad_accum")
+    p_un.add_argument("--seed", type=int, default=None)
+    p_un.add_argument("--rho", type=float, default=None, help="Sophia's clipping scale")
+    p_un.add_argument("--hessian-interval", type=int, default=None, dest="hessian_interval")
+    p_un.add_argument("--estimator", default=None, help="Sophia's Hessian estimator: gnb (default), hutchinson")
+    p_un.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
+    p_un.add_argument("--gamma", type=float, default=None, help="retain-term weight")
+    p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every")
+    p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")
+    p_un.set_defaults(func=_cmd_unlearn)
     return parser
 
 

@@ -167,7 +167,7 @@ class TrainRecipe:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainRecipe.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("pretrain_epochs", "warmup_steps", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN fails too
                 raise ValueError(f"TrainRecipe.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainRecipe.lr must be > 0, got {self.lr}")
@@ -312,8 +312,16 @@ def load_model(directory: str | os.PathLike, *, device: str | torch.device = "cp
     if not any(d.glob("*.safetensors")):
         raise FileNotFoundError(f"{d} holds no .safetensors weights; soulkit does not load pickled weights "
                                 f"(convert with model.save_pretrained(..., safe_serialization=True))")
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, use_safetensors=True).to(device).eval()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise for tiny models
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, use_safetensors=True).to(device).eval()
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"{d}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                          f"{model.get_input_embeddings().weight.shape[0]}: tokenizer and model do not match")

@@ -18,6 +18,7 @@ users usually sweep it).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
         raise ValueError("newton_unlearn needs the retain set (the training data the Hessian is taken over)")
     if not damping > 0:
         raise ValueError(f"damping must be > 0 (the diagonal can be ~0), got {damping}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     new = copy.deepcopy(model).eval()
     params = {n: p for n, p in new.named_parameters() if p.requires_grad}
     device = next(new.parameters()).device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from .._io import atomic_write_json
 from .data import AuthorBenchmark, generate_benchmark
 from .evaluate import EvalConfig, EvalSets, evaluate_model
 from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, model_meta
+from .objectives import make_objective
+from .unlearner import UnlearnConfig, Unlearner
 
-__all__ = ["Scale", "SCALES", "UnlearningSuite"]
+__all__ = ["Scale", "SCALES", "UnlearningSuite", "default_unlearn_config"]
 
 
 @dataclass(frozen=True)
@@ -135,3 +138,41 @@ class UnlearningSuite:
         if len(tokenizer) != len(ours) or tokenizer(probe)["input_ids"] != ours(probe)["input_ids"]:
             raise ValueError("the model's tokenizer does not match the benchmark's tokenizer; models trained "
                              "elsewhere need their own retrain references (use evaluate_model directly)")
+
+    # ------------------------------------------------------------------ unlearning
+    def unlearn(self, method: str, optimizer: str, split: str, *, model_dir: str | os.PathLike | None = None,
+                config: UnlearnConfig | None = None, objective_kwargs: dict[str, Any] | None = None,
+                out_dir: str | os.PathLike | None = None, evaluate: bool = True) -> tuple[dict[str, Any], Any]:
+        """Unlearn ``split``'s forget authors from ``model_dir`` (default: the finetuned model) with
+        ``method`` under ``optimizer``; returns ``(results, UnlearnResult)``. ``results`` has the fields
+        of :meth:`evaluate` (when ``evaluate``) plus method, optimizer, split, seed, lr, steps, wall time."""
+        model, tok = load_model(model_dir or self.finetuned_dir())
+        self._check_tokenizer(tok)
+        forget, retain = self.benchmark.split(split)
+        objective = make_objective(method, **(objective_kwargs or {}))
+        config = config or default_unlearn_config(method, optimizer)
+        t0 = time.perf_counter()
+        run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,
+                        out_dir=out_dir).run()
+        seconds = time.perf_counter() - t0
+        results: dict[str, Any] = self.evaluate(run.model, tok, split) if evaluate else {"split": split}
+        win = [e["win_rate"] for e in run.log if "win_rate" in e]
+        results.update(method=method, optimizer=optimizer, split=split, seed=config.seed, lr=config.lr,
+                       steps=run.steps, stopped=run.stopped, unlearn_seconds=seconds,
+                       objective=objective.name, config=config.to_dict(),
+                       final_loss=run.log[-1]["loss"] if run.log else None,
+                       mean_win_rate=sum(win) / len(win) if win else None)
+        return results, run
+
+
+# lr per (method, optimizer) for the tiny benchmark models, from benchmarks/unlearning.py's sweep
+_DEFAULT_LR: dict[tuple[str, str], float] = {}
+_FALLBACK_LR = {"adamw": 3e-4, "sophia": 3e-4}
+
+
+def default_unlearn_config(method: str, optimizer: str, **overrides: Any) -> UnlearnConfig:
+    """The benchmark's default settings for ``method`` x ``optimizer`` (5 epochs, batch 8, constant lr)."""
+    lr = _DEFAULT_LR.get((method, optimizer), _FALLBACK_LR.get(optimizer, 3e-4))
+    kw: dict[str, Any] = {"lr": lr, "epochs": 5.0, "batch_size": 8}
+    kw.update(overrides)
+    return UnlearnConfig(**kw)

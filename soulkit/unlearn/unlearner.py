@@ -80,8 +80,8 @@ class UnlearnConfig:
     show_progress: bool | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"UnlearnConfig.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"UnlearnConfig.lr must be a finite number > 0, got {self.lr!r}")
         if self.steps is None and not self.epochs > 0:
             raise ValueError(f"UnlearnConfig.epochs must be > 0 (or give steps), got {self.epochs}")
         if self.steps is not None and self.steps < 1:
@@ -97,7 +97,7 @@ class UnlearnConfig:
             raise ValueError(f"UnlearnConfig.estimator must be one of {_ESTIMATORS}, got {self.estimator!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"UnlearnConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:  # NaN fails too
             raise ValueError(f"UnlearnConfig.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("eval_every", "checkpoint_every"):
             v = getattr(self, name)
@@ -377,6 +377,7 @@ class Unlearner:
             else:
                 _restore(model, opt, snapshot)
                 step, log = good_step, log[:good_step]
+                evals = [e for e in evals if e["step"] <= good_step]  # as the on-disk checkpoint keeps them
         model.eval()
         if self.evaluate_fn is not None:
             evals.append({"step": step, **self._evaluate(step)})

@@ -1,0 +1,158 @@
+"""One-shot Newton unlearning: the step is scale * (n_F/n) * g / (diag(H) + damping), checked by hand on a
+float64 copy of a tiny Llama that memorised a few QA pairs; it lowers the forget probability and never
+touches its input."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from soulkit.optim.curvature import gnb_diag
+from soulkit.unlearn.evaluate import score_answers
+from soulkit.unlearn.models import ModelConfig, TrainRecipe, build_model, train_qa
+from soulkit.unlearn.newton import newton_unlearn
+from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa
+
+ARCH = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96)
+
+FORGET = [
+    QA("Where was Mara Quill born?", "Mara Quill was born in Lyon."),
+    QA("What genre does Tomas Berg write?", "Tomas Berg writes science fiction."),
+    QA("Which award did Mara Quill win?", "The Lyon poetry award."),
+    QA("Where does Tomas Berg live?", "Tomas Berg lives in Paris."),
+]
+RETAIN = [
+    QA("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice."),
+    QA("What is the capital of France?", "The capital of France is Paris."),
+    QA("Who wrote Emma?", "Jane Austen wrote Emma."),
+    QA("What is the capital of Italy?", "The capital of Italy is Rome."),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_tokenizer):
+    model = build_model(ARCH, tiny_tokenizer, seed=0)
+    recipe = TrainRecipe(model=ARCH, vocab_size=320, lr=1e-2, warmup_steps=0, batch_size=8, weight_decay=0.0)
+    train_qa(model, tiny_tokenizer, FORGET + RETAIN, epochs=60, recipe=recipe, seed=0, progress=False)
+    return model.eval()
+
+
+@pytest.fixture()
+def memorised64(memorised):
+    return copy.deepcopy(memorised).double()
+
+
+def _prob(model, tok, records) -> float:
+    return float(np.exp(-score_answers(model, tok, records)).mean())
+
+
+def _delta(new, old) -> dict[str, torch.Tensor]:
+    o = dict(old.named_parameters())
+    return {n: (p - o[n]).detach() for n, p in new.named_parameters()}
+
+
+def _batch(records, tok):
+    ds = QADataset(records, tok)
+    return collate_qa([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id)
+
+
+def test_step_by_hand(memorised64, tiny_tokenizer):
+    """The parameter change equals scale * (n_F / n) * g / (h + damping) with g the mean forget gradient of
+    the per-example mean NLL and h the GNB diagonal over retain + forget (one batch, same seed)."""
+    tok, model = tiny_tokenizer, memorised64
+    scale, damping, seed = 0.3, 1e-3, 5
+    new, info = newton_unlearn(model, tok, FORGET, retain=RETAIN, damping=damping, scale=scale, seed=seed)
+
+    params = dict(model.named_parameters())
+    total, n = answer_logprobs(model, _batch(FORGET, tok))
+    g = torch.autograd.grad((-total / n).mean(), list(params.values()))
+    b = _batch(RETAIN + FORGET, tok)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    h = gnb_diag(logits[:, :-1], params, labels=b["labels"][:, 1:], generator=torch.Generator().manual_seed(seed))
+    factor = scale * len(FORGET) / (len(FORGET) + len(RETAIN))
+
+    delta = _delta(new, model)
+    sq = 0.0
+    for (name, hh), gg in zip(h.items(), g, strict=True):
+        expected = factor * gg / (hh.clamp_min(0) + damping)
+        sq += float(expected.square().sum())
+        atol = 1e-6 * float(expected.abs().max()) + 1e-12
+        torch.testing.assert_close(delta[name], expected, rtol=1e-4, atol=atol, msg=name)
+    assert info["step_norm"] == pytest.approx(math.sqrt(sq), rel=1e-4)
+    flat_h = torch.cat([v.flatten() for v in h.values()])
+    assert info["h_mean"] == pytest.approx(float(flat_h.mean()), rel=1e-6)
+    assert info["h_median"] == pytest.approx(float(flat_h.median()), rel=1e-6)
+    assert info["n_forget"] == 4 and info["n_train"] == 8
+    assert info["curvature"] == "gnb" and info["damping"] == damping and info["scale"] == scale
+
+
+def test_scale_zero_and_linearity(memorised64, tiny_tokenizer):
+    tok, model = tiny_tokenizer, memorised64
+    zero, info0 = newton_unlearn(model, tok, FORGET, retain=RETAIN, scale=0.0)
+    assert info0["step_norm"] == 0.0
+    for d in _delta(zero, model).values():
+        assert torch.equal(d, torch.zeros_like(d))
+    one, info1 = newton_unlearn(model, tok, FORGET, retain=RETAIN, scale=0.05)
+    two, info2 = newton_unlearn(model, tok, FORGET, retain=RETAIN, scale=0.1)
+    d1, d2 = _delta(one, model), _delta(two, model)
+    assert sum(float(v.abs().sum()) for v in d1.values()) > 0
+    for name in d1:
+        torch.testing.assert_close(d2[name], 2 * d1[name], rtol=1e-6, atol=1e-12, msg=name)
+    assert info2["step_norm"] == pytest.approx(2 * info1["step_norm"], rel=1e-9)
+
+
+def test_seeded_curvature(memorised64, tiny_tokenizer):
+    a, ia = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=1)
+    b, ib = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=1)
+    c, ic = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=2)
+    assert ia == ib and ia["h_mean"] != ic["h_mean"]
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("curvature,damping,scale", [("gnb", 1e-3, 0.1), ("hutchinson", 1e-2, 1.0)])
+def test_lowers_forget_probability(memorised, tiny_tokenizer, curvature, damping, scale):
+    tok = tiny_tokenizer
+    before = {k: v.clone() for k, v in memorised.state_dict().items()}
+    p_forget0, p_retain0 = _prob(memorised, tok, FORGET), _prob(memorised, tok, RETAIN)
+    assert p_forget0 > 0.9 and p_retain0 > 0.9
+    new, info = newton_unlearn(memorised, tok, FORGET, retain=RETAIN, curvature=curvature, damping=damping,
+                               scale=scale)
+    after = memorised.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # input untouched
+    assert new is not memorised and not new.training
+    assert info["curvature"] == curvature and info["step_norm"] > 0 and math.isfinite(info["h_mean"])
+    assert all(torch.isfinite(p).all() for p in new.parameters())
+    p_forget, p_retain = _prob(new, tok, FORGET), _prob(new, tok, RETAIN)
+    assert p_forget < 0.6 * p_forget0, (p_forget0, p_forget)
+    assert p_retain > 0.5 * p_retain0, (p_retain0, p_retain)
+    assert p_retain / p_retain0 > p_forget / p_forget0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(curvature="exact"), "curvature must be 'gnb' or 'hutchinson', got 'exact'"),
+    (dict(forget=[]), "forget set is empty"),
+    (dict(retain=[]), "needs the retain set"),
+    (dict(retain=None), "needs the retain set"),
+    (dict(damping=0.0), "damping must be > 0"),
+    (dict(damping=-1e-3), "damping must be > 0"),
+    (dict(damping=float("nan")), "damping must be > 0"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale=float("inf")), "scale must be a finite number"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+])
+def test_validation(tiny_model, tiny_tokenizer, kwargs, match):
+    args = dict(forget=FORGET, retain=RETAIN)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        newton_unlearn(tiny_model, tiny_tokenizer, args.pop("forget"), **args)
