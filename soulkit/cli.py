@@ -179,9 +179,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     suite.benchmark.split(args.split)  # validates the split name early
     if not Path(args.model_dir).is_dir():
         raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
-    results = suite.evaluate_dir(args.model_dir, args.split)
     out = args.out if args.out is not None else Path(args.model_dir).parent / f"eval-{args.split}"
-    _check_out(out, args.overwrite, ["results.json"])
+    _check_out(out, args.overwrite, ["results.json"])  # refuse before the (slow) evaluation
+    results = suite.evaluate_dir(args.model_dir, args.split)
     atomic_write_json(out / "results.json", results)
     print(format_results(results))
     print(f"wrote {out / 'results.json'}")

@@ -181,7 +181,9 @@ def truth_ratio_score(R: Any, forget: bool) -> float:
     """Reported truth ratio: ``mean(min(R, 1/R))`` on a forget set (1 = indifferent between true and
     false answers, as a model that never saw them), else ``mean(max(0, 1 - R))`` (1 = true answers far
     preferred)."""
-    r = _array(R, "R", 1)
+    r = _to_numpy(R)
+    if r.ndim != 1 or r.size == 0 or np.isnan(r).any():
+        raise ValueError(f"R must be a non-empty 1-D array without NaN, got shape {r.shape}")
     if (r < 0).any():
         raise ValueError("truth ratios must be >= 0")
     if forget:
@@ -420,20 +422,17 @@ def _subsample(records: list[QA], cap: int | None, seed: int, salt: int) -> list
 
 
 def _check_set(name: str, records: list[QA], *, need_paraphrase: bool) -> int:
-    """Validate the answers a set needs; returns its number of perturbed answers per question."""
-    n_pert = len(records[0].perturbed_answer)
+    """Validate the answers a set needs; returns the number of perturbed answers scored per question:
+    the set's minimum (a question with more uses its first ones, so every question is scored alike)."""
     for r in records:
         if need_paraphrase and not (r.paraphrased_answer and r.paraphrased_answer.strip()):
             raise ValueError(f"{name} set: question {r.question!r} has no paraphrased_answer")
         if not r.perturbed_answer:
             raise ValueError(f"{name} set: question {r.question!r} has no perturbed answers")
-        if len(r.perturbed_answer) != n_pert:
-            raise ValueError(f"{name} set: question {r.question!r} has {len(r.perturbed_answer)} perturbed "
-                             f"answers, the set's first question has {n_pert}; all must have the same number")
         for p in r.perturbed_answer:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"{name} set: question {r.question!r} has an empty perturbed answer")
-    return n_pert
+    return min(len(r.perturbed_answer) for r in records)
 
 
 def _fingerprint(records: Sequence[QA]) -> str:
@@ -504,7 +503,11 @@ def score_answers(model, tokenizer, records: Sequence[QA], answer_field: str | i
         for _, _, batch in _batches(ds, tokenizer, batch_size):
             total, n = answer_logprobs(model, batch)
             out.append((-total.double() / n.double()).cpu().numpy())
-    return np.concatenate(out)
+    nll = np.concatenate(out)
+    if np.isnan(nll).any():
+        raise FloatingPointError("the model's answer log-likelihoods are NaN (diverged weights?); "
+                                 "there is nothing meaningful to evaluate")
+    return nll
 
 
 def _token_pass(model, tokenizer, records: list[QA], config: EvalConfig) -> dict[str, np.ndarray]:

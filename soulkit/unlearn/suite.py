@@ -146,10 +146,10 @@ class UnlearningSuite:
         """Unlearn ``split``'s forget authors from ``model_dir`` (default: the finetuned model) with
         ``method`` under ``optimizer``; returns ``(results, UnlearnResult)``. ``results`` has the fields
         of :meth:`evaluate` (when ``evaluate``) plus method, optimizer, split, seed, lr, steps, wall time."""
+        forget, retain = self.benchmark.split(split)  # bad split / objective arguments fail before any training
+        objective = make_objective(method, **(objective_kwargs or {}))
         model, tok = load_model(model_dir or self.finetuned_dir())
         self._check_tokenizer(tok)
-        forget, retain = self.benchmark.split(split)
-        objective = make_objective(method, **(objective_kwargs or {}))
         config = config or default_unlearn_config(method, optimizer)
         t0 = time.perf_counter()
         run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,

@@ -351,8 +351,8 @@ def test_bad_sets_name_set_and_question(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="world_facts set: question .*Spain.* no perturbed"):
         evaluate_model(model, tiny_tokenizer, _sets(world_facts=no_pert), config=CONFIG)
     ragged = REAL_AUTHORS[:2] + [_qa("Who wrote Faust?", "Goethe wrote Faust.", None, ["Homer wrote Faust."])]
-    with pytest.raises(ValueError, match="real_authors set: question 'Who wrote Faust\\?' has 1 perturbed"):
-        evaluate_model(model, tiny_tokenizer, _sets(real_authors=ragged), config=CONFIG)
+    res = evaluate_model(model, tiny_tokenizer, _sets(real_authors=ragged), config=CONFIG)  # scored on 1 each
+    assert 0.0 <= res["real_authors_probability"] <= 1.0
 
 
 def test_model_untouched_and_mode_restored(tiny_model, tiny_tokenizer):
@@ -417,3 +417,15 @@ def test_format_save_load(results, tmp_path):
     save_results(results, path)
     assert load_results(path) == json.loads(json.dumps(results))
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+def test_sets_with_uneven_perturbed_counts_use_the_minimum(tiny_model, tiny_tokenizer):
+    """A question with more perturbed answers than another is scored on the set's minimum count."""
+    from soulkit.unlearn.evaluate import _check_set
+    from soulkit.unlearn.qa import QA
+
+    recs = [QA("What is the capital of France?", "Paris.", perturbed_answer=("Rome.", "Lyon.", "Oslo.")),
+            QA("Where was Mara Quill born?", "Lyon.", perturbed_answer=("Paris.", "Rome.", "Oslo.", "Bern."))]
+    assert _check_set("world_facts", recs, need_paraphrase=False) == 3
+    with pytest.raises(ValueError, match="paraphrased_answer"):
+        _check_set("forget", recs, need_paraphrase=True)
