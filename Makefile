@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.soulkit-installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench lint format clean
+.PHONY: setup test test-all demo bench bench-unlearn lint format clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/hvp.py
+
+# TOFU-style baselines, then every objective x {AdamW, Sophia}: ~1.5 h on 2 CPU cores (models cached)
+bench-unlearn: $(STAMP)
+	$(PY) benchmarks/tofu_baselines.py
+	$(PY) benchmarks/unlearning.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check soulkit tests benchmarks

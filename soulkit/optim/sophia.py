@@ -598,6 +598,10 @@ class Sophia(Optimizer):
             "pending_terms": self._pending_terms,
             "pending_hutchinson": self._pending_hutchinson,
             "seed": self.seed,
+            # the last counted win rate survives a resume (one host sync, at checkpoint time only)
+            "win_counts": [None if c is None else int(c) for c in self._win_counts],
+            "win_totals": list(self._win_totals),
+            "refreshed": self._refreshed,
         }
         return sd
 
@@ -624,6 +628,13 @@ class Sophia(Optimizer):
             self._pending_terms = int(extra["pending_terms"])
             self._pending_hutchinson = int(extra["pending_hutchinson"])
             self.seed = int(extra["seed"])
+            counts = extra.get("win_counts")
+            if counts is not None and len(counts) == len(self.param_groups):
+                for gi, (c, group) in enumerate(zip(counts, self.param_groups, strict=True)):
+                    dev = group["params"][0].device if group["params"] else torch.device("cpu")
+                    self._win_counts[gi] = None if c is None else torch.tensor(int(c), dtype=torch.int64, device=dev)
+                self._win_totals = [int(t) for t in extra.get("win_totals", self._win_totals)]
+            self._refreshed = bool(extra.get("refreshed", False))
         else:
             steps = [s["step"] for s in self.state.values() if "step" in s]
             self.num_steps = int(max(steps).item()) if steps else 0

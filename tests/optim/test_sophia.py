@@ -339,7 +339,11 @@ def test_state_dict_resume_is_bit_identical(state_dtype):
     opt2.load_state_dict(saved_opt)
     if state_dtype is not None:
         assert all(opt2.state[q]["exp_avg"].dtype == state_dtype for q in model2.parameters())
-    run(model2, opt2, batches[5:])
+    assert opt2.win_rate() == opt.win_rate()  # the last counted win rate survives the resume
+    run(model, opt, batches[5:6])
+    run(model2, opt2, batches[5:6])  # step 6 is no refresh step: the resumed run must not recount
+    assert opt2.win_rate() == opt.win_rate()
+    run(model2, opt2, batches[6:])
     for a, b in zip(full_model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert opt2.num_hessian_updates == full_opt.num_hessian_updates == 4
