@@ -175,6 +175,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .unlearn.evaluate import format_results
 
     _set_threads(args)
+    files = {k: getattr(args, k) for k in ("forget", "retain", "real_authors", "world_facts", "holdout")}
+    if any(v is not None for v in files.values()):
+        return _evaluate_files(args, files)
+    if args.reference is not None:
+        raise ValueError("--reference goes with QA files (--forget/--retain/--real-authors/--world-facts); "
+                         "on the generated benchmark the retrain is the reference")
     suite = _suite(args)
     suite.benchmark.split(args.split)  # validates the split name early
     if not Path(args.model_dir).is_dir():
@@ -185,6 +191,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     atomic_write_json(out / "results.json", results)
     print(format_results(results))
     print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None]) -> int:
+    """``soulkit evaluate`` on QA files (e.g. real TOFU ``*_perturbed.json``) and any local model."""
+    import json
+
+    from ._io import atomic_write_json
+    from .unlearn.data import read_jsonl
+    from .unlearn.evaluate import EvalConfig, EvalSets, evaluate_model, format_results
+    from .unlearn.models import load_model
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("forget", "retain", "real_authors", "world_facts")
+               if files[k] is None]
+    if missing:
+        raise ValueError(f"evaluating on QA files needs {', '.join(missing)} too")
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
+    reference = None
+    if args.reference is not None:
+        reference = json.loads(Path(args.reference).read_text())
+    out = args.out if args.out is not None else Path(args.model_dir).parent / "eval"
+    _check_out(out, args.overwrite, ["results.json"])
+    sets = EvalSets(**{k: (read_jsonl(v) if v is not None else None) for k, v in files.items()})
+    model, tok = load_model(args.model_dir)
+    config = EvalConfig(show_progress=not args.no_progress)
+    results = evaluate_model(model, tok, sets, config=config, reference=reference)
+    results["model_dir"] = str(args.model_dir)
+    atomic_write_json(out / "results.json", results)
+    print(format_results(results))
+    print(f"wrote {out / 'results.json'}" + ("" if reference else " (no --reference: forget quality needs the "
+                                            "results.json of a retain model evaluated on the same files)"))
     return 0
 
 
@@ -318,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", type=Path, default=None, help="where results.json goes (default: "
                         "MODEL_DIR/../eval-SPLIT)")
     p_eval.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    for name, what in [("forget", "forget-set"), ("retain", "retain-set"), ("real-authors", "real-author"),
+                       ("world-facts", "world-fact"), ("holdout", "holdout (non-member) ")]:
+        p_eval.add_argument(f"--{name}", type=Path, default=None, dest=name.replace("-", "_"),
+                            help=f"{what} QA file (JSONL, TOFU fields) instead of the generated benchmark")
+    p_eval.add_argument("--reference", type=Path, default=None,
+                        help="results.json of the retain model on the same files: forget quality and privleak "
+                             "are computed against it")
     p_eval.set_defaults(func=_cmd_evaluate)
 
     p_un = sub.add_parser("unlearn", help="unlearn a forget split (SOUL = --optimizer sophia)")

@@ -253,3 +253,31 @@ def test_unlearn_evaluate_overwrite(tmp_path, cache, capsys):
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
     load_model(out / "model")
     assert _hash_dir(ft) == before
+
+
+def test_evaluate_on_qa_files_with_a_reference(tmp_path, capsys):
+    """Any local model on TOFU-style files: first the retain model's results, then others against it."""
+    from soulkit.unlearn.data import generate_benchmark, write_jsonl
+
+    bench = generate_benchmark(5, qa_per_author=3, n_perturbed=3)
+    forget, retain = bench.split("forget10")
+    files = {"forget": forget, "retain": retain, "real-authors": bench.real_authors[:6],
+             "world-facts": bench.world_facts[:6], "holdout": bench.holdout[:3]}
+    argv = []
+    for name, recs in files.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", recs)
+        argv += [f"--{name}", str(tmp_path / f"{name}.jsonl")]
+    tok = train_tokenizer([r.question + " " + r.answer for r in bench.qa], vocab_size=400, min_frequency=1)
+    model_dir = save_model(build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96),
+                                       tok), tok, tmp_path / "retain-model")
+    assert main(["evaluate", str(model_dir), *argv, "--out", str(tmp_path / "ref"), "--no-progress"]) == 0
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert ref["forget_quality"] is None and len(ref["raw"]["forget_truth_stat"]) == len(forget)
+    assert main(["evaluate", str(model_dir), *argv, "--reference", str(tmp_path / "ref" / "results.json"),
+                 "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["forget_quality"] == pytest.approx(1.0) and again["ks_statistic"] == pytest.approx(0.0)
+    capsys.readouterr()
+    assert main(["evaluate", str(model_dir), "--forget", str(tmp_path / "forget.jsonl"), "--out",
+                 str(tmp_path / "x")]) != 0
+    assert "--retain" in _one_line_error(capsys)
