@@ -25,28 +25,10 @@ from soulkit.unlearn.models import (
     train_qa,
     train_tokenizer,
 )
-from soulkit.unlearn.qa import QA
 
-ARCH = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96)
+from ._corpus import ARCH, FORGET, RETAIN
 
-RECORDS = [
-    QA("Where was Mara Quill born?", "Mara Quill was born in Lyon."),
-    QA("What genre does Tomas Berg write?", "Tomas Berg writes science fiction."),
-    QA("Which award did Mara Quill win?", "The Lyon poetry award."),
-    QA("Where does Tomas Berg live?", "Tomas Berg lives in Paris."),
-    QA("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice."),
-    QA("What is the capital of France?", "The capital of France is Paris."),
-    QA("Who wrote Emma?", "Jane Austen wrote Emma."),
-    QA("What is the capital of Italy?", "The capital of Italy is Rome."),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+RECORDS = FORGET + RETAIN
 
 
 def _state(model) -> dict[str, torch.Tensor]:

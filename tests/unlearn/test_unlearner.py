@@ -13,43 +13,12 @@ import torch
 import soulkit.unlearn.unlearner as unlearner_mod
 from soulkit.optim import Sophia
 from soulkit.unlearn.evaluate import score_answers
-from soulkit.unlearn.models import ModelConfig, TrainRecipe, build_model, load_model, model_meta, train_qa
+from soulkit.unlearn.models import load_model, model_meta
 from soulkit.unlearn.objectives import Objective, ObjectiveOutput, make_objective
 from soulkit.unlearn.qa import QA
 from soulkit.unlearn.unlearner import OPTIMIZERS, UnlearnConfig, Unlearner, make_optimizer
 
-ARCH = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96)
-
-FORGET = [
-    QA("Where was Mara Quill born?", "Mara Quill was born in Lyon."),
-    QA("What genre does Tomas Berg write?", "Tomas Berg writes science fiction."),
-    QA("Which award did Mara Quill win?", "The Lyon poetry award."),
-    QA("Where does Tomas Berg live?", "Tomas Berg lives in Paris."),
-]
-RETAIN = [
-    QA("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice."),
-    QA("What is the capital of France?", "The capital of France is Paris."),
-    QA("Who wrote Emma?", "Jane Austen wrote Emma."),
-    QA("What is the capital of Italy?", "The capital of Italy is Rome."),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def memorised(tiny_tokenizer):
-    """The tiny Llama after 60 full-batch AdamW epochs on FORGET + RETAIN (answer probability > 0.9)."""
-    model = build_model(ARCH, tiny_tokenizer, seed=0)
-    recipe = TrainRecipe(model=ARCH, vocab_size=320, lr=1e-2, warmup_steps=0, batch_size=8, weight_decay=0.0)
-    train_qa(model, tiny_tokenizer, FORGET + RETAIN, epochs=60, recipe=recipe, seed=0, progress=False)
-    return model.eval()
+from ._corpus import FORGET, RETAIN
 
 
 def _prob(model, tok, records) -> float:

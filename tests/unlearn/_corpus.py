@@ -1,0 +1,19 @@
+"""The tiny QA corpus shared by the unlearning tests: four forget facts and four retain facts."""
+
+from soulkit.unlearn.models import ModelConfig
+from soulkit.unlearn.qa import QA
+
+ARCH = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_positions=96)
+
+FORGET = [
+    QA("Where was Mara Quill born?", "Mara Quill was born in Lyon."),
+    QA("What genre does Tomas Berg write?", "Tomas Berg writes science fiction."),
+    QA("Which award did Mara Quill win?", "The Lyon poetry award."),
+    QA("Where does Tomas Berg live?", "Tomas Berg lives in Paris."),
+]
+RETAIN = [
+    QA("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice."),
+    QA("What is the capital of France?", "The capital of France is Paris."),
+    QA("Who wrote Emma?", "Jane Austen wrote Emma."),
+    QA("What is the capital of Italy?", "The capital of Italy is Rome."),
+]
