@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--splits", default=",".join(SPLITS))
     ap.add_argument("--seeds", default="1,2")
-    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--lrs", default="1e-4,2e-4,3e-4,5e-4,1e-3")
     ap.add_argument("--rhos", default="0.04,1.0")
     ap.add_argument("--newton-scales", default="0.03,0.1,0.3")
     ap.add_argument("--quick", action="store_true", help="graddiff,npo; forget10; seed 1; lrs 3e-4,1e-3")
@@ -185,8 +185,44 @@ def main() -> None:
     plot_rows = _aggregate(rows, splits[-1] if "forget05" not in splits else "forget05")
     plot_tradeoff(plot_rows, args.out / "unlearning.png",
                   title=f"{plot_rows[0]['split']}: forget quality vs utility (mean over seeds), {args.scale} scale")
+    plot_sweep(sweep_rows, mu_ft, args.out / "unlearning_sweep.png", sweep_split)
     partial_path.unlink(missing_ok=True)
     print(md)
+
+
+def plot_sweep(sweep_rows: list[dict], mu_ft: float, path: Path, split: str) -> None:
+    """Every sweep setting: forget quality vs utility, one line per method x optimizer (lr increasing)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from soulkit._io import atomic_write_bytes
+
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
+    groups: dict[tuple, list[dict]] = {}
+    for r in sweep_rows:
+        if r["method"] != "newton" and r.get("rho") in (None, max(x.get("rho") or 0 for x in sweep_rows)):
+            groups.setdefault((r["method"], r["optimizer"]), []).append(r)
+    for i, ((m, o), rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["lr"])
+        ax.plot([r["model_utility"] for r in rs], [max(r["forget_quality"], 1e-12) for r in rs],
+                marker="*" if o == "sophia" else "o", ls="-" if o == "sophia" else "--", color=f"C{i // 2}",
+                label=f"{m} x {o}")
+    ax.axvline(0.95 * mu_ft, color="gray", lw=0.8, ls=":", label="95% of finetuned utility")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality vs retrain (floor 1e-12)")
+    ax.set_title(f"lr sweep on {split} (points: lr increasing to the left)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _aggregate(rows: list[dict], split: str) -> list[dict]:
