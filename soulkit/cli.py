@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_un.add_argument("--estimator", default=None, help="Sophia's Hessian estimator: gnb (default), hutchinson")
     p_un.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p_un.add_argument("--gamma", type=float, default=None, help="retain-term weight")
-    p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every")
+    p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every",
+                      help="every N steps record forget/retain answer probability (results.json: progress)")
     p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")
     p_un.set_defaults(func=_cmd_unlearn)
     return parser

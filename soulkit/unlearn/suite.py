@@ -18,9 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._io import atomic_write_json
 from .data import AuthorBenchmark, generate_benchmark
-from .evaluate import EvalConfig, EvalSets, evaluate_model
+from .evaluate import EvalConfig, EvalSets, evaluate_model, score_answers
 from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, model_meta
 from .objectives import make_objective
 from .unlearner import UnlearnConfig, Unlearner
@@ -151,9 +153,15 @@ class UnlearningSuite:
         model, tok = load_model(model_dir or self.finetuned_dir())
         self._check_tokenizer(tok)
         config = config or default_unlearn_config(method, optimizer)
+        probe = retain[: max(len(forget), 1)]
+
+        def quick_eval(m, step: int) -> dict[str, float]:  # every config.eval_every steps: probabilities only
+            return {"forget_probability": float(np.exp(-score_answers(m, tok, forget)).mean()),
+                    "retain_probability": float(np.exp(-score_answers(m, tok, probe)).mean())}
+
         t0 = time.perf_counter()
         run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,
-                        out_dir=out_dir).run()
+                        out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None).run()
         seconds = time.perf_counter() - t0
         results: dict[str, Any] = self.evaluate(run.model, tok, split) if evaluate else {"split": split}
         win = [e["win_rate"] for e in run.log if "win_rate" in e]
@@ -161,7 +169,7 @@ class UnlearningSuite:
                        steps=run.steps, stopped=run.stopped, unlearn_seconds=seconds,
                        objective=objective.name, config=config.to_dict(),
                        final_loss=run.log[-1]["loss"] if run.log else None,
-                       mean_win_rate=sum(win) / len(win) if win else None)
+                       mean_win_rate=sum(win) / len(win) if win else None, progress=run.evaluations)
         return results, run
 
 

@@ -281,3 +281,12 @@ def test_evaluate_on_qa_files_with_a_reference(tmp_path, capsys):
     assert main(["evaluate", str(model_dir), "--forget", str(tmp_path / "forget.jsonl"), "--out",
                  str(tmp_path / "x")]) != 0
     assert "--retain" in _one_line_error(capsys)
+
+
+def test_unlearn_eval_every_records_progress(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert main(["unlearn", "--method", "npo", "--optimizer", "adamw", "--split", "forget10", *_bench(cache),
+                 "--out", str(out), "--steps", "2", "--eval-every", "1"]) == 0
+    progress = json.loads((out / "results.json").read_text())["progress"]
+    assert [p["step"] for p in progress] == [1, 2]  # every step; the last one is the final evaluation
+    assert all(0.0 < p["forget_probability"] <= 1.0 and 0.0 < p["retain_probability"] <= 1.0 for p in progress)
