@@ -77,6 +77,10 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hessian-bias-correction", action="store_true",
+                    help="Sophia with hessian_bias_correction=True (h / (1 - beta2**n))")
+    ap.add_argument("--no-newton", action="store_true", help="skip the one-shot Newton baseline")
+    ap.add_argument("--tag", default="", help="suffix of the output files (unlearning<tag>.md, ...)")
     args = ap.parse_args()
     if args.quick:
         args.methods, args.splits, args.seeds, args.lrs, args.rhos = "graddiff,npo", "forget10", "1", "3e-4,1e-3", "1.0"
@@ -91,7 +95,8 @@ def main() -> None:
 
     suite = UnlearningSuite.from_scale(args.scale, cache_dir=args.cache_dir, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
-    partial_path = args.out / ".unlearning.partial.json"
+    stem = f"unlearning{args.tag}"
+    partial_path = args.out / f".{stem}.partial.json"
     done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
     t_start = time.perf_counter()
 
@@ -120,7 +125,8 @@ def main() -> None:
     mu_ft = refs[("finetuned", sweep_split)]["model_utility"]
 
     def unlearn(method: str, opt: str, split: str, seed: int, lr: float, rho: float | None) -> dict:
-        kw = {"optimizer_kwargs": {"rho": rho}} if opt == "sophia" else {}
+        kw = ({"optimizer_kwargs": {"rho": rho, "hessian_bias_correction": args.hessian_bias_correction}}
+              if opt == "sophia" else {})
         cfg = default_unlearn_config(method, opt, lr=lr, seed=seed, show_progress=False, **kw)
         res, _ = suite.unlearn(method, opt, split, config=cfg)
         return {**_slim(res), "lr": lr, "rho": rho}
@@ -165,11 +171,11 @@ def main() -> None:
         return {**_slim(res), "unlearn_seconds": secs, "lr": None, "rho": None, "newton_scale": scale,
                 "step_norm": info["step_norm"]}
 
-    scales = [float(x) for x in args.newton_scales.split(",")]
+    scales = [] if args.no_newton else [float(x) for x in args.newton_scales.split(",")]
     cands = [run(f"sweep|newton|{sweep_split}|{s}", lambda s=s: newton(sweep_split, s)) for s in scales]
     sweep_rows += [{"method": "newton", "optimizer": None, "split": sweep_split, "seed": 0, **r} for r in cands]
-    best = _select(cands, mu_ft)
-    for split in splits:
+    best = _select(cands, mu_ft) if cands else None
+    for split in splits if best else []:
         r = run(f"final|newton|{split}|{best['newton_scale']}", lambda s=split: newton(s, best["newton_scale"]))
         rows.append({"method": "newton", "optimizer": None, "split": split, "seed": 0, **r})
 
@@ -177,15 +183,15 @@ def main() -> None:
     for r in rows:
         r["machine"] = machine_line(info)
         r["scale"] = args.scale
-    atomic_write_json(args.out / "unlearning.json", rows)
-    atomic_write_json(args.out / "unlearning_sweep.json", {"machine": info, "selection_split": sweep_split,
+    atomic_write_json(args.out / f"{stem}.json", rows)
+    atomic_write_json(args.out / f"{stem}_sweep.json", {"machine": info, "selection_split": sweep_split,
                                                           "finetuned_utility": mu_ft, "rows": sweep_rows})
     md = markdown(rows, sweep_rows, chosen, best, info, args, time.perf_counter() - t_start, mu_ft)
-    atomic_write_text(args.out / "unlearning.md", md)
+    atomic_write_text(args.out / f"{stem}.md", md)
     plot_rows = _aggregate(rows, splits[-1] if "forget05" not in splits else "forget05")
-    plot_tradeoff(plot_rows, args.out / "unlearning.png",
+    plot_tradeoff(plot_rows, args.out / f"{stem}.png",
                   title=f"{plot_rows[0]['split']}: forget quality vs utility (mean over seeds), {args.scale} scale")
-    plot_sweep(sweep_rows, mu_ft, args.out / "unlearning_sweep.png", sweep_split)
+    plot_sweep(sweep_rows, mu_ft, args.out / f"{stem}_sweep.png", sweep_split)
     partial_path.unlink(missing_ok=True)
     print(md)
 
@@ -244,8 +250,8 @@ def _f(v, spec):
 
 def markdown(rows, sweep_rows, chosen, best, info, args, total, mu_ft) -> str:
     lines = [f"# Unlearning: objectives x {{AdamW, Sophia (SOUL)}} (scale `{args.scale}`)", "",
-             f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning.py"
-             f"{' --quick' if args.quick else ''}`; whole run {total / 60:.0f} min (cached models reused).", "",
+             f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning.py "
+             f"{' '.join(sys.argv[1:])}`; whole run {total / 60:.0f} min (cached models reused).", "",
              "Forget quality (FQ) = KS-test p-value of forget-set truth-ratio statistics against retrain seed 1; "
              "MU = model utility (finetuned: " f"{mu_ft:.3f} on the selection split). Each unlearning row is one "
              "seed; settings chosen by the sweep below.", "",
@@ -271,7 +277,7 @@ def markdown(rows, sweep_rows, chosen, best, info, args, total, mu_ft) -> str:
               "| method | optimizer | lr | rho / scale | FQ | MU | forget ROUGE | win rate | chosen |", "|" + "---|" * 9]
     for r in sweep_rows:
         if r["method"] == "newton":
-            sel = r["newton_scale"] == best["newton_scale"]
+            sel = best is not None and r["newton_scale"] == best["newton_scale"]
             lines.append(f"| newton | - | - | {r['newton_scale']:g} | {r['forget_quality']:.2e} | "
                          f"{r['model_utility']:.3f} | {r['forget_rouge']:.3f} | - | {'yes' if sel else ''} |")
             continue

@@ -81,6 +81,10 @@ class Sophia(Optimizer):
         eps: floor of the denominator ``rho * h``.
         maximize: maximise the objective instead of minimising it.
         bias_correction: divide ``m`` by ``1 - beta1**t`` (off in the paper).
+        hessian_bias_correction: divide ``h`` by ``1 - beta2**n`` after n refreshes (off in the
+            paper). ``h`` starts at 0, so without it the first refreshes leave ``h`` ~(1 - beta2) * n
+            times too small and nearly every coordinate is clipped (win rate ~0) in short runs.
+            Applied as ``rho / (1 - beta2**n)`` in the update (no extra pass).
         hessian_update_interval: k; :meth:`hessian_due` is true every k steps (the first included).
         hessian_batch_size: B for :meth:`update_hessian` without an estimate (paper-style usage).
             :meth:`accumulate_gnb` counts B itself and ignores this.
@@ -115,6 +119,7 @@ class Sophia(Optimizer):
         eps: float = 1e-15,
         maximize: bool = False,
         bias_correction: bool = False,
+        hessian_bias_correction: bool = False,
         hessian_update_interval: int = 10,
         hessian_batch_size: int | None = None,
         nonfinite: str = "skip",
@@ -143,6 +148,7 @@ class Sophia(Optimizer):
             eps=eps,
             maximize=maximize,
             bias_correction=bias_correction,
+            hessian_bias_correction=hessian_bias_correction,
             foreach=foreach,
             fused=fused,
         )
@@ -527,6 +533,9 @@ class Sophia(Optimizer):
                 st["step"] += 1
             t = states[0]["step"].item()
             bc1 = 1 - beta1 ** t if group["bias_correction"] else 1.0
+            rho = float(group["rho"])
+            if group.get("hessian_bias_correction") and self.num_hessian_updates > 0:
+                rho = rho / (1 - beta2 ** self.num_hessian_updates)
             ests = None
             if fused_estimates:
                 have = [(p, fused_estimates[p]) for p in ps if p in fused_estimates]
@@ -540,7 +549,7 @@ class Sophia(Optimizer):
             impl = self._implementation(group, ps[0].device)
             sophia_step(
                 ps, gs, [s["exp_avg"] for s in states], [s["hessian"] for s in states],
-                lr=float(group["lr"]), beta1=beta1, rho=float(group["rho"]),
+                lr=float(group["lr"]), beta1=beta1, rho=rho,
                 weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
                 maximize=bool(group["maximize"]), bias_correction1=bc1,
                 hessian_estimates=ests, beta2=beta2, win_count=win, implementation=impl,

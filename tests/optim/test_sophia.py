@@ -561,3 +561,29 @@ def test_hutchinson_on_sdpa_llama_says_how_to_fix_it():
     opt.step()
     assert opt.num_hessian_updates == 1
     assert all(torch.isfinite(opt.state[q]["hessian"]).all() for q in model.parameters() if q in opt.state)
+
+
+def test_hessian_bias_correction_divides_h_by_one_minus_beta2_power():
+    """With hessian_bias_correction the clip uses h / (1 - beta2**n) after n refreshes; by hand, float64."""
+    torch.manual_seed(0)
+    p0 = torch.randn(7, dtype=torch.float64)
+    grads = [torch.randn(7, dtype=torch.float64) for _ in range(3)]
+    hhat = [torch.rand(7, dtype=torch.float64) * 50 for _ in range(3)]
+    lr, (b1, b2), rho = 0.01, (0.9, 0.99), 0.04
+    finals = {}
+    for corrected in (False, True):
+        p = p0.clone().requires_grad_(True)
+        opt = Sophia([p], lr=lr, betas=(b1, b2), rho=rho, weight_decay=0.0, hessian_update_interval=1,
+                     hessian_bias_correction=corrected)
+        ref, m, h = p0.clone(), torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+        for n, (g, e) in enumerate(zip(grads, hhat, strict=True), 1):
+            p.grad = g.clone()
+            opt.update_hessian([e])
+            opt.step()
+            m = b1 * m + (1 - b1) * g
+            h = b2 * h + (1 - b2) * e
+            h_used = h / (1 - b2 ** n) if corrected else h
+            ref = ref - lr * torch.sign(m) * torch.clamp(m.abs() / torch.clamp(rho * h_used, min=1e-15), max=1.0)
+            torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=1e-12)
+        finals[corrected] = p.detach().clone()
+    assert not torch.allclose(finals[False], finals[True])  # the correction changes which coordinates clip
