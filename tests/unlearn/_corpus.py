@@ -1,4 +1,6 @@
-"""The tiny QA corpus shared by the unlearning tests: four forget facts and four retain facts."""
+"""Shared by the unlearning tests: a tiny QA corpus (four forget, four retain facts) and state helpers."""
+
+import torch
 
 from soulkit.unlearn.models import ModelConfig
 from soulkit.unlearn.qa import QA
@@ -17,3 +19,13 @@ RETAIN = [
     QA("Who wrote Emma?", "Jane Austen wrote Emma."),
     QA("What is the capital of Italy?", "The capital of Italy is Rome."),
 ]
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

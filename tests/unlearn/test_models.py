@@ -26,19 +26,9 @@ from soulkit.unlearn.models import (
     train_tokenizer,
 )
 
-from ._corpus import ARCH, FORGET, RETAIN
+from ._corpus import ARCH, FORGET, RETAIN, _assert_same_state, _state
 
 RECORDS = FORGET + RETAIN
-
-
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

@@ -18,22 +18,12 @@ from soulkit.unlearn.objectives import Objective, ObjectiveOutput, make_objectiv
 from soulkit.unlearn.qa import QA
 from soulkit.unlearn.unlearner import OPTIMIZERS, UnlearnConfig, Unlearner, make_optimizer
 
-from ._corpus import FORGET, RETAIN
+from ._corpus import FORGET, RETAIN, _assert_same_state, _state
 
 
 def _prob(model, tok, records) -> float:
     """Mean over records of exp(-mean answer-token NLL)."""
     return float(np.exp(-score_answers(model, tok, records)).mean())
-
-
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def _cfg(**kw) -> UnlearnConfig:
