@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..optim.curvature import differentiable_attention, gnb_diag, hutchinson_diag, module_loss_fn
-from .qa import QA, QADataset, collate_qa, pad_token_id
+from .qa import QA, QADataset, answer_logprobs, collate_qa, pad_token_id
 
 __all__ = ["newton_unlearn"]
 
@@ -66,13 +66,9 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
     # mean forget gradient of the per-example mean token NLL
     grad = {n: torch.zeros_like(p) for n, p in params.items()}
     for b in _batches(forget, tokenizer, batch_size, max_length):
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = new(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-        valid = labels != -100
-        per_example = (nll * valid).sum(1) / valid.sum(1)
-        gs = torch.autograd.grad(per_example.sum(), list(params.values()), allow_unused=True)
+        total, n_tokens = answer_logprobs(new, b)
+        per_example_nll = -total / n_tokens
+        gs = torch.autograd.grad(per_example_nll.sum(), list(params.values()), allow_unused=True)
         for (n, _), g in zip(params.items(), gs, strict=True):
             if g is not None:
                 grad[n] += g / len(forget)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from soulkit.unlearn.qa import QA, answer_logprobs
+from .qa import QA, answer_logits, answer_logprobs
 
 __all__ = [
     "ObjectiveOutput",
@@ -55,7 +55,6 @@ __all__ = [
     "frozen_reference",
 ]
 
-IGNORE_INDEX = -100
 RETAIN_LOSSES = ("nll", "kl")
 
 DEFAULT_REFUSALS: tuple[str, ...] = (
@@ -121,18 +120,6 @@ def _check_batch(batch: Any, what: str) -> None:
                          f"{tuple(batch['input_ids'].shape)}")
 
 
-def _answer_logits(model, batch: Mapping[str, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted float logits ``[B, T-1, V]``, targets ``[B, T-1]`` and the answer mask ``[B, T-1]``."""
-    device = next(model.parameters()).device
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    return logits, targets, targets != IGNORE_INDEX
-
-
 @contextlib.contextmanager
 def _frozen(reference) -> Iterator[None]:
     """``no_grad`` and eval mode for the reference model; its previous mode is restored."""
@@ -180,7 +167,7 @@ def sequence_nll(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     ``sum over answer tokens of -log p(token | prefix) / number of answer tokens`` (differentiable).
     """
     _check_batch(batch, "batch")
-    logits, targets, valid = _answer_logits(model, batch)
+    logits, targets, valid = answer_logits(model, batch)
     return _nll_from_logits(logits, targets, valid, "batch")
 
 
@@ -203,20 +190,20 @@ def retain_kl(model, reference, batch: Mapping[str, torch.Tensor]) -> torch.Tens
     """
     _check_batch(batch, "batch")
     _check_reference(model, reference)
-    logits, _, valid = _answer_logits(model, batch)
+    logits, _, valid = answer_logits(model, batch)
     with _frozen(reference):
-        ref_logits, _, _ = _answer_logits(reference, batch)
+        ref_logits, _, _ = answer_logits(reference, batch)
     return _kl_from_logits(logits, ref_logits, valid, "batch")
 
 
 def _retain_term(kind: str, model, reference, batch) -> tuple[torch.Tensor, dict[str, float]]:
     """The retain loss (``"nll"`` or ``"kl"``) from one forward pass of ``model`` on the retain batch."""
-    logits, targets, valid = _answer_logits(model, batch)
+    logits, targets, valid = answer_logits(model, batch)
     nll = _nll_from_logits(logits, targets, valid, "retain_batch")
     if kind == "nll":
         return nll, {"retain_nll": nll.item()}
     with _frozen(reference):
-        ref_logits, _, _ = _answer_logits(reference, batch)
+        ref_logits, _, _ = answer_logits(reference, batch)
     kl = _kl_from_logits(logits, ref_logits, valid, "retain_batch")
     return kl, {"retain_nll": nll.item(), "retain_kl": kl.item()}
 

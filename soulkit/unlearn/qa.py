@@ -31,6 +31,7 @@ __all__ = [
     "encode_qa",
     "QADataset",
     "collate_qa",
+    "answer_logits",
     "answer_logprobs",
     "answer_token_stats",
     "greedy_answers",
@@ -163,7 +164,8 @@ def collate_qa(items: Sequence[dict[str, list[int]]], *, pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _shifted(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted float logits ``[B, T-1, V]``, their targets ``[B, T-1]`` and the answer-token mask."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
@@ -181,7 +183,7 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     Differentiable (no ``no_grad`` inside): objectives use it for per-sequence log-likelihoods.
     The mean token NLL of a sequence is ``-total / n_tokens``.
     """
-    logits, targets, valid = _shifted(model, batch)
+    logits, targets, valid = answer_logits(model, batch)
     logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     logp = logp * valid
     return logp.sum(1), valid.sum(1)
@@ -195,7 +197,7 @@ def answer_token_stats(model, batch: dict[str, torch.Tensor]) -> dict[str, torch
     token), ``mean`` and ``std`` of log p under the model's own next-token distribution (Min-K%++),
     ``correct`` (argmax equals the target), and the bool ``mask`` of answer positions.
     """
-    logits, targets, valid = _shifted(model, batch)
+    logits, targets, valid = answer_logits(model, batch)
     logprobs = torch.log_softmax(logits, dim=-1)
     probs = logprobs.exp()
     tok = logprobs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
