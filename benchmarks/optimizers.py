@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adamw-lrs", type=_floats, default=DEFAULT_ADAMW_GRID)
     p.add_argument("--sophia-lrs", type=_floats, default=DEFAULT_SOPHIA_GRID)
     p.add_argument("--rho", type=float, default=DEFAULT_SOPHIA_RHO)
+    p.add_argument("--hessian-bias-correction", action="store_true",
+                   help="Sophia(hessian_bias_correction=True): h / (1 - beta2**n), so that the zero-initialised "
+                   "EMA does not clip almost every coordinate in a short run")
+    p.add_argument("--tag", default="",
+                   help="write optimizers_<tag>.{md,json,png} instead of optimizers.* (keeps earlier results)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--quick", action="store_true", help="tiny model and budget (smoke test of the script)")
@@ -134,6 +139,7 @@ def _arm_from_dict(d: dict[str, Any]) -> ArmResult:
         kind=spec["kind"], lr=spec["lr"], label=spec["label"], rho=spec["rho"],
         betas=tuple(spec["betas"]) if spec["betas"] is not None else None,
         weight_decay=spec["weight_decay"], hessian_update_interval=spec["hessian_update_interval"],
+        hessian_bias_correction=spec.get("hessian_bias_correction", False),
     )
     fields = {k: v for k, v in d.items() if k != "spec"}
     return ArmResult(spec=spec, **fields)
@@ -328,7 +334,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens, warmup {cfg['warmup_frac']:.0%} + cosine to "
         f"{cfg['min_lr_ratio']}x, grad clip {cfg['grad_clip']}, weight decay {cfg['weight_decay']} (not on norms/biases). "
         f"AdamW betas (0.9, 0.95) (torch.optim.AdamW, default implementation); Sophia betas (0.965, 0.99), "
-        f"rho {res['rho']}, GNB refresh every k = {cfg['hessian_update_interval']} steps. Data: {res['data']['source']}, "
+        f"rho {res['rho']}{', Hessian bias correction (h / (1 - beta2^n))' if res.get('hessian_bias_correction') else ''}, "
+        f"GNB refresh every k = {cfg['hessian_update_interval']} steps. Data: {res['data']['source']}, "
         f"{res['data']['train_bytes']:,} train / {res['data']['val_bytes']:,} validation bytes (split by file). "
         f"Validation loss every {cfg['eval_every']} steps on {cfg['eval_batches'] * cfg['batch_size']} fixed windows.",
         "",
@@ -416,7 +423,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "Seed 0 is the tuning run (best of the grid for both); the other seeds are fresh. "
         f"Step-count resolution is {cfg['eval_every']} steps ({cfg['eval_every'] / cfg['steps']:.0%} of the run).",
         "",
-        "![curves](optimizers.png)",
+        f"![curves]({path.with_suffix('.png').name})",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
@@ -437,12 +444,13 @@ def rewrite_from_json(path: Path) -> int:
         if seed != res["seeds"][0]:
             res["overheads"] += overhead_rows(f"seed {seed}", arms)
     out = Path(path).parent
-    atomic_write_text(out / "optimizers.json", to_json(res))
-    plot(sweep, runs, out / "optimizers.png",
+    stem = Path(path).stem
+    atomic_write_text(out / f"{stem}.json", to_json(res))
+    plot(sweep, runs, out / f"{stem}.png",
          f"Sophia vs AdamW, byte-level {res['config']['model']} ({res['n_params'] / 1e6:.2f} M params), "
          f"{res['config']['steps']} steps")
-    write_markdown(res, out / "optimizers.md")
-    print((out / "optimizers.md").read_text())
+    write_markdown(res, out / f"{stem}.md")
+    print((out / f"{stem}.md").read_text())
     return 0
 
 
@@ -469,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "steps": args.steps, "seeds": seeds, "adamw_lrs": list(args.adamw_lrs), "sophia_lrs": list(args.sophia_lrs),
         "rho": args.rho, "eval_every": args.eval_every, "quick": args.quick,
+        "hessian_bias_correction": bool(args.hessian_bias_correction),
     }
-    partial_path = out / "optimizers.partial.json"
+    stem = f"optimizers_{args.tag}" if args.tag else "optimizers"
+    partial_path = out / f"{stem}.partial.json"
     done: dict[str, Any] = {}
     if partial_path.exists() and not args.no_resume:
         import json
@@ -491,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # tuning sweep on the first seed: all arms in one lockstep run
     specs = [OptimizerSpec("adamw", lr, label=_label("adamw", lr)) for lr in args.adamw_lrs]
-    specs += [OptimizerSpec("sophia", lr, label=_label("sophia", lr), rho=args.rho) for lr in args.sophia_lrs]
+    specs += [
+        OptimizerSpec("sophia", lr, label=_label("sophia", lr), rho=args.rho,
+                      hessian_bias_correction=bool(args.hessian_bias_correction))
+        for lr in args.sophia_lrs
+    ]
     sweep, n_params = run(seeds[0], specs, "sweep")
     best_a, edge_a = _pick(sweep, "adamw")
     best_s, edge_s = _pick(sweep, "sophia")
@@ -533,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_params": n_params,
         "seeds": seeds,
         "rho": args.rho,
+        "hessian_bias_correction": bool(args.hessian_bias_correction),
         "sweep_grid": {"adamw": list(args.adamw_lrs), "sophia": list(args.sophia_lrs)},
         "sweep": sweep_rows(sweep, best_a, best_s),
         "chosen": {"adamw_lr": best_a.spec.lr, "sophia_lr": best_s.spec.lr},
@@ -544,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         "curves": {str(s): [a.to_dict() for a in arms] for s, arms in runs.items()},
         "sweep_curves": [a.to_dict() for a in sweep],
     }
-    atomic_write_text(out / "optimizers.json", to_json(result))
-    plot(sweep, runs, out / "optimizers.png",
+    atomic_write_text(out / f"{stem}.json", to_json(result))
+    plot(sweep, runs, out / f"{stem}.png",
          f"Sophia vs AdamW, byte-level {cfg_dict['model']} ({n_params / 1e6:.2f} M params), {args.steps} steps")
-    write_markdown(result, out / "optimizers.md")
+    write_markdown(result, out / f"{stem}.md")
     if partial_path.exists():
         partial_path.unlink()
-    print((out / "optimizers.md").read_text())
+    print((out / f"{stem}.md").read_text())
     return 0
 
 

@@ -115,6 +115,7 @@ class OptimizerSpec:
     betas: tuple[float, float] | None = None  # None: (0.9, 0.95) for AdamW, (0.965, 0.99) for Sophia
     weight_decay: float = 0.1
     hessian_update_interval: int = 10  # Sophia only
+    hessian_bias_correction: bool = False  # Sophia only: h / (1 - beta2**n)
 
     def __post_init__(self) -> None:
         if self.kind not in OPTIMIZER_KINDS:
@@ -447,6 +448,7 @@ def make_optimizer(spec: OptimizerSpec, model: torch.nn.Module, seed: int = 0) -
     return Sophia(
         groups, lr=spec.lr, betas=spec.resolved_betas, rho=spec.rho, weight_decay=spec.weight_decay,
         hessian_update_interval=spec.hessian_update_interval, seed=seed,
+        hessian_bias_correction=spec.hessian_bias_correction,
     )
 
 
