@@ -107,19 +107,21 @@ def test_bad_inputs_name_list_and_index(impl):
 
 @pytest.mark.parametrize("pdt, sdt, tol", [(torch.float32, torch.float32, 1e-6), (torch.bfloat16, torch.float32, 1e-2)])
 @pytest.mark.parametrize("with_estimate", [False, True])
-def test_compiled_matches_reference(pdt, sdt, tol, with_estimate):
+@pytest.mark.parametrize("small_numel", [0, 100, None], ids=["all-compiled", "mixed", "default"])
+def test_compiled_matches_reference(pdt, sdt, tol, with_estimate, small_numel):
     from soulkit.kernels.sophia_compiled import compile_available, sophia_step_compiled
 
     if not compile_available():
         pytest.skip("no C++ compiler for inductor")
-    ps, gs, ms, hs, es = _make([1, 13, 1025], pdt, sdt, seed=4)
+    # 0: every tensor compiled; 100: the two small ones through the foreach branch, the rest compiled
+    ps, gs, ms, hs, es = _make([1, 13, 1025, 40_009], pdt, sdt, seed=4)
     a = _clone([ps, ms, hs])
     b = _clone([ps, ms, hs])
     kw = dict(lr=0.03, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-12, maximize=True,
               bias_correction1=0.271, beta2=0.95, hessian_estimates=es if with_estimate else None)
     wa, wb = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
     sophia_step_reference(a[0], gs, a[1], a[2], win_count=wa, **kw)
-    sophia_step_compiled(b[0], gs, b[1], b[2], win_count=wb, **kw)
+    sophia_step_compiled(b[0], gs, b[1], b[2], win_count=wb, small_tensor_numel=small_numel, **kw)
     for lst_a, lst_b in zip(a, b):
         for x, y in zip(lst_a, lst_b):
             assert x.dtype == y.dtype
