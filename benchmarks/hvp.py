@@ -8,6 +8,11 @@ Measured, each in a fresh subprocess (so peak RSS is its own):
 * ``GNB refresh``: the *extra* cost a Sophia refresh adds to a training step, i.e. a step with
   :meth:`Sophia.accumulate_gnb` on the step's own logits minus a step without it;
 * ``Hutchinson refresh``: the same for :meth:`Sophia.accumulate_hutchinson` on the step's loss.
+* ``gradient (math attention)``: a gradient through the differentiable (math) attention path that
+  second-order code must use (SDPA's fused kernels have no double backward): the part of the HVP's
+  cost that comes from the attention path rather than from the second derivative;
+* ``Rademacher sampling``: drawing the Hutchinson probe vectors for every parameter, as the refresh
+  does (the candidate for a fused sampling kernel: it is worth one only if this is a visible share).
 
 Time ratios are medians over repetitions; memory is the peak resident-set growth over the
 state after building the model and batch, divided by that of a gradient.
@@ -31,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ["gradient", "hvp-double-backward", "hvp-forward-over-reverse", "gnb-refresh", "hutchinson-refresh"]
+MODES = ["gradient", "gradient-math-attention", "hvp-double-backward", "hvp-forward-over-reverse", "gnb-refresh",
+         "hutchinson-refresh", "rademacher-sampling"]
 
 
 def _rss_mib() -> float:
@@ -83,6 +89,16 @@ def worker(mode: str, args) -> dict:
         fn = lambda: hvp(loss_fn, params, v, mode=m)  # noqa: E731
     elif mode == "gnb-refresh":
         fn = lambda: grad_step("gnb")  # noqa: E731
+    elif mode == "gradient-math-attention":
+        def fn():
+            with differentiable_attention(model):
+                grad_step()
+    elif mode == "rademacher-sampling":
+        gen = torch.Generator().manual_seed(0)
+        plist = list(model.parameters())
+
+        def fn():  # what accumulate_hutchinson draws per refresh
+            return [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in plist]
     else:
         fn = lambda: grad_step("hutchinson")  # noqa: E731
     base = grad_step  # every mode is timed against a plain gradient in the same process
@@ -161,6 +177,12 @@ def main(argv=None):
         extra = f"{r['extra_time_vs_gradient']:.2f}x" if "extra_time_vs_gradient" in r else "-"
         mem = f"{r['memory_vs_gradient']:.2f}x" if r["memory_vs_gradient"] is not None else "-"
         lines.append(f"| {r['mode']} | {r['time_vs_gradient']:.2f}x | {extra} | {mem} |")
+    by = {r["mode"]: r for r in rows}
+    if "gradient-math-attention" in by:
+        math_grad = by["gradient-math-attention"]["time_vs_gradient"]
+        lines += ["", "Against a gradient through the same (math) attention path, i.e. the second derivative's own cost: "
+                  + ", ".join(f"{m} {by[m]['time_vs_gradient'] / math_grad:.2f}x"
+                              for m in ("hvp-double-backward", "hvp-forward-over-reverse") if m in by) + "."]
     tmp = RESULTS / "hvp.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, RESULTS / "hvp.md")
