@@ -6,7 +6,7 @@ package imports nothing else from soulkit.
 """
 
 from .adahessian import adahessian_step, adahessian_step_foreach, adahessian_step_reference
-from .projection import project, project_chunks, project_reference, rademacher_matrix
+from .projection import project, project_chunks, project_compiled, project_reference, rademacher_matrix
 from .sophia import sophia_step, sophia_step_foreach, sophia_step_reference
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "adahessian_step_reference",
     "project",
     "project_chunks",
+    "project_compiled",
     "project_reference",
     "rademacher_matrix",
     "sophia_step",

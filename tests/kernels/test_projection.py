@@ -96,3 +96,20 @@ def test_bad_input_names_the_argument():
         project(torch.zeros(2, 3), 4, seed=0, implementation="magic")
     with pytest.raises(ValueError, match="empty"):
         project_chunks([], 4, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d, k, offset, seed", [(1, 1, 0, 0), (4097, 7, 13, 2**32 - 1), (300, 64, 2**31, 12345)])
+def test_compiled_equals_eager_reference_bit_for_bit(dtype, d, k, offset, seed):
+    from soulkit.kernels.projection import project_compiled
+    from soulkit.kernels.sophia_compiled import compile_available
+
+    if not compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    g = torch.randn(3, d).to(dtype)
+    ref = project_reference(g, k, seed, row_offset=offset)
+    out = project_compiled(g, k, seed, row_offset=offset)
+    assert out.dtype == ref.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(out, ref)
+    assert torch.equal(project(g, k, seed, row_offset=offset, implementation="compiled"), ref)
+    assert torch.equal(project(g, k, seed, row_offset=offset), ref)  # "auto" on the CPU
