@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: the CUDA tests and the kernel microbenchmarks, then a short table.
 # Usage (on a CUDA machine, from the repository root): bash benchmarks/gpu_check.sh
-# Results land in benchmarks/results/kernels_cuda.{md,json,png} (and under $OUT when set).
+# Results land in benchmarks/results/kernels_cuda.{md,json,png} and projection_cuda.{md,json} (and under $OUT when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -18,4 +18,6 @@ echo "== kernel tests compiled on CUDA =="
 "$PY" -m pytest -q tests/kernels/test_sophia_triton.py 2>&1 | tail -n 5
 echo "== kernel benchmarks =="
 "$PY" benchmarks/kernels.py --device cuda "$@"
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/kernels_cuda.* "$OUT"/ 2>/dev/null || true; fi
+echo "== projection benchmark =="
+"$PY" benchmarks/projection.py --device cuda --max-dense-gib 16
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/kernels_cuda.* benchmarks/results/projection_cuda.* "$OUT"/ 2>/dev/null || true; fi
