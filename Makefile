@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.soulkit-installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench bench-unlearn lint format clean
+.PHONY: setup test test-all demo bench bench-unlearn bench-influence-peers lint format clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,30 @@ bench-unlearn: $(STAMP)
 	$(PY) benchmarks/tofu_baselines.py
 	$(PY) benchmarks/unlearning.py
 
+# soulkit vs dattri vs kronfluence on the LOO and LDS influence tasks (~10-15 min on 1 CPU thread). The peers
+# live only in a separate venv (.venv-peers, pins in benchmarks/requirements-peers.txt), never in soulkit's deps.
+PEERS_VENV  ?= .venv-peers
+PEERS_PY    := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+
+$(PEERS_STAMP): pyproject.toml benchmarks/requirements-peers.txt
+	test -x $(PEERS_PY) || python3 -m venv $(PEERS_VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PEERS_PY) -c "import torch" 2>/dev/null || $(PEERS_PY) -m pip install --quiet "torch>=2.4"; \
+	else \
+		$(PEERS_PY) -c "import torch" 2>/dev/null || $(PEERS_PY) -m pip install --quiet "$(TORCH_CPU_SPEC)"; \
+	fi
+	$(PEERS_PY) -c "import torch; print('peers venv: torch', torch.__version__)" > $(PEERS_VENV)/.torch-before
+	$(PEERS_PY) -m pip install --quiet -e ".[influence]"
+	$(PEERS_PY) -m pip install --quiet --no-deps -r benchmarks/requirements-peers.txt
+	$(PEERS_PY) -c "import torch; print('peers venv: torch', torch.__version__)" | cmp -s - $(PEERS_VENV)/.torch-before \
+		|| { echo "installing the peers changed torch in $(PEERS_VENV); refusing to go on"; exit 1; }
+	$(PEERS_PY) -c "import dattri.algorithm.influence_function, kronfluence.analyzer"
+	touch $(PEERS_STAMP)
+
+bench-influence-peers: $(PEERS_STAMP)
+	OMP_NUM_THREADS=1 $(PEERS_PY) benchmarks/influence_peers.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check soulkit tests benchmarks
 
@@ -46,4 +70,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format soulkit tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info .pytest_cache

@@ -114,6 +114,32 @@ def query_losses(m, xq, yq) -> np.ndarray:
         return F.cross_entropy(m(xq), yq, reduction="none").numpy()
 
 
+def subset_masks(n: int, subsets: int, seed: int = 0) -> np.ndarray:
+    """``[subsets, n]`` boolean masks of random half-size subsets (alpha = 0.5)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((subsets, n), dtype=bool)
+    for s in range(subsets):
+        masks[s, rng.choice(n, n // 2, replace=False)] = True
+    return masks
+
+
+def retrain_subsets(masks: np.ndarray, seeds: int, l2: float, hidden: int, xtr, ytr, xte, yte):
+    """Retrain on every subset with ``seeds`` initialisations: (query losses ``[seeds, S, m]``, worst |grad|)."""
+    t0 = time.perf_counter()
+    per_seed = np.zeros((seeds, len(masks), len(yte)))
+    worst = 0.0
+    for s, mask in enumerate(masks):
+        idx = torch.from_numpy(np.flatnonzero(mask))
+        for seed in range(seeds):
+            m, g = train(xtr[idx], ytr[idx], 1000 + 97 * s + seed, l2, hidden)
+            worst = max(worst, g)
+            per_seed[seed, s] = query_losses(m, xte, yte)
+        if (s + 1) % 10 == 0:
+            print(f"[l2={l2:g}] retrained {s + 1}/{len(masks)} subsets x {seeds} seeds "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+    return per_seed, worst
+
+
 def run_l2(l2: float, masks: np.ndarray, args, xtr, ytr, xte, yte) -> dict:
     n = len(ytr)
     print(f"[l2={l2:g}] training the full model ...", flush=True)
@@ -121,17 +147,7 @@ def run_l2(l2: float, masks: np.ndarray, args, xtr, ytr, xte, yte) -> dict:
     acc = float((full(xte).argmax(1) == yte).double().mean())
     # actual outputs of the subset models
     t0 = time.perf_counter()
-    per_seed = np.zeros((args.seeds, len(masks), len(yte)))
-    worst = 0.0
-    for s, mask in enumerate(masks):
-        idx = torch.from_numpy(np.flatnonzero(mask))
-        for seed in range(args.seeds):
-            m, g = train(xtr[idx], ytr[idx], 1000 + 97 * s + seed, l2, args.hidden)
-            worst = max(worst, g)
-            per_seed[seed, s] = query_losses(m, xte, yte)
-        if (s + 1) % 10 == 0:
-            print(f"[l2={l2:g}] retrained {s + 1}/{len(masks)} subsets x {args.seeds} seeds "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+    per_seed, worst = retrain_subsets(masks, args.seeds, l2, args.hidden, xtr, ytr, xte, yte)
     t_retrain = time.perf_counter() - t0
     actual = per_seed.mean(0)  # [S, m]
     seed_agree = (
@@ -294,10 +310,7 @@ def main() -> None:
     t0 = time.perf_counter()
     xtr, ytr, xte, yte = data(args.n_train, args.n_test)
     n = len(ytr)
-    rng = np.random.default_rng(0)
-    masks = np.zeros((args.subsets, n), dtype=bool)
-    for s in range(args.subsets):
-        masks[s, rng.choice(n, n // 2, replace=False)] = True
+    masks = subset_masks(n, args.subsets)
     report = {
         "machine": machine_info(), "threads": args.threads, "n_train": n, "n_test": len(yte),
         "hidden": args.hidden, "params": sum(p.numel() for p in make(0, args.hidden).parameters()),
