@@ -5,6 +5,9 @@ Measured, each in a fresh subprocess (so peak RSS is its own):
 * ``gradient``: forward + backward of the LM loss (the unit);
 * ``hvp (double backward)`` / ``hvp (forward-over-reverse)``: :func:`soulkit.optim.hvp`, which
   includes its own forward and gradient;
+* ``hvp (plain torch)``: the same double backward written directly on the module
+  (``autograd.grad(create_graph=True)``, a dot with ``v``, a second ``autograd.grad``): what
+  soulkit's ``hvp`` adds on top of torch (argument checks, ``functional_call``) is the difference;
 * ``GNB refresh``: the *extra* cost a Sophia refresh adds to a training step, i.e. a step with
   :meth:`Sophia.accumulate_gnb` on the step's own logits minus a step without it;
 * ``Hutchinson refresh``: the same for :meth:`Sophia.accumulate_hutchinson` on the step's loss.
@@ -13,6 +16,8 @@ Measured, each in a fresh subprocess (so peak RSS is its own):
   cost that comes from the attention path rather than from the second derivative;
 * ``Rademacher sampling``: drawing the Hutchinson probe vectors for every parameter, as the refresh
   does (the candidate for a fused sampling kernel: it is worth one only if this is a visible share).
+* ``label sampling``: drawing the GNB refresh's labels from the step's softmax, with
+  ``torch.multinomial`` and with soulkit's inverse-CDF sampler (the refresh uses the latter).
 
 Time ratios are medians over repetitions; memory is the peak resident-set growth over the
 state after building the model and batch, divided by that of a gradient.
@@ -36,8 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ["gradient", "gradient-math-attention", "hvp-double-backward", "hvp-forward-over-reverse", "gnb-refresh",
-         "hutchinson-refresh", "rademacher-sampling"]
+MODES = ["gradient", "gradient-math-attention", "hvp-double-backward", "hvp-plain-torch", "hvp-forward-over-reverse",
+         "gnb-refresh", "hutchinson-refresh", "rademacher-sampling", "label-sampling-multinomial",
+         "label-sampling-inverse-cdf"]
 
 
 def _rss_mib() -> float:
@@ -87,6 +93,15 @@ def worker(mode: str, args) -> dict:
     elif mode.startswith("hvp"):
         m = "double_backward" if "double" in mode else "forward_over_reverse"
         fn = lambda: hvp(loss_fn, params, v, mode=m)  # noqa: E731
+    elif mode == "hvp-plain-torch":
+        plist, vlist = list(params.values()), list(v.values())
+
+        def fn():  # the textbook double backward on the module itself: soulkit's hvp should add nothing to it
+            with differentiable_attention(model):
+                loss = lm_loss(model(ids).logits)
+                grads = torch.autograd.grad(loss, plist, create_graph=True)
+                dot = sum((g * u).sum() for g, u in zip(grads, vlist))
+                return torch.autograd.grad(dot, plist)
     elif mode == "gnb-refresh":
         fn = lambda: grad_step("gnb")  # noqa: E731
     elif mode == "gradient-math-attention":
@@ -99,6 +114,16 @@ def worker(mode: str, args) -> dict:
 
         def fn():  # what accumulate_hutchinson draws per refresh
             return [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in plist]
+    elif mode.startswith("label-sampling"):
+        from soulkit.optim._sampling import sample_from_logits
+
+        with torch.no_grad():
+            flat_logits = model(ids).logits[:, :-1].reshape(-1, cfg.vocab_size)
+        gen = torch.Generator().manual_seed(0)
+        if mode.endswith("multinomial"):  # what the GNB refresh used before: torch.multinomial on the softmax
+            fn = lambda: torch.multinomial(torch.softmax(flat_logits, -1), 1, generator=gen)  # noqa: E731
+        else:  # soulkit's sampler (one uniform per row, searchsorted on the cumulative softmax)
+            fn = lambda: sample_from_logits(flat_logits, generator=gen)  # noqa: E731
     else:
         fn = lambda: grad_step("hutchinson")  # noqa: E731
     base = grad_step  # every mode is timed against a plain gradient in the same process

@@ -5,7 +5,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sampled_label_loss"]
+__all__ = ["sampled_label_loss", "sample_from_logits"]
+
+
+def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One class index per row of ``logits`` ``[N, vocab]``, drawn from ``softmax(logits)``.
+
+    Inverse-CDF sampling: one uniform ``u`` per row, scaled by the row's total mass, and the first
+    class whose cumulative probability exceeds it (``searchsorted(..., side="right")``, so a class
+    of probability 0 is never drawn). Same distribution as ``torch.multinomial(softmax(logits), 1)``,
+    which on the CPU costs about as much as a forward pass of a small LM (13.9 ms vs 1.8 ms for
+    1016 x 256 logits on 2 Xeon threads): the GNB refresh is meant to add one backward, nothing more.
+    The cumulative sum is taken in float32 (float64 logits stay float64).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdf = torch.softmax(logits.to(cdt), dim=-1).cumsum_(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdt, device=cdf.device) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, side="right")
+    # u can round up to the total mass; fall back to the last class that has any (never a -inf logit's)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), side="left")
+    return torch.minimum(idx, last).squeeze(-1)
 
 
 def sampled_label_loss(
@@ -54,7 +75,6 @@ def sampled_label_loss(
     if n_terms == 0:
         raise ValueError("no terms left for the sampled-label loss (all positions masked)")
     with torch.no_grad():
-        probs = torch.softmax(flat.detach().float(), dim=-1)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sampled = sample_from_logits(flat.detach(), generator=generator)
     loss_sum = F.cross_entropy(flat.float(), sampled, reduction="sum")
     return loss_sum, int(n_terms)
