@@ -11,9 +11,11 @@ Protocol:
     Warmup 5% then cosine decay to 0.1x over the same ``--steps`` for every run.
   * Tuning, seed 0: the same number of learning rates for each optimizer (default 3, factor 2 apart),
     all arms in ONE lockstep run (same init, same batches, step times measured side by side). The lr
-    with the lowest final validation loss is kept for each optimizer. Sophia's rho is fixed (0.04,
-    chosen in the demo's preliminary sweep, documented in ``soulkit/demos/train_lm.py``); sweeping it
-    too would give Sophia more tuning than AdamW.
+    with the lowest final validation loss is kept for each optimizer. Sophia's rho is fixed, not swept
+    (sweeping it too would give Sophia more tuning than AdamW): by default 0.04, chosen in the demo's
+    preliminary sweep (``soulkit/demos/train_lm.py``); with ``--hessian-bias-correction`` the committed
+    ``optimizers_hbc`` run uses ``--rho 0.5``, set by the paper authors' rule of keeping the win rate
+    (unclipped fraction) within 0.1-0.5, checked in a 150-step probe before the run, not by loss.
   * Seed 1 (and any further seeds): the two tuned optimizers in one lockstep run; new init and new
     batch order. Seed 0's numbers come from the tuning run itself (best of the grid, for both
     optimizers alike); seed 1's are untouched by the selection.
