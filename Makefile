@@ -30,9 +30,14 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/soulkit demo
 
+# every CPU benchmark behind the README's Results except the unlearning and peer ones (~1.5 h on 2 cores)
 bench: $(STAMP)
-	$(PY) benchmarks/optimizers.py
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/projection.py
 	$(PY) benchmarks/hvp.py
+	$(PY) benchmarks/influence_loo.py
+	$(PY) benchmarks/influence_lds.py
+	$(PY) benchmarks/optimizers.py --threads 1
 
 # TOFU-style baselines, then every objective x {AdamW, Sophia}: ~1.5 h on 2 CPU cores (models cached)
 bench-unlearn: $(STAMP)

@@ -23,7 +23,8 @@ Time ratios are medians over repetitions; memory is the peak resident-set growth
 state after building the model and batch, divided by that of a gradient.
 
     python benchmarks/hvp.py [--layers 2 --hidden 128 --seq 128 --batch 8 --reps 7]
-Outputs benchmarks/results/hvp.{md,json}.
+    python benchmarks/hvp.py --layers 4 --hidden 256 --seq 256 --tag larger
+Outputs benchmarks/results/hvp[_<tag>].{md,json}.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="", help="write hvp_<tag>.{md,json} instead of hvp.*")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -185,9 +187,10 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "config": {k: getattr(args, k) for k in ("layers", "hidden", "seq", "batch", "reps", "threads")},
                "rows": rows}
-    tmp = RESULTS / "hvp.json.tmp"
+    stem = "hvp" + (f"_{args.tag}" if args.tag else "")
+    tmp = RESULTS / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, RESULTS / "hvp.json")
+    os.replace(tmp, RESULTS / f"{stem}.json")
     lines = [
         "# Curvature cost relative to one gradient (tiny Llama)", "",
         f"Machine: {machine_line(info)}. Model: Llama, {args.layers} layers, hidden {args.hidden}, "
@@ -208,9 +211,9 @@ def main(argv=None):
         lines += ["", "Against a gradient through the same (math) attention path, i.e. the second derivative's own cost: "
                   + ", ".join(f"{m} {by[m]['time_vs_gradient'] / math_grad:.2f}x"
                               for m in ("hvp-double-backward", "hvp-forward-over-reverse") if m in by) + "."]
-    tmp = RESULTS / "hvp.md.tmp"
+    tmp = RESULTS / f"{stem}.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, RESULTS / "hvp.md")
+    os.replace(tmp, RESULTS / f"{stem}.md")
     print("\n".join(lines))
 
 

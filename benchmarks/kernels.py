@@ -14,7 +14,8 @@ Bytes per element per step (fp32): Sophia 24 (p, g, m, h read; p, m written), Ad
 
     python benchmarks/kernels.py                 # CPU: sizes up to 64M + GPT-2 small layout
     python benchmarks/kernels.py --sizes 1,16 --layouts gpt2-small --reps 3
-Outputs benchmarks/results/kernels{_cpu,_cuda}.{md,json,png}.
+    python benchmarks/kernels.py --threads 1 --tag 1thread   # kernels_cpu_1thread.*
+Outputs benchmarks/results/kernels{_cpu,_cuda}[_<tag>].{md,json,png}.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def bench_case(name, shapes, device, reps, warmup):
 
 def write_outputs(rows, info, device, args):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"kernels_{device.type}"
+    stem = RESULTS / (f"kernels_{device.type}" + (f"_{args.tag}" if args.tag else ""))
     payload = {"machine": info, "device": device.type, "reps": args.reps, "hyperparameters": HP, "rows": rows}
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
@@ -218,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--tag", default="", help="write kernels_<device>_<tag>.* (keeps the default run's results)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
