@@ -108,7 +108,8 @@ def test_bad_inputs_name_list_and_index(impl):
 @pytest.mark.parametrize("pdt, sdt, tol", [(torch.float32, torch.float32, 1e-6), (torch.bfloat16, torch.float32, 1e-2)])
 @pytest.mark.parametrize("with_estimate", [False, True])
 @pytest.mark.parametrize("small_numel", [0, 100, None], ids=["all-compiled", "mixed", "default"])
-def test_compiled_matches_reference(pdt, sdt, tol, with_estimate, small_numel):
+@pytest.mark.parametrize("bc1", [0.271, 1.0], ids=["m-bias-corrected", "no-m-correction"])
+def test_compiled_matches_reference(pdt, sdt, tol, with_estimate, small_numel, bc1):
     from soulkit.kernels.sophia_compiled import compile_available, sophia_step_compiled
 
     if not compile_available():
@@ -118,7 +119,7 @@ def test_compiled_matches_reference(pdt, sdt, tol, with_estimate, small_numel):
     a = _clone([ps, ms, hs])
     b = _clone([ps, ms, hs])
     kw = dict(lr=0.03, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-12, maximize=True,
-              bias_correction1=0.271, beta2=0.95, hessian_estimates=es if with_estimate else None)
+              bias_correction1=bc1, beta2=0.95, hessian_estimates=es if with_estimate else None)
     wa, wb = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
     sophia_step_reference(a[0], gs, a[1], a[2], win_count=wa, **kw)
     sophia_step_compiled(b[0], gs, b[1], b[2], win_count=wb, small_tensor_numel=small_numel, **kw)
@@ -138,3 +139,34 @@ def test_auto_dispatch_picks_a_path_by_device_and_size(monkeypatch):
     big = mod.resolve_implementation(torch.device("cpu"), "auto", numel=mod.COMPILE_MIN_NUMEL)
     assert big == ("compiled" if compile_available() else "foreach")
     assert mod.resolve_implementation(torch.device("cpu"), "reference") == "reference"
+
+
+def test_compiled_survives_more_configurations_than_dynamos_recompile_limit():
+    # dynamo allows 8 recompiles per code object and fails hard under fullgraph=True; one process meets
+    # maximize x win counting (refresh steps) x m bias correction x fused refresh x dtypes, so each
+    # configuration must compile on its own code object
+    from soulkit.kernels.sophia_compiled import compile_available, sophia_step_compiled
+
+    if not compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    import itertools
+
+    import torch._dynamo
+
+    flags = list(itertools.product([False, True], [False, True], [False, True]))  # maximize, count, estimate
+    configs = [(*f, 0.5, torch.float32) for f in flags] + [(True, True, True, 1.0, torch.bfloat16),
+                                                           (False, False, False, 1.0, torch.bfloat16)]
+    configs.append(configs[0])  # a repeat reuses its kernel
+    assert len(set(configs)) > torch._dynamo.config.recompile_limit  # past the limit, or the test means nothing
+    for maximize, count, with_estimate, bc1, pdt in configs:
+        ps, gs, ms, hs, es = _make([40_009], pdt, torch.float32, seed=5)
+        a, b = _clone([ps, ms, hs]), _clone([ps, ms, hs])
+        kw = dict(lr=0.03, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-12, maximize=maximize,
+                  bias_correction1=bc1, beta2=0.95, hessian_estimates=es if with_estimate else None)
+        wa = torch.zeros((), dtype=torch.int64) if count else None
+        wb = torch.zeros((), dtype=torch.int64) if count else None
+        sophia_step_reference(a[0], gs, a[1], a[2], win_count=wa, **kw)
+        sophia_step_compiled(b[0], gs, b[1], b[2], win_count=wb, small_tensor_numel=0, **kw)
+        tol = 1e-6 if pdt == torch.float32 else 1e-2
+        for lst_a, lst_b in zip(a, b):
+            torch.testing.assert_close(lst_a[0].double(), lst_b[0].double(), rtol=tol, atol=tol)
