@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/influence_loo.py
 	$(PY) benchmarks/influence_lds.py
 	$(PY) benchmarks/optimizers.py --threads 1
+	$(PY) benchmarks/sophia_overhead.py --windows 16
 
 # TOFU-style baselines, then every objective x {AdamW, Sophia}: ~1.5 h on 2 CPU cores (models cached)
 bench-unlearn: $(STAMP)

@@ -210,6 +210,25 @@ def test_gnb_covers_the_whole_accumulated_batch_and_ignores_clipping():
         torch.testing.assert_close(opt.state[q]["hessian"], s * s / terms)
 
 
+def test_gnb_from_one_micro_batch_of_an_accumulation_uses_only_its_terms():
+    # the cheap refresh: estimate h from the first micro-batch's logits only (half the extra backward)
+    model = _mlp()
+    params = list(model.parameters())
+    opt = Sophia(params, betas=(0.9, 0.0), seed=3)
+    x = torch.randn(20, 6, dtype=torch.float64)
+    logits = model(x[:8])
+    gen = opt._generator(logits.device, salt=opt._pending_terms + 1)
+    loss_sum, n = sampled_label_loss(logits, generator=gen)
+    expected = torch.autograd.grad(loss_sum, params, retain_graph=True)
+    assert opt.accumulate_gnb(logits) == 8
+    (logits.square().mean() / 2).backward()
+    (model(x[8:]).square().mean() / 2).backward()  # second micro-batch: gradient only, no estimate
+    assert opt._pending_terms == 8
+    opt.step()
+    for q, s in zip(params, expected):
+        torch.testing.assert_close(opt.state[q]["hessian"], s * s / 8)
+
+
 def test_gnb_respects_ignore_index():
     model = _mlp()
     opt = Sophia(model.parameters())
