@@ -140,13 +140,12 @@ def main(argv=None) -> int:
 
     med_window = {n: statistics.median(v) for n, v in window_times.items()}
     med_step = {n: statistics.median([t for pos in v for t in pos]) for n, v in step_times.items()}
-    base_step = med_step["adamw"]
     pos = refresh_pos.get("sophia")
     sophia_refresh = statistics.median(step_times["sophia"][pos]) if pos is not None else None
     sophia_plain = statistics.median([t for i, v in enumerate(step_times["sophia"]) if i != pos for t in v])
     adamw_plain = statistics.median([t for v in step_times["adamw"] for t in v])
     res = {
-        "machine": info_machine(),
+        "machine": machine_info(),
         "config": {"windows": args.windows, "k": args.k, "threads": args.threads, "rho": args.rho,
                    "n_params": n_params, "batch": [config.batch_size, config.seq_len], "quick": args.quick},
         "data": {k: v for k, v in info.items() if isinstance(v, int | float | str)},
@@ -161,16 +160,12 @@ def main(argv=None) -> int:
         "sophia_refresh_step_extra_vs_adamw_step": (sophia_refresh / adamw_plain - 1) if sophia_refresh else None,
         "sophia_plain_step_extra_vs_adamw_step": sophia_plain / adamw_plain - 1,
     }
-    write(res, args, base_step)
+    write(res, args)
     return 0
 
 
 def paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b)) - 1
-
-
-def info_machine() -> dict:
-    return machine_info()
 
 
 def where_it_comes_from(res: dict, k: int) -> str:
@@ -187,7 +182,7 @@ def where_it_comes_from(res: dict, k: int) -> str:
     )
 
 
-def write(res: dict, args, base_step: float) -> None:
+def write(res: dict, args) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = "sophia_overhead" + ("_quick" if args.quick else "")
