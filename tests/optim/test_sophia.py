@@ -549,6 +549,20 @@ def test_nonfinite_gradient_is_skipped_and_counted():
     assert opt.num_steps == 1 and torch.isfinite(p).all()
 
 
+def test_huge_but_finite_gradient_is_not_taken_for_nonfinite():
+    # the fast 2-norm check overflows on finite values above ~1.8e19 (fp32); the step must still run
+    p = torch.ones(3, requires_grad=True)
+    opt = Sophia([p], lr=0.1)
+    p.grad = torch.tensor([3e30, -1.0, 1.0])
+    assert not torch.isfinite(torch.linalg.vector_norm(p.grad))  # the case the exact re-check is for
+    opt.step()
+    assert opt.skipped_steps == 0 and opt.num_steps == 1
+    for bad in (float("nan"), float("inf"), float("-inf")):  # and real non-finite values are still caught
+        p.grad = torch.tensor([3e30, bad, 1.0])
+        opt.step()
+    assert opt.skipped_steps == 3 and opt.num_steps == 1
+
+
 def test_nonfinite_gradient_raises_when_asked():
     p = torch.ones(3, requires_grad=True)
     opt = Sophia([p], lr=0.1, nonfinite="raise")
