@@ -222,8 +222,8 @@ class Sophia(Optimizer):
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
-        # Fast check: the 2-norm (a vectorised reduction; the inf-norm's foreach kernel is ~12x slower on
-        # the CPU: 6 ms vs 0.5 ms per step for the demo's 1.87M parameters). A NaN or inf element always
+        # Fast check: the 2-norm (a vectorised reduction; the inf-norm's foreach kernel was ~12x slower on
+        # the CPU in a one-off probe with the demo's 1.87M parameters). A NaN or inf element always
         # makes it non-finite; a finite tensor can too (squares overflow above ~1.8e19 in fp32), so a
         # failed fast check is confirmed with the exact max-abs check before a step is skipped.
         def check(order: float) -> bool:
