@@ -260,9 +260,18 @@ def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing.start_processes`` passes ``rank`` first).
 
     Runs the scenarios one after the other in one process group: starting the ranks (importing
-    torch, and torch._dynamo which DDP and FSDP2 import) costs far more than the scenarios."""
+    torch, and torch._dynamo which DDP and FSDP2 import) costs far more than the scenarios.
+
+    After a clean run the rank leaves with ``os._exit(0)``: gloo's worker threads can still hold
+    references when the interpreter is torn down, and that teardown has aborted a rank (SIGABRT,
+    "terminate called without an active exception") once in CI after every result was written. A
+    failure inside a scenario still raises, and a fatal signal prints every thread's Python stack
+    (faulthandler) so that a crash can be told apart from the exit-time one."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     # Triton kernels run under the interpreter without a GPU; set before soulkit.kernels is imported
     # (tests/conftest.py does the same for the test process, whose environment the ranks inherit).
@@ -277,10 +286,15 @@ def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:
     try:
         for scenario in scenarios:
             result = _BODIES[scenario](rank, world)
-            torch.save(result, Path(out_dir) / f"{scenario}_rank{rank}.pt")
+            target = Path(out_dir) / f"{scenario}_rank{rank}.pt"
+            torch.save(result, target.with_suffix(".tmp"))
+            os.replace(target.with_suffix(".tmp"), target)  # a result file is whole or absent
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # manual run: python -m tests.optim._dist_worker OUT_DIR [SCENARIO ...]

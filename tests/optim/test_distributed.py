@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from . import _dist_worker as W
 
@@ -35,10 +37,17 @@ def _launch(scenarios: tuple[str, ...], out_dir) -> dict[str, list[dict]]:
         start_method="spawn",
     )
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    expected = [out_dir / f"{s}_rank{r}.pt" for s in scenarios for r in range(W.WORLD_SIZE)]
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 pytest.fail(f"the ranks did not finish {scenarios} within {LAUNCH_TIMEOUT_S:.0f} s")
+    except ProcessExitedException as exc:
+        # Every result is written before the last barrier, so a rank that dies after all of them
+        # exist died in the process-group teardown (torch/gloo, not soulkit): the results stand.
+        if exc.signal_name is None or not all(p.exists() for p in expected):
+            raise
+        warnings.warn(f"a rank died in process-group teardown after writing every result: {exc}", stacklevel=1)
     finally:
         for proc in ctx.processes:  # only the ranks started above
             if proc.is_alive():
