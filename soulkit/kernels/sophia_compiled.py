@@ -10,7 +10,11 @@ Each compiled call costs tens of microseconds of Python and guard overhead, more
 update of a bias or a norm weight; tensors below ``SMALL_TENSOR_NUMEL`` elements therefore go
 through one foreach call for all of them (same math, same rounding: both compute in the compute
 dtype and round once), which keeps parameter lists with many small tensors (GPT-2: 98 of its 148
-tensors have <= 3,072 elements) from paying a compiled call per tensor.
+tensors have <= 3,072 elements) from paying a compiled call per tensor. The larger tensors go
+through the compiled code ``CHUNK`` at a time (one Python call, one guard check for ``CHUNK``
+tensors): on GPT-2-small's 50 large tensors that took the step from 1.12x to 1.03x the time of
+``AdamW(fused=True)`` in one paired run (see ``benchmarks/results/kernels_cpu.md`` for the committed
+figures). Fewer than ``CHUNK`` large tensors, and the remainder, go one call per tensor.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import torch
 
 from .sophia import check_sophia_inputs, sophia_step_foreach
 
-__all__ = ["sophia_step_compiled", "compile_available", "SMALL_TENSOR_NUMEL"]
+__all__ = ["sophia_step_compiled", "compile_available", "SMALL_TENSOR_NUMEL", "CHUNK"]
 
 # Below this size a tensor joins the group's single foreach call (measured crossover on the 2-core
 # Xeon of benchmarks/results/kernels_cpu.md: a compiled call's fixed cost exceeds the foreach chain's
 # extra passes up to a few tens of thousands of elements).
 SMALL_TENSOR_NUMEL = 1 << 15
+# Large tensors per compiled call. Each chunk length is a graph of its own (compiled once, seconds);
+# 8 kept the one-off compile near 20 s on the 2-core Xeon while removing most of the per-call cost.
+CHUNK = 8
 
 _COMPILE_OK: bool | None = None
 
@@ -63,24 +70,61 @@ def _step_one(p, g, m, h, e, hp, maximize: bool, count_win: bool, correct_m: boo
     return (ratio.abs() < 1).sum() if count_win else None
 
 
+def _step_chunk(ps, gs, ms, hs, es, hp, maximize: bool, count_win: bool, correct_m: bool = True):
+    wins = None
+    for i in range(len(ps)):
+        w = _step_one(ps[i], gs[i], ms[i], hs[i], None if es is None else es[i], hp, maximize, count_win, correct_m)
+        if w is not None:
+            wins = w if wins is None else wins + w
+    return wins
+
+
 _compiled: dict[tuple, object] = {}
 
 
-def _get_compiled(key: tuple):
+def _no_duck_shapes():
+    """Compile-time setting: equal sizes of different tensors get separate symbols (else the graph
+    would be guarded on those equalities and recompile for every other layout)."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # an older or newer torch without the setting: chunk of 1
+        return None
+
+
+def _get_compiled(key: tuple, chunk: int = 0):
     # One shape-generic kernel per static configuration (flags and dtypes), called once per (flattened)
     # tensor: compiling a whole parameter list at once takes minutes for a GPT-2-sized list; this takes
     # seconds, and the per-call overhead (~tens of microseconds) is small against a multi-million-element
     # step. Each configuration gets its own copy of the code object, because dynamo counts recompiles
     # per code object (limit 8, a hard error under fullgraph=True): flags x dtypes of one process
     # (maximize, win counting on refresh steps, m bias correction, fused refresh, bf16 and fp32
-    # groups) would otherwise exceed it.
-    fn = _compiled.get(key)
+    # groups) would otherwise exceed it. ``chunk > 0``: the same for ``chunk`` tensors per call.
+    full_key = key + (chunk,)
+    fn = _compiled.get(full_key)
     if fn is None:
-        tag = "_".join(str(k).replace("torch.", "") for k in key)
-        code = _step_one.__code__.replace(co_name=f"_step_one_{tag}")
-        variant = types.FunctionType(code, _step_one.__globals__, code.co_name, _step_one.__defaults__)
-        fn = _compiled[key] = torch.compile(variant, dynamic=True, fullgraph=True)
+        base = _step_chunk if chunk else _step_one
+        tag = "_".join(str(k).replace("torch.", "") for k in full_key)
+        code = base.__code__.replace(co_name=f"{base.__name__}_{tag}")
+        variant = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__)
+        fn = _compiled[full_key] = torch.compile(variant, dynamic=True, fullgraph=True)
     return fn
+
+
+_HP_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _hyperparameters(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # On the CPU one buffer is refilled through its NumPy view (the kernels read it synchronously):
+    # a fresh tensor per call costs ~30 us more per compiled call on the 2-core Xeon.
+    if device.type != "cpu":
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    hp = _HP_CACHE.get(device)
+    if hp is None:
+        hp = _HP_CACHE[device] = torch.empty(len(values), dtype=torch.float64)
+    hp.numpy()[:] = values
+    return hp
 
 
 def sophia_step_compiled(
@@ -100,19 +144,19 @@ def sophia_step_compiled(
     beta2: float = 0.99,
     win_count: torch.Tensor | None = None,
     small_tensor_numel: int | None = None,
+    chunk: int | None = None,
 ) -> None:
     """The Sophia step of :func:`~soulkit.kernels.sophia.sophia_step_reference`, compiled by inductor.
 
     Tensors with fewer than ``small_tensor_numel`` elements (default :data:`SMALL_TENSOR_NUMEL`; 0
-    compiles every tensor) are updated together by one foreach call instead.
+    compiles every tensor) are updated together by one foreach call instead. ``chunk`` (default
+    :data:`CHUNK`): large tensors of one configuration per compiled call; 1 calls once per tensor.
     """
     check_sophia_inputs(params, grads, exp_avgs, hessians, hessian_estimates)
     if not params:
         return
     device = params[0].device
-    hp = torch.tensor(
-        [lr, beta1, rho, 1 - lr * weight_decay, eps, bias_correction1, beta2], dtype=torch.float64, device=device
-    )
+    hp = _hyperparameters((lr, beta1, rho, 1 - lr * weight_decay, eps, bias_correction1, beta2), device)
     limit = SMALL_TENSOR_NUMEL if small_tensor_numel is None else small_tensor_numel
     small = [i for i, p in enumerate(params) if p.numel() < limit]
     if small:
@@ -126,7 +170,9 @@ def sophia_step_compiled(
     if len(small) == len(params):
         return
     skip = set(small)
-    wins = []
+    flags = (bool(maximize), win_count is not None, bias_correction1 != 1.0)
+    # large tensors grouped by configuration (dtypes), flattened to 1-D views
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
     for i in range(len(params)):
         if i in skip:
             continue
@@ -135,12 +181,30 @@ def sophia_step_compiled(
             ts.append(hessian_estimates[i])
         if not all(t.is_contiguous() for t in ts):
             raise ValueError(f"tensor {i} is not contiguous; the compiled step needs contiguous tensors")
-        flat = [t.view(-1) for t in ts]
-        e = flat[4] if hessian_estimates is not None else None
-        flags = (bool(maximize), win_count is not None, bias_correction1 != 1.0)
         key = flags + tuple(t.dtype for t in ts)
-        w = _get_compiled(key)(flat[0], flat[1], flat[2], flat[3], e, hp, *flags)
-        if w is not None:
-            wins.append(w)
+        groups.setdefault(key, []).append([t.view(-1) for t in ts])
+    size = CHUNK if chunk is None else chunk
+    if size < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    wins = []
+    for key, rows in groups.items():
+        start = 0
+        patch = _no_duck_shapes() if size > 1 and len(rows) >= size else None
+        if patch is not None:
+            chunked = _get_compiled(key, size)
+            with patch:
+                for start in range(0, len(rows) - size + 1, size):
+                    cols = list(zip(*rows[start : start + size]))
+                    e = list(cols[4]) if hessian_estimates is not None else None
+                    w = chunked(list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), e, hp, *flags)
+                    if w is not None:
+                        wins.append(w)
+            start = (len(rows) // size) * size
+        single = _get_compiled(key)
+        for row in rows[start:]:
+            e = row[4] if hessian_estimates is not None else None
+            w = single(row[0], row[1], row[2], row[3], e, hp, *flags)
+            if w is not None:
+                wins.append(w)
     if win_count is not None and wins:
         win_count += torch.stack(wins).sum().to(win_count.dtype)

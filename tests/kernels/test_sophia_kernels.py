@@ -130,6 +130,36 @@ def test_compiled_matches_reference(pdt, sdt, tol, with_estimate, small_numel, b
     assert abs(int(wa) - int(wb)) <= 2
 
 
+def test_compiled_chunks_of_large_tensors_match_reference_without_recompiling():
+    # more large tensors than one chunk: a full chunk through one compiled call, the rest one by one;
+    # equal sizes inside the chunk (as in a transformer's layers) must not tie the graph to that
+    # layout, so a second list with other sizes reuses the compiled chunk
+    import torch._dynamo.utils
+    from soulkit.kernels.sophia_compiled import CHUNK, compile_available, sophia_step_compiled
+
+    if not compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    kw = dict(lr=0.03, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-12, maximize=False,
+              bias_correction1=0.5, beta2=0.95)
+    layouts = [[64] * (CHUNK - 2) + [97, 131, 64], [50 + 7 * i for i in range(CHUNK + 1)]]
+    graphs = []
+    for seed, sizes in enumerate(layouts):
+        ps, gs, ms, hs, es = _make(sizes, torch.float32, torch.float32, seed=seed)
+        a, b = _clone([ps, ms, hs]), _clone([ps, ms, hs])
+        wa, wb = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+        sophia_step_reference(a[0], gs, a[1], a[2], win_count=wa, hessian_estimates=es, **kw)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        sophia_step_compiled(b[0], gs, b[1], b[2], win_count=wb, hessian_estimates=es, small_tensor_numel=0, **kw)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+        for lst_a, lst_b in zip(a, b):
+            for x, y in zip(lst_a, lst_b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+        assert abs(int(wa) - int(wb)) <= 2 and int(wb) > 0
+    assert graphs[1] == 0, f"the second layout compiled {graphs[1]} new graph(s)"
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        sophia_step_compiled(b[0], gs, b[1], b[2], small_tensor_numel=0, chunk=0, **kw)
+
+
 def test_auto_dispatch_picks_a_path_by_device_and_size(monkeypatch):
     from soulkit.kernels import sophia as mod
 
