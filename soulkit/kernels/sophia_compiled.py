@@ -159,6 +159,11 @@ def sophia_step_compiled(
     hp = _hyperparameters((lr, beta1, rho, 1 - lr * weight_decay, eps, bias_correction1, beta2), device)
     limit = SMALL_TENSOR_NUMEL if small_tensor_numel is None else small_tensor_numel
     small = [i for i, p in enumerate(params) if p.numel() < limit]
+    skip = set(small)
+    lists = [params, grads, exp_avgs, hessians] + ([hessian_estimates] if hessian_estimates is not None else [])
+    for i in range(len(params)):  # before any update, so that a bad input changes nothing
+        if i not in skip and not all(lst[i].is_contiguous() for lst in lists):
+            raise ValueError(f"tensor {i} is not contiguous; the compiled step needs contiguous tensors")
     if small:
         sophia_step_foreach(
             [params[i] for i in small], [grads[i] for i in small],
@@ -169,7 +174,6 @@ def sophia_step_compiled(
         )
     if len(small) == len(params):
         return
-    skip = set(small)
     flags = (bool(maximize), win_count is not None, bias_correction1 != 1.0)
     # large tensors grouped by configuration (dtypes), flattened to 1-D views
     groups: dict[tuple, list[list[torch.Tensor]]] = {}
@@ -179,8 +183,6 @@ def sophia_step_compiled(
         ts = [params[i], grads[i], exp_avgs[i], hessians[i]]
         if hessian_estimates is not None:
             ts.append(hessian_estimates[i])
-        if not all(t.is_contiguous() for t in ts):
-            raise ValueError(f"tensor {i} is not contiguous; the compiled step needs contiguous tensors")
         key = flags + tuple(t.dtype for t in ts)
         groups.setdefault(key, []).append([t.view(-1) for t in ts])
     size = CHUNK if chunk is None else chunk

@@ -160,6 +160,23 @@ def test_compiled_chunks_of_large_tensors_match_reference_without_recompiling():
         sophia_step_compiled(b[0], gs, b[1], b[2], small_tensor_numel=0, chunk=0, **kw)
 
 
+def test_compiled_rejects_non_contiguous_before_updating_anything():
+    from soulkit.kernels.sophia_compiled import compile_available, sophia_step_compiled
+
+    if not compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    ps, gs, ms, hs, _ = _make([5, 64 * 64], torch.float32, torch.float32, seed=9)
+    gs[1] = gs[1].view(64, 64).t()  # large and not contiguous; tensor 0 is small (foreach branch)
+    ps[1], ms[1], hs[1] = ps[1].view(64, 64), ms[1].view(64, 64), hs[1].view(64, 64)
+    before = _clone([ps, ms, hs])
+    with pytest.raises(ValueError, match="tensor 1 is not contiguous"):
+        sophia_step_compiled(ps, gs, ms, hs, lr=0.1, beta1=0.9, rho=0.5, weight_decay=0.1, eps=1e-12,
+                             small_tensor_numel=100)
+    for lst_b, lst in zip(before, [ps, ms, hs]):
+        for x, y in zip(lst_b, lst):
+            assert torch.equal(x, y), "a tensor was updated before the error"
+
+
 def test_auto_dispatch_picks_a_path_by_device_and_size(monkeypatch):
     from soulkit.kernels import sophia as mod
 
