@@ -318,3 +318,56 @@ def test_scores_refer_to_the_model_at_fit(small):
     with torch.no_grad():
         model.weight.add_(1.0)  # an in-place training step after fit
     torch.testing.assert_close(an.scores(small["train"], small["queries"]), before, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- projected scores
+
+
+@pytest.mark.parametrize("loo", ["first_order", "newton"])
+def test_projected_scores_estimate_the_exact_ones_and_keep_the_training_side(loo):
+    p = classification_problem(n=60, d=12, k=3, m=5, seed=3)  # 39 parameters
+    k = 2048
+    kw = dict(solver="exact", l2=p["l2"], loo=loo, batch_size=16, progress=False)
+    exact = InfluenceAnalyzer(p["model"], p["loss"], **kw).fit(p["train"])
+    ref = exact.scores(p["train"], p["queries"])
+    an = InfluenceAnalyzer(p["model"], p["loss"], projection_dim=k, projection_seed=7, **kw).fit(p["train"])
+    est = an.scores(p["train"], p["queries"])
+    assert est.shape == ref.shape and est.dtype == ref.dtype
+    # JL: each entry is unbiased with a standard deviation <= sqrt(2/k) |A^-1 g_i| |v_j| / n
+    S = exact.inverse_hvp(exact.query_gradients(p["queries"]))
+    V = torch.cat(list(exact._train_vectors(p["train"], p["n"])))
+    scale = S.norm(dim=1)[:, None] * V.norm(dim=1)[None, :] / p["n"]
+    assert ((est - ref).abs() <= 5 * (2 / k) ** 0.5 * scale).all()
+    assert torch.corrcoef(torch.stack([est.flatten(), ref.flatten()]))[0, 1] > 0.99
+    # not the exact scores (the estimate is an estimate), yet deterministic for a seed
+    assert not torch.allclose(est, ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(an.scores(p["train"], p["queries"]), est)
+
+    # later calls reuse the training side: only the queries' gradients are computed again
+    rows = []
+    grads = an.bound.grads
+
+    def counting(batch, b, **kwargs):
+        rows.append(b)
+        return grads(batch, b, **kwargs)
+
+    an.bound.grads = counting
+    an.scores(p["train"], TensorDataset(p["Xq"][:2], p["yq"][:2]))
+    assert sum(rows) <= 2 + 16  # the two queries (plus the first-batch check of at most 16 rows)
+    # a refit drops the kept projection
+    an.fit(p["train"])
+    assert an._projection_cache is None
+
+
+def test_projection_bad_input(small):
+    model, loss = small["model"], small["loss"]
+    for kwargs, match in [
+        (dict(projection_dim=0), "projection_dim must be an integer >= 1 or None, got 0"),
+        (dict(projection_dim=2.5), "projection_dim must be an integer >= 1 or None"),
+        (dict(projection_dim=8, projection_seed=-1), "projection_seed must be an integer in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            InfluenceAnalyzer(model, loss, **kwargs)
+    an = InfluenceAnalyzer(model, loss, solver="exact", l2=0.05, progress=False).fit(small["train"])
+    with pytest.raises(ValueError, match="train_projection needs InfluenceAnalyzer"):
+        an.train_projection(small["train"])
