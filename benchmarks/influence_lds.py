@@ -64,9 +64,6 @@ def configs() -> dict:
     return {
         "exact (GN)": {"solver": "exact", **gn},
         "exact (GN), newton": {"solver": "exact", "loo": "newton", **gn},
-        # the training side kept as seeded random projections (InfluenceAnalyzer(projection_dim=k))
-        "exact (GN), projected k=256": {"solver": "exact", "projection_dim": 256, **gn},
-        "exact (GN), projected k=1024": {"solver": "exact", "projection_dim": 1024, **gn},
         "exact (Hessian)": {"solver": "exact"},
         "cg (GN)": {"solver": CGSolver(tol=1e-6, max_iter=2000, on_fail="warn"), **gn},
         "lissa (GN, depth <= 2000)": {"solver": LissaSolver(tol=1e-6, depth=2000, on_fail="warn"), **gn},

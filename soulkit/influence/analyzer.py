@@ -77,8 +77,6 @@ class InfluenceConfig:
     hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto"
     solve_chunk: int = 256
     progress: bool | None = None
-    projection_dim: int | None = None
-    projection_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("l2", "damping"):
@@ -104,12 +102,6 @@ class InfluenceConfig:
         m = self.max_memory_mb
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or not math.isfinite(m):
             raise ValueError(f"max_memory_mb must be a finite number > 0, got {m!r}")
-        k = self.projection_dim
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"projection_dim must be an integer >= 1 or None, got {k!r}")
-        seed = self.projection_seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise ValueError(f"projection_seed must be an integer in [0, 2**31), got {seed!r}")
         if self.dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
         self.solver = make_solver(self.solver)
@@ -141,13 +133,6 @@ class InfluenceAnalyzer:
         hvp_mode: passed to :func:`soulkit.optim.hvp`.
         solve_chunk: right-hand sides per ``solve`` call.
         progress: tqdm bars (``None``: only on a terminal).
-        projection_dim: keep the training side of :meth:`scores` as ``[n, k]`` random projections
-            (seeded Rademacher, :func:`soulkit.kernels.project`, never materialised) computed in one
-            pass and reused by every later ``scores`` call until the next ``fit``: new query sets then
-            cost only their own gradients and solves. The scores become a Johnson-Lindenstrauss
-            estimate of the unprojected ones (unbiased; spread about ``sqrt(2/k) |A^-1 g_i| |g_j| / n``).
-            ``None`` (default): exact dot products, training gradients recomputed per call.
-        projection_seed: seed of that projection.
 
     Example::
 
@@ -175,14 +160,11 @@ class InfluenceAnalyzer:
         hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto",
         solve_chunk: int = 256,
         progress: bool | None = None,
-        projection_dim: int | None = None,
-        projection_seed: int = 0,
     ) -> None:
         self.config = InfluenceConfig(
             solver=solver, l2=l2, damping=damping, curvature=curvature, loo=loo, params=params,
             batch_size=batch_size, dtype=dtype, chunk_size=chunk_size, max_memory_mb=max_memory_mb,
             engine=engine, hvp_mode=hvp_mode, solve_chunk=solve_chunk, progress=progress,
-            projection_dim=projection_dim, projection_seed=projection_seed,
         )  # fmt: skip
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -210,7 +192,6 @@ class InfluenceAnalyzer:
         self.n_train: int | None = None
         self._train_obj: Any = None
         self._newton_cache: tuple[Any, dict[str, Tensor]] | None = None
-        self._projection_cache: Tensor | None = None
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -272,7 +253,6 @@ class InfluenceAnalyzer:
         cfg = self.config
         self.bound = BoundLoss(self.model, self.loss_fn, params=cfg.params, dtype=cfg.dtype)  # fresh snapshot
         self.operator, self._train_obj, self._newton_cache = None, None, None
-        self._projection_cache = None
         source = self._source(train, "train", cache=True)
         first = True
         for batch, b in source:
@@ -311,74 +291,35 @@ class InfluenceAnalyzer:
         """``[n_queries, n_train]``: predicted ``loss_i(theta without j) - loss_i(theta)``.
 
         ``(1/n) g_i^T A^{-1} g_j`` (``loo="first_order"``) or ``(1/n) g_i^T (A - H_j/n)^{-1} g_j``
-        (``loo="newton"``). Queries are solved (``m`` solves), training gradients streamed; with
-        ``projection_dim`` the dot products are taken between projections, the training side kept
-        across calls (:meth:`train_projection`).
+        (``loo="newton"``). Queries are solved (``m`` solves), training gradients streamed.
         """
         self._require_fit()
         n = self.n_train
         assert n is not None
         S = self.inverse_hvp(self.query_gradients(queries))  # [m, p]
-        if self.config.projection_dim is not None:
-            return self._project(S) @ self.train_projection(train).T / n
-        return self._exact_scores(S, train, n)
-
-    def _project(self, V: Tensor) -> Tensor:
-        from ..kernels.projection import project
-
-        k, seed = self.config.projection_dim, self.config.projection_seed
-        assert k is not None
-        out = project(V, k, seed)
-        return out.to(V.dtype) if out.dtype != V.dtype else out
-
-    def _train_vectors(self, train: Any, n: int) -> Iterator[Tensor]:
-        """The training side of the scores, batch by batch: ``g_j`` (first order) or the Newton-corrected
-        ``J_j^T W_j`` — ``scores = S @ vectors.T / n``."""
+        out = torch.empty(S.shape[0], n, dtype=S.dtype, device=S.device)
         source = self._source(train, "train", cache=True)
         j = 0
         if self.config.loo == "first_order":
             for g, _, b in self._grads(source, "train"):
                 if j + b > n:
                     self._check_count(j + b)
-                yield g
+                out[:, j : j + b] = S @ g.T / n
                 j += b
         else:
-            W = self._newton_factors(train, source)["W"]
+            factors = self._newton_factors(train, source)
+            W = factors["W"]
             with self._bar("Jacobians (train)", total=n) as bar:
                 for batch, b in source:
                     if j + b > n:
                         self._check_count(j + b)
-                    yield torch.einsum("bkp,bk->bp", self._jac(batch, b), W[j : j + b])
+                    J = self._jac(batch, b)
+                    gt = torch.einsum("bkp,bk->bp", J, W[j : j + b])
+                    out[:, j : j + b] = S @ gt.T / n
                     j += b
                     bar.update(b)
         self._check_count(j)
-
-    def _exact_scores(self, S: Tensor, train: Any, n: int) -> Tensor:
-        out = torch.empty(S.shape[0], n, dtype=S.dtype, device=S.device)
-        j = 0
-        for v in self._train_vectors(train, n):
-            out[:, j : j + v.shape[0]] = S @ v.T / n
-            j += v.shape[0]
         return out
-
-    def train_projection(self, train: Any) -> Tensor:
-        """``[n, k]``: the projected training side of :meth:`scores` (needs ``projection_dim``).
-
-        Computed in one pass over ``train`` and kept when ``train`` is the object given to :meth:`fit`
-        (another object with the same examples is projected again on every call). Save it yourself
-        (e.g. ``safetensors``) to reuse it in another process with the same model, seed and k.
-        """
-        self._require_fit()
-        if self.config.projection_dim is None:
-            raise ValueError("train_projection needs InfluenceAnalyzer(..., projection_dim=k)")
-        n = self.n_train
-        assert n is not None
-        if train is self._train_obj and self._projection_cache is not None:
-            return self._projection_cache
-        P = torch.cat([self._project(v) for v in self._train_vectors(train, n)])
-        if train is self._train_obj:
-            self._projection_cache = P
-        return P
 
     def self_scores(self, train: Any) -> Tensor:
         """``[n_train]``: predicted ``loss_j(theta without j) - loss_j(theta)`` for each training example."""
