@@ -135,6 +135,7 @@ def test_compiled_chunks_of_large_tensors_match_reference_without_recompiling():
     # equal sizes inside the chunk (as in a transformer's layers) must not tie the graph to that
     # layout, so a second list with other sizes reuses the compiled chunk
     import torch._dynamo.utils
+
     from soulkit.kernels.sophia_compiled import CHUNK, compile_available, sophia_step_compiled
 
     if not compile_available():
