@@ -1,0 +1,209 @@
+"""Golden trajectories: 50 optimizer steps with Hessian refreshes, parameters hashed bit for bit.
+
+Refactorings of the optimizers, their estimators and the kernels must leave every bit of these
+trajectories unchanged. The hashes depend on how this CPU rounds vectorised reductions and
+transcendental functions, so they are stored per torch version and CPU capability; on a platform
+without a recorded entry the test skips and says how to record one
+(``SOULKIT_GOLDEN_RECORD=1 pytest tests/optim/test_golden.py`` prints the table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from soulkit.optim import AdaHessian, Sophia
+
+STEPS = 50
+
+
+class _Net(nn.Module):
+    """Embedding -> conv1d -> LayerNorm -> linear head: 2-D, 3-D, 1-D and bias tensors, softmax output."""
+
+    def __init__(self, vocab: int = 11, width: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.conv = nn.Conv1d(width, width, 3, padding=1)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).transpose(1, 2)
+        h = torch.tanh(self.conv(h)).transpose(1, 2)
+        return self.head(self.norm(h))  # [batch, seq, classes]
+
+
+class _ConvNet(nn.Module):
+    """A 4-D conv kernel for AdaHessian's spatial averaging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def _digest(model: nn.Module, extra: list[float] | None = None) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for v in extra or []:
+        h.update(repr(v).encode())
+    return h.hexdigest()[:24]
+
+
+def _seq_data(dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 11, (STEPS, 4, 6), generator=gen)
+    y = torch.randint(0, 5, (STEPS, 4, 6), generator=gen)
+    y[:, 0, :2] = -100  # ignored positions
+    return x, y
+
+
+def _run_sophia(kind: str, *, foreach: bool | None = None, dtype=torch.float32, lr: float = 0.02,
+                **opt_kwargs) -> str:
+    torch.manual_seed(0)
+    model = _Net().to(dtype)
+    opt = Sophia(model.parameters(), lr=lr, rho=0.05, weight_decay=0.1, hessian_update_interval=5,
+                 foreach=foreach, seed=3, **opt_kwargs)
+    xs, ys = _seq_data()
+    rates: list[float] = []
+    for t in range(STEPS):
+        logits = model(xs[t])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ys[t].flatten(), ignore_index=-100)
+        if opt.hessian_due():
+            if kind == "gnb":
+                opt.accumulate_gnb(logits, labels=ys[t])
+            elif kind == "hutchinson":
+                opt.accumulate_hutchinson(loss, n_samples=2)
+            elif kind == "explicit":
+                gen = torch.Generator().manual_seed(100 + t)
+                opt.update_hessian([torch.rand(p.shape, generator=gen).to(p.dtype) for p in model.parameters()])
+        loss.backward()
+        if kind == "paper" and opt.hessian_due():
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.zero_grad()
+            logits2 = model(xs[t])
+            loss_s, n = _paper_sampled_loss(logits2, t)
+            (loss_s / n).backward()
+            opt.update_hessian(batch_size=n)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if t % 5 == 0:
+            rates.extend(round(r, 12) for r in opt.win_rate())
+    return _digest(model, rates + [opt.num_hessian_updates, opt.skipped_steps])
+
+
+def _paper_sampled_loss(logits: torch.Tensor, t: int):
+    gen = torch.Generator().manual_seed(1000 + t)
+    probs = torch.softmax(logits.detach().flatten(0, 1).float(), -1)
+    labels = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="sum"), labels.numel()
+
+
+def _run_adahessian(*, foreach: bool | None = None, **opt_kwargs) -> str:
+    torch.manual_seed(0)
+    model = _ConvNet()
+    opt = AdaHessian(model.parameters(), lr=0.05, weight_decay=0.01, update_each=5, n_samples=2,
+                     foreach=foreach, seed=7, **opt_kwargs)
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(STEPS, 6, 2, 4, 4, generator=gen)
+    ys = torch.randint(0, 4, (STEPS, 6), generator=gen)
+    for t in range(STEPS):
+        loss = F.cross_entropy(model(xs[t]), ys[t])
+        loss.backward(create_graph=opt.hessian_due())
+        opt.step()
+        opt.zero_grad()
+    return _digest(model)
+
+
+def _run_sophia_kernel(implementation: str) -> str:
+    """The kernel on its own: small tensors and ones above the compiled path's size threshold."""
+    from soulkit.kernels import sophia_step
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3,), (40, 7), (1 << 15, 3), (257, 129)]
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    ms = [torch.zeros(s) for s in shapes]
+    hs = [torch.zeros(s) for s in shapes]
+    win = torch.zeros((), dtype=torch.int64)
+    for t in range(12):
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+        est = [torch.rand(s, generator=gen) for s in shapes] if t % 4 == 0 else None
+        sophia_step(ps, gs, ms, hs, lr=0.01, beta1=0.9, rho=0.05, weight_decay=0.1, eps=1e-12,
+                    bias_correction1=1 - 0.9 ** (t + 1) if t % 2 else 1.0, maximize=t == 5,
+                    hessian_estimates=est, beta2=0.99, win_count=win if est is not None else None,
+                    implementation=implementation)
+    h = hashlib.sha256()
+    for t in ps + ms + hs:
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(int(win)).encode())
+    return h.hexdigest()[:24]
+
+
+CASES = {
+    "kernel-sophia-foreach": lambda: _run_sophia_kernel("foreach"),
+    "kernel-sophia-compiled": lambda: _run_sophia_kernel("compiled"),
+    "kernel-sophia-reference": lambda: _run_sophia_kernel("reference"),
+    "sophia-gnb": lambda: _run_sophia("gnb"),
+    "sophia-gnb-reference": lambda: _run_sophia("gnb", foreach=False),
+    "sophia-hutchinson": lambda: _run_sophia("hutchinson"),
+    "sophia-explicit-bc": lambda: _run_sophia("explicit", bias_correction=True, hessian_bias_correction=True),
+    "sophia-explicit-maximize": lambda: _run_sophia("explicit", maximize=True),
+    "sophia-paper": lambda: _run_sophia("paper"),
+    "sophia-gnb-bf16": lambda: _run_sophia("gnb", dtype=torch.bfloat16),
+    "adahessian": lambda: _run_adahessian(),
+    "adahessian-reference": lambda: _run_adahessian(foreach=False),
+    "adahessian-block-power": lambda: _run_adahessian(block_size=3, hessian_power=0.5),
+}
+
+# (torch version without local suffix, CPU capability) -> case -> digest
+GOLDEN: dict[tuple[str, str], dict[str, str]] = {
+    ("2.13.0", "AVX512"): {
+        'adahessian': 'a530512577bb00942cdef0a3',
+        'adahessian-block-power': 'f432efbf02f5593ed65d2e01',
+        'adahessian-reference': '823f231a42700fd756da72a6',
+        'kernel-sophia-compiled': 'adbc9a8e3f9953aa46adee56',
+        'kernel-sophia-foreach': 'dbae89db40ca96d917c61de5',
+        'kernel-sophia-reference': '87ddf655cc4771db0d8a83fa',
+        'sophia-explicit-bc': '9cd5ac280635f4f6aedd7c91',
+        'sophia-explicit-maximize': '8ba9f52fe2fa24563a8102dc',
+        'sophia-gnb': 'a94eafc61cc86f48862ff1e0',
+        'sophia-gnb-bf16': '748dfe17020ab2a881ce9ef3',
+        'sophia-gnb-reference': '1d84d806d2c3b79d19fb7e53',
+        'sophia-hutchinson': '8f4b809da64d3c8af805d218',
+        'sophia-paper': 'ddf23c4d4d9d9814ba37401b',
+    },
+}
+
+
+def _platform() -> tuple[str, str]:
+    return torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_trajectory(case):
+    digest = CASES[case]()
+    if os.environ.get("SOULKIT_GOLDEN_RECORD") == "1":
+        print(f"\nGOLDEN {_platform()!r} {case!r}: {digest!r},")
+        return
+    table = GOLDEN.get(_platform())
+    if table is None:
+        pytest.skip(f"no golden digests recorded for {_platform()}; record them with SOULKIT_GOLDEN_RECORD=1")
+    assert digest == table[case], f"the {case} trajectory changed: {digest} != {table[case]}"
+
+
+def test_golden_digest_sees_one_ulp():
+    """A learning rate one float32 ulp away gives another digest: the comparison can fail."""
+    assert _run_sophia("explicit") != _run_sophia("explicit", lr=0.02 * (1 + 2**-22))
