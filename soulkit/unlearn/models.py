@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .._causal_lm import ModelConfig, build_model
 from .._io import atomic_write_json
 from .qa import QA, QADataset, collate_qa, pad_token_id
 
@@ -77,58 +78,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2048, min_frequen
         special_tokens=list(SPECIAL_TOKENS.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a tiny causal LM. ``arch``: ``"llama"`` (default) or ``"gpt2"``."""
-
-    arch: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int | None = None  # default 4 * hidden (gpt2) / ~2.7 * hidden (llama)
-    max_positions: int = 128
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
-        for name in ("hidden_size", "num_layers", "num_heads", "max_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                             f"({self.num_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def build_model(config: ModelConfig, tokenizer, *, seed: int = 0):
-    """A freshly initialised transformers causal LM sized by ``config`` for ``tokenizer``'s vocabulary."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    if config.arch == "llama":
-        inter = config.intermediate_size or int(8 * config.hidden_size / 3 + 7) // 8 * 8
-        cfg = LlamaConfig(hidden_size=config.hidden_size, intermediate_size=inter,
-                          num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-                          num_key_value_heads=config.num_heads, max_position_embeddings=config.max_positions,
-                          attention_dropout=config.dropout, tie_word_embeddings=True, **common)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPT2Config(n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
-                         n_inner=config.intermediate_size, n_positions=config.max_positions,
-                         resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                         **common)
-        model = GPT2LMHeadModel(cfg)
-    return model
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -112,6 +112,22 @@ def test_build_model_seeded(tiny_tokenizer):
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
 
 
+def test_build_model_from_a_vocab_size_without_special_tokens(tiny_tokenizer):
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2)
+    m = build_model(cfg, vocab_size=256, tie_word_embeddings=False, seed=0)
+    assert m.config.vocab_size == 256
+    assert (m.config.pad_token_id, m.config.bos_token_id, m.config.eos_token_id) == (None, None, None)
+    assert m.get_output_embeddings().weight is not m.get_input_embeddings().weight  # untied on request
+    gpt2 = build_model(dataclasses.replace(cfg, arch="gpt2"), vocab_size=300, seed=0)
+    assert gpt2.config.vocab_size == 300 and gpt2.get_output_embeddings().weight is gpt2.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="a tokenizer or a vocab_size"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match="a tokenizer or a vocab_size"):
+        build_model(cfg, tiny_tokenizer, vocab_size=256)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1, got 0"):
+        build_model(cfg, vocab_size=0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(arch="bert"), r"ModelConfig\.arch must be 'llama' or 'gpt2'"),
     (dict(hidden_size=0), r"ModelConfig\.hidden_size must be >= 1"),
