@@ -13,7 +13,7 @@ Protocol:
     all arms in ONE lockstep run (same init, same batches, step times measured side by side). The lr
     with the lowest final validation loss is kept for each optimizer. Sophia's rho is fixed, not swept
     (sweeping it too would give Sophia more tuning than AdamW): by default 0.04, chosen in the demo's
-    preliminary sweep (``soulkit/demos/train_lm.py``); with ``--hessian-bias-correction`` the committed
+    preliminary sweep (``soulkit/demos/lm/config.py``); with ``--hessian-bias-correction`` the committed
     ``optimizers_hbc`` run uses ``--rho 0.5``, set by the paper authors' rule of keeping the win rate
     (unclipped fraction) within 0.1-0.5, checked in a 150-step probe before the run, not by loss.
   * Seed 1 (and any further seeds): the two tuned optimizers in one lockstep run; new init and new
@@ -53,23 +53,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
 
-from soulkit.demos.train_lm import (  # noqa: E402
-    DEFAULT_SOPHIA_RHO,
-    ArmResult,
-    OptimizerSpec,
-    TrainConfig,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_text_bytes,
-    median_window_time,
-    steps_to_reach,
-    to_json,
-    train_arms,
-)
+from soulkit._io import atomic_write_bytes, atomic_write_text, to_json  # noqa: E402
+from soulkit.demos.lm.config import DEFAULT_SOPHIA_RHO, OptimizerSpec, TrainConfig  # noqa: E402
+from soulkit.demos.lm.corpus import load_text_bytes  # noqa: E402
+from soulkit.demos.lm.loop import ArmResult, train_arms  # noqa: E402
+from soulkit.demos.lm.report import median_window_time, steps_to_reach  # noqa: E402
 
 GOALS = {"steps_ratio": 0.6, "wall_ratio": 0.8, "overhead": 0.05}
 # 3 points each, a factor 2 apart, centred on the demo's defaults (chosen in its preliminary sweeps,
-# where both optimizers preferred these regions; see soulkit/demos/train_lm.py).
+# where both optimizers preferred these regions; see soulkit/demos/lm/config.py).
 DEFAULT_ADAMW_GRID = (5e-4, 1e-3, 2e-3)
 DEFAULT_SOPHIA_GRID = (2.5e-4, 5e-4, 1e-3)
 

@@ -9,7 +9,7 @@ the parameters never change, so forward and backward cost the same for every arm
 difference is the optimizer's own.
 
 Arms, interleaved window by window (one window = ``k`` consecutive training steps of the demo's
-``_train_step``: forward, loss, backward, grad clip, ``opt.step()``; Sophia refreshes its GNB
+``soulkit.demos.lm.loop.train_step``: forward, loss, backward, grad clip, ``opt.step()``; Sophia refreshes its GNB
 estimate from the step's logits once per window, as with ``hessian_update_interval = k``):
 
 * ``adamw``: ``torch.optim.AdamW`` as the benchmarks use it (torch's default implementation);
@@ -45,16 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
 
-from soulkit.demos.train_lm import (  # noqa: E402
-    OptimizerSpec,
-    TrainConfig,
-    _batch,
-    _train_offsets,
-    _train_step,
-    build_model,
-    load_text_bytes,
-    make_optimizer,
-)
+from soulkit.demos.lm.config import OptimizerSpec, TrainConfig  # noqa: E402
+from soulkit.demos.lm.corpus import load_text_bytes, token_batch, train_offsets  # noqa: E402
+from soulkit.demos.lm.loop import train_step  # noqa: E402
+from soulkit.demos.lm.model import build_model  # noqa: E402
+from soulkit.demos.lm.optimizer import make_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +79,7 @@ def main(argv=None) -> int:
     else:
         config = TrainConfig(steps=(args.windows + 1) * args.k, progress=False)
     train, _, info = load_text_bytes(config)
-    offsets = _train_offsets(train.numel(), config)
+    offsets = train_offsets(train.numel(), config)
     base = build_model(config, seed=0)
     n_params = sum(p.numel() for p in base.parameters())
     specs = {
@@ -134,12 +129,12 @@ def main(argv=None) -> int:
             model, opt, spec = arms[name]
             t_window = 0.0
             for i in range(args.k):
-                b = _batch(train, offsets[w * args.k + i], config.seq_len)
+                b = token_batch(train, offsets[w * args.k + i], config.seq_len)
                 t0 = time.perf_counter()
                 if name in micro:
                     refreshed = _micro_step(model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip, micro[name])
                 else:
-                    _, refreshed = _train_step(model, opt, None, spec, b[:, :-1], b[:, 1:], config.grad_clip)
+                    _, refreshed = train_step(model, opt, None, spec, b[:, :-1], b[:, 1:], config.grad_clip)
                 dt = time.perf_counter() - t0
                 t_window += dt
                 if refreshed:

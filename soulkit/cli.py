@@ -84,16 +84,16 @@ _CONFIG_FIELDS = (
 
 
 def _train_config(args: argparse.Namespace):
-    from .demos.train_lm import TrainConfig
+    from .demos.lm import TrainConfig
 
     kwargs = {f: getattr(args, f) for f in _CONFIG_FIELDS if getattr(args, f, None) is not None}
     return TrainConfig(seed=args.seed, progress=not args.no_progress, **kwargs)
 
 
 def _run_train(config, out: Path | None) -> str:
-    from .demos.train_lm import train_lm
+    from .demos.lm import run_training_demo
 
-    result = train_lm(config, out_dir=out)
+    result = run_training_demo(config, out_dir=out)
     lines = [
         f"byte-level {config.model} LM, {result.n_params / 1e6:.2f} M parameters, {config.steps} steps, "
         f"{result.data_info['train_bytes']:,} train bytes",
@@ -286,7 +286,7 @@ class DemoStage:
 
 
 def _demo_train(args: argparse.Namespace, out: Path) -> str:
-    from .demos.train_lm import TrainConfig
+    from .demos.lm import TrainConfig
 
     return _run_train(TrainConfig(seed=args.seed, progress=not args.no_progress), out)
 

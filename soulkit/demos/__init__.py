@@ -1,14 +1,39 @@
 """End-to-end demos: small, self-contained runs on data that needs no network.
 
-- :mod:`soulkit.demos.train_lm`: AdamW vs Sophia on a byte-level LM trained on the CPython standard
-  library's sources (``soulkit train`` / ``soulkit demo``); run it with
-  ``from soulkit.demos.train_lm import TrainConfig, train_lm``.
+- :mod:`soulkit.demos.lm`: AdamW vs Sophia on a byte-level LM trained on the CPython standard
+  library's sources (``soulkit train`` / ``soulkit demo``): :func:`run_training_demo` with a
+  :class:`TrainConfig`.
+- :mod:`soulkit.demos.unlearn_tofu`: SOUL (Sophia) vs AdamW unlearning on the fictitious-author
+  benchmark (``soulkit demo``): :func:`run_unlearning_demo` (needs the ``unlearn`` extra).
 
-The submodule is not shadowed by a function of the same name: ``from soulkit.demos import train_lm``
-gives the module.
+Names are imported on first use, so that ``import soulkit.demos`` stays cheap and the training
+demo never imports :mod:`soulkit.unlearn`.
 """
 
-from . import train_lm
-from .train_lm import OptimizerSpec, TrainConfig, TrainResult
+from __future__ import annotations
 
-__all__ = ["train_lm", "OptimizerSpec", "TrainConfig", "TrainResult"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "OptimizerSpec": ".lm",
+    "TrainConfig": ".lm",
+    "TrainResult": ".lm",
+    "run_training_demo": ".lm",
+    "UnlearnDemoResult": ".unlearn_tofu",
+    "run_unlearning_demo": ".unlearn_tofu",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

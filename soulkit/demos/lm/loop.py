@@ -1,0 +1,207 @@
+"""The training loop: every optimizer ("arm") trains its own copy of the *same* initial weights on the
+*same* batches, in lockstep.
+
+Each step runs every live arm once, alternating which arm goes first, so machine noise hits all
+arms alike and their step times are measured in the same run. Validation loss is computed every
+``eval_every`` steps on fixed validation windows. The learning rate warms up linearly over
+``warmup_frac`` of the steps, then follows a cosine down to ``min_lr_ratio`` of its peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import OptimizerSpec, TrainConfig
+from .corpus import load_text_bytes, token_batch, train_offsets, val_batches
+from .model import build_model
+from .optimizer import make_optimizer
+
+__all__ = ["ArmResult", "lr_lambda", "train_arms", "train_step"]
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier of each step (for ``LambdaLR``): linear warmup, then cosine decay."""
+    warmup = int(round(config.warmup_frac * config.steps))
+    total = config.steps
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+@dataclass
+class ArmResult:
+    """Curves of one arm. Times are seconds of training work only (evaluation excluded)."""
+
+    spec: OptimizerSpec
+    eval_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    step_time: list[float] = field(default_factory=list)
+    refresh_steps: list[int] = field(default_factory=list)  # Sophia: steps with a Hessian refresh
+    win_rate: list[float] = field(default_factory=list)  # Sophia: fraction unclipped, at each refresh step
+    warmup_s: float = 0.0  # one-off warm-up (compile) time on a throwaway copy, not in step_time
+    diverged_at: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["spec"] = dataclasses.asdict(self.spec)
+        return d
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        logits = model(b[:, :-1]).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
+        n += b[:, 1:].numel()
+    model.train(was_training)
+    return total / n
+
+
+def _overall_win_rate(opt: torch.optim.Optimizer) -> float:
+    """Sophia's win rate over all groups (weighted by size); nan if nothing was counted."""
+    pairs = [(w, sum(p.numel() for p in g["params"])) for w, g in zip(opt.win_rate(), opt.param_groups)]
+    pairs = [(w, n) for w, n in pairs if n and math.isfinite(w)]
+    return sum(w * n for w, n in pairs) / sum(n for _, n in pairs) if pairs else math.nan
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    spec: OptimizerSpec,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    grad_clip: float,
+) -> tuple[float, bool]:
+    """One training step; Sophia refreshes its Hessian estimate (GNB, from this forward's logits) when due."""
+    logits = model(inputs).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    refresh = spec.kind == "sophia" and opt.hessian_due()
+    if refresh:
+        opt.accumulate_gnb(logits, labels=targets)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sched is not None:
+        sched.step()
+    return loss.item(), refresh
+
+
+def train_arms(
+    config: TrainConfig,
+    specs: Sequence[OptimizerSpec] | None = None,
+    *,
+    data: tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None = None,
+    desc: str = "train",
+) -> tuple[list[ArmResult], dict[str, Any], int]:
+    """Train one model copy per spec from the same init on the same batches, in lockstep.
+
+    Returns ``(arm results, data info, number of parameters)``. A non-finite training loss stops that
+    arm (``ArmResult.diverged_at``); the others go on.
+    """
+    specs = list(config.optimizer_specs() if specs is None else specs)
+    if not specs:
+        raise ValueError("train_arms needs at least one OptimizerSpec")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"optimizer labels must be unique, got {labels}")
+    train, val, info = load_text_bytes(config) if data is None else data
+    offsets = train_offsets(train.numel(), config)
+    val_windows = val_batches(val, config)
+
+    base = build_model(config)
+    n_params = sum(p.numel() for p in base.parameters())
+    models, opts, scheds, results = [], [], [], []
+    for spec in specs:
+        m = copy.deepcopy(base)
+        m.train()
+        o = make_optimizer(spec, m, seed=config.seed)
+        models.append(m)
+        opts.append(o)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(config)))
+        results.append(ArmResult(spec=spec))
+    del base
+
+    def eval_all(step: int) -> None:
+        for m, r in zip(models, results):
+            if r.diverged_at is None:
+                r.eval_steps.append(step)
+                r.val_loss.append(_evaluate(m, val_windows))
+
+    with torch.random.fork_rng(devices=[]):  # dropout (GPT-2 with dropout > 0) draws from a seeded RNG
+        torch.manual_seed(config.seed + 1)
+        # One-off costs (the compiled CPU Sophia step compiles on first use, allocator warm-up) are
+        # paid on throwaway copies before the timed run and reported apart: step times are steady-state.
+        warm = token_batch(train, offsets[0], config.seq_len)
+        for spec, m, r in zip(specs, models, results):
+            if config.timing_warmup_steps:
+                wm = copy.deepcopy(m)
+                wo = make_optimizer(spec, wm, seed=config.seed)
+                t0 = time.perf_counter()
+                for _ in range(config.timing_warmup_steps):
+                    train_step(wm, wo, None, spec, warm[:, :-1], warm[:, 1:], config.grad_clip)
+                r.warmup_s = time.perf_counter() - t0
+                del wm, wo
+        _run_lockstep(config, models, opts, scheds, results, train, offsets, eval_all, desc)
+    return results, info, n_params
+
+
+def _run_lockstep(
+    config: TrainConfig,
+    models: list[torch.nn.Module],
+    opts: list[torch.optim.Optimizer],
+    scheds: list[torch.optim.lr_scheduler.LRScheduler],
+    results: list[ArmResult],
+    train: torch.Tensor,
+    offsets: torch.Tensor,
+    eval_all: Callable[[int], None],
+    desc: str,
+) -> None:
+    """Every step, each live arm trains once on the same batch; the arm order alternates per step."""
+    from tqdm.auto import tqdm
+
+    eval_all(0)
+    bar = tqdm(range(config.steps), desc=desc, disable=not config.progress, dynamic_ncols=True, leave=False)
+    for step in bar:
+        batch = token_batch(train, offsets[step], config.seq_len)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        order = range(len(results)) if step % 2 == 0 else reversed(range(len(results)))
+        for i in order:
+            r = results[i]
+            if r.diverged_at is not None:
+                continue
+            t0 = time.perf_counter()
+            loss_value, refresh = train_step(models[i], opts[i], scheds[i], r.spec, inputs, targets, config.grad_clip)
+            r.step_time.append(time.perf_counter() - t0)
+            r.train_loss.append(loss_value)
+            if refresh:
+                # Sophia counts unclipped coordinates on the step that folds a refresh
+                r.refresh_steps.append(step)
+                r.win_rate.append(_overall_win_rate(opts[i]))
+            if not math.isfinite(loss_value):
+                r.diverged_at = step
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            eval_all(step + 1)
+        bar.set_postfix({r.spec.label: f"{r.train_loss[-1]:.3f}" for r in results if r.train_loss}, refresh=False)
+    bar.close()
+

@@ -1,0 +1,46 @@
+"""The lockstep training loop: both optimizers learn from the same init; schedule; bad arms."""
+
+import math
+
+import pytest
+
+from soulkit.demos.lm.config import OptimizerSpec, TrainConfig
+from soulkit.demos.lm.loop import lr_lambda, train_arms
+
+
+def test_both_optimizers_learn(tiny_run):
+    result, _ = tiny_run
+    assert [a.spec.kind for a in result.arms] == ["adamw", "sophia"]
+    for arm in result.arms:
+        assert arm.eval_steps == [0, 4, 8, 12]
+        assert arm.diverged_at is None
+        assert all(math.isfinite(v) for v in arm.val_loss)
+        # from ~ln(256) = 5.55 nats/byte at init
+        assert arm.val_loss[0] == pytest.approx(math.log(256), abs=0.3)
+        assert arm.val_loss[-1] < arm.val_loss[0] - 0.2, (arm.spec.label, arm.val_loss)
+        assert len(arm.step_time) == len(arm.train_loss) == 12
+    sophia = result.arms[1]
+    assert sophia.refresh_steps == [0, 10]
+    assert len(sophia.win_rate) == 2 and all(0.0 <= w <= 1.0 for w in sophia.win_rate)
+    assert sophia.warmup_s > 0 and result.arms[0].warmup_s > 0
+    # same initial weights and same validation windows: identical loss before training
+    assert result.arms[0].val_loss[0] == sophia.val_loss[0]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(TrainConfig(steps=100, warmup_frac=0.1, min_lr_ratio=0.2))
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.6)  # half-way through the cosine: (1 + 0.2) / 2
+    assert f(100) == pytest.approx(0.2) and f(150) == pytest.approx(0.2)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_lambda(TrainConfig(steps=10, warmup_frac=0.0))(0) == pytest.approx(1.0)
+
+
+def test_bad_arms_are_refused_before_training():
+    cfg = TrainConfig(steps=1)
+    with pytest.raises(ValueError, match="at least one OptimizerSpec"):
+        train_arms(cfg, [])
+    with pytest.raises(ValueError, match="labels must be unique"):
+        train_arms(cfg, [OptimizerSpec("adamw", 1e-3), OptimizerSpec("adamw", 2e-3)])
