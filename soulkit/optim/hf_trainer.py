@@ -36,9 +36,9 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .lm_targets import causal_lm_targets
 from .sophia import Sophia
 
 __all__ = ["SophiaCallback", "SophiaTrainer", "causal_lm_targets", "loss_shifts_labels", "unwrap_sophia"]
@@ -60,14 +60,6 @@ def unwrap_sophia(optimizer: Any) -> Sophia | None:
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)
     return None
-
-
-def causal_lm_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Targets aligned with a causal LM's logits, as transformers' ``ForCausalLMLoss`` builds them:
-    position ``t`` predicts ``labels[..., t + 1]``; the last position has no target (``ignore_index``)."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
-        raise ValueError("labels must be a tensor of shape [..., seq_len]")
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def loss_shifts_labels(model: torch.nn.Module) -> bool:
