@@ -24,8 +24,8 @@ templates picked by the rng. An author has 23 to 25 slots (2 or 3 books), so ``q
 Generation is deterministic for a seed within one Faker version; :meth:`AuthorBenchmark.fingerprint`
 hashes the content, so caches keyed by it stay correct across versions.
 
-Files are JSON lines in TOFU's field names (``question``, ``answer``, ``paraphrased_answer``,
-``perturbed_answer``); :func:`read_jsonl` also reads TOFU's own files (e.g. ``forget10_perturbed.json``).
+Files are JSON lines in TOFU's field names, written and read by :func:`soulkit.unlearn.qa.write_jsonl`
+and :func:`soulkit.unlearn.qa.read_jsonl` (which also reads TOFU's own files).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 from .._io import atomic_write_text
 from . import _facts
-from .qa import QA
+from .qa import QA, read_jsonl, write_jsonl
 
 __all__ = [
     "Author",
@@ -54,8 +54,6 @@ __all__ = [
     "build_tables",
     "real_author_qa",
     "world_fact_qa",
-    "read_jsonl",
-    "write_jsonl",
     "MAX_QA_PER_AUTHOR",
     "MAX_AUTHORS",
     "MAX_PERTURBED",
@@ -74,7 +72,6 @@ _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augu
            "November", "December")
 _FORMAT = "soulkit.author_benchmark"
 _FORMAT_VERSION = 1
-_QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer", "author", "attribute")
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -607,113 +604,6 @@ def world_fact_qa(*, n_perturbed: int = 5, seed: int = 0) -> list[QA]:
     return out
 
 
-# --------------------------------------------------------------------------------------- JSONL
-def _qa_to_dict(qa: QA, *, extra: bool = True) -> dict[str, Any]:
-    d: dict[str, Any] = {"question": qa.question, "answer": qa.answer}
-    if qa.paraphrased_answer is not None:
-        d["paraphrased_answer"] = qa.paraphrased_answer
-    if qa.perturbed_answer:
-        d["perturbed_answer"] = list(qa.perturbed_answer)
-    if qa.author is not None:
-        d["author"] = qa.author
-    if qa.attribute is not None:
-        d["attribute"] = qa.attribute
-    if extra:
-        clash = sorted(set(qa.extra) & set(_QA_FIELDS))
-        if clash:
-            raise ValueError(f"QA.extra may not use the reserved field names {clash} "
-                             f"(question: {qa.question!r})")
-        d.update(qa.extra)
-    return d
-
-
-def _qa_from_dict(obj: Any, where: str) -> QA:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("question", "answer"):
-        if key not in obj:
-            raise ValueError(f"{where}: missing field {key!r}")
-        if not isinstance(obj[key], str) or not obj[key].strip():
-            raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {obj[key]!r}")
-    for key in ("paraphrased_answer", "author", "attribute"):
-        if obj.get(key) is not None and not isinstance(obj[key], str):
-            raise ValueError(f"{where}: field {key!r} must be a string or null, "
-                             f"got {type(obj[key]).__name__}")
-    perturbed = obj.get("perturbed_answer")
-    if perturbed is None:
-        perturbed = ()
-    elif isinstance(perturbed, str):
-        perturbed = (perturbed,)
-    elif isinstance(perturbed, list) and all(isinstance(p, str) for p in perturbed):
-        perturbed = tuple(perturbed)
-    else:
-        raise ValueError(f"{where}: field 'perturbed_answer' must be a string or a list of strings, "
-                         f"got {perturbed!r}"[:300])
-    extra = {k: v for k, v in obj.items() if k not in _QA_FIELDS}
-    return QA(obj["question"], obj["answer"], obj.get("paraphrased_answer"), perturbed, obj.get("author"),
-              obj.get("attribute"), extra)
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[QA]) -> None:
-    """Write QA records as JSON lines in TOFU's field names, atomically (temp file, then rename).
-
-    ``author``/``attribute`` are written when set; ``QA.extra`` entries become top-level fields.
-    """
-    lines = []
-    for r in records:
-        if not isinstance(r, QA):
-            raise TypeError(f"write_jsonl writes QA records, got {type(r).__name__}")
-        lines.append(json.dumps(_qa_to_dict(r), ensure_ascii=False) + "\n")
-    atomic_write_text(path, "".join(lines))
-
-
-def _read_qa(path: str | os.PathLike, *, allow_empty: bool = False) -> list[QA]:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    records: list[QA] = []
-    data = None
-    if text.lstrip().startswith("["):  # maybe a JSON array file (e.g. a dataset written with json.dump)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # not one JSON document: read it as JSON lines, which names the bad line
-    if isinstance(data, list):
-        for i, obj in enumerate(data, 1):
-            records.append(_qa_from_dict(obj, f"{path}, record {i}"))
-    else:
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                                 ) from None
-            try:
-                records.append(_qa_from_dict(obj, f"{path}, line {lineno}"))
-            except ValueError as e:
-                msg = str(e)
-                raise ValueError(msg if msg.startswith(str(path)) else f"{path}, line {lineno}: {msg}"
-                                 ) from None
-    if not records and not allow_empty:
-        raise ValueError(f"{path}: empty file, no QA records")
-    return records
-
-
-def read_jsonl(path: str | os.PathLike) -> list[QA]:
-    """QA records from a JSON-lines file (TOFU's format; a JSON array file is accepted too).
-
-    Each line is an object with ``question`` and ``answer`` (non-empty strings), optionally
-    ``paraphrased_answer`` and ``perturbed_answer`` (a list of strings or one string); ``author`` and
-    ``attribute`` fill the QA fields, other fields go to ``QA.extra``. Blank lines are skipped.
-    Malformed input raises ValueError naming the file and the 1-based line number.
-    """
-    return _read_qa(path)
-
-
 # ----------------------------------------------------------------------------------- benchmark
 _SPLIT_RE = re.compile(r"(forget|retain)(\d{1,2})")
 
@@ -838,7 +728,7 @@ class AuthorBenchmark:
             "meta": self._meta(),
             "authors": [a.to_dict() for a in self.authors],
             "holdout_authors": [a.to_dict() for a in self.holdout_authors],
-            **{name: [_qa_to_dict(r, extra=False) for r in getattr(self, name)]
+            **{name: [r.to_dict(extra=False) for r in getattr(self, name)]
                for name in ("qa", "holdout", "real_authors", "world_facts")},
         }
         text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -877,7 +767,7 @@ class AuthorBenchmark:
         if (not isinstance(meta, dict) or meta.get("format") != _FORMAT
                 or meta.get("version") != _FORMAT_VERSION):
             raise ValueError(f"{meta_path}: not a {_FORMAT} version {_FORMAT_VERSION} file")
-        sets = {name: _read_qa(d / fname, allow_empty=True) for name, fname in cls._QA_FILES.items()}
+        sets = {name: read_jsonl(d / fname, allow_empty=True) for name, fname in cls._QA_FILES.items()}
         people = {}
         for name in ("authors", "holdout_authors"):
             path = d / f"{name}.jsonl"

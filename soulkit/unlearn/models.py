@@ -37,7 +37,8 @@ import torch
 
 from .._causal_lm import ModelConfig, build_model
 from .._io import atomic_write_json
-from .qa import QA, QADataset, collate_qa, pad_token_id
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .qa import QA, QADataset, pad_token_id, qa_batches
 
 __all__ = [
     "ModelConfig",
@@ -138,12 +139,11 @@ def train_qa(model, tokenizer, records: Sequence[QA], *, epochs: int, recipe: Tr
     """Train ``model`` in place on the answers of ``records`` (token-mean NLL of answer tokens).
 
     Data order is drawn from ``seed`` per epoch. With ``checkpoint_dir``, the model, optimizer and
-    scheduler state are saved there after every epoch (atomically) and an interrupted run resumes from
-    the last complete epoch with the same result. ``stop_check(model, epoch)`` is called every
-    ``check_every`` epochs; training stops when it returns True. Returns a log dict with ``epochs``
+    scheduler state are saved there after every epoch (:func:`~soulkit.unlearn.checkpoint.save_checkpoint`)
+    and an interrupted run resumes from the last complete epoch with the same result.
+    ``stop_check(model, epoch)`` is called every ``check_every`` epochs; training stops when it returns True. Returns a log dict with ``epochs``
     (epochs run), ``losses`` (mean loss per epoch) and ``stopped_early``.
     """
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     if epochs < 0:
@@ -155,16 +155,11 @@ def train_qa(model, tokenizer, records: Sequence[QA], *, epochs: int, recipe: Tr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps))
     log: dict[str, Any] = {"epochs": 0, "losses": [], "stopped_early": False}
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and (ckpt / "trainer.json").exists():
-        state = json.loads((ckpt / "trainer.json").read_text())
-        weights = load_file(str(ckpt / "model.safetensors"))
-        missing = model.load_state_dict(weights, strict=False)
-        if missing.missing_keys and any(k not in ("lm_head.weight",) for k in missing.missing_keys):
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing.missing_keys[:3]}")
-        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        opt.load_state_dict(opt_state["optimizer"])
-        sched.load_state_dict(opt_state["scheduler"])
-        log = state["log"]
+    if ckpt is not None and has_checkpoint(ckpt):
+        states, info = load_checkpoint(ckpt, model)
+        opt.load_state_dict(states["optimizer"])
+        sched.load_state_dict(states["scheduler"])
+        log = info["log"]
     model.train()
     device = next(model.parameters()).device
     bar = tqdm(total=epochs, initial=log["epochs"], desc=desc, unit="epoch", leave=False,
@@ -175,8 +170,7 @@ def train_qa(model, tokenizer, records: Sequence[QA], *, epochs: int, recipe: Tr
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             order = torch.randperm(len(ds), generator=g).tolist()
             total, n = 0.0, 0
-            for start in range(0, len(order), recipe.batch_size):
-                batch = collate_qa([ds[i] for i in order[start:start + recipe.batch_size]], pad_id=pad)
+            for batch in qa_batches(ds, recipe.batch_size, pad_id=pad, order=order):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
@@ -199,28 +193,12 @@ def train_qa(model, tokenizer, records: Sequence[QA], *, epochs: int, recipe: Tr
                 log["stopped_early"] = bool(stop_check(model, epoch + 1)) and epoch + 1 < epochs
                 model.train()
             if ckpt is not None:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-                drop_tied_weights(model, state)
-                save_file(state, str(ckpt / ".model.safetensors.tmp"))
-                os.replace(ckpt / ".model.safetensors.tmp", ckpt / "model.safetensors")
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                           ckpt / ".optimizer.pt.tmp")
-                os.replace(ckpt / ".optimizer.pt.tmp", ckpt / "optimizer.pt")
-                atomic_write_json(ckpt / "trainer.json", {"log": log})  # written last: marks the epoch done
+                save_checkpoint(ckpt, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                                {"log": log})
     finally:
         bar.close()
         model.eval()
     return log
-
-
-def drop_tied_weights(model, state: dict[str, torch.Tensor]) -> None:
-    """Drop the tied output embedding from a state dict in place (safetensors refuses shared storage)."""
-    out = model.get_output_embeddings()
-    inp = model.get_input_embeddings()
-    if out is not None and inp is not None and out.weight is inp.weight:
-        for key in [k for k in state if k.endswith("lm_head.weight")]:
-            del state[key]
 
 
 # ---------------------------------------------------------------------------------------- model dirs
@@ -414,7 +392,7 @@ class ModelZoo:
 
 
 def _probe_rouge(model, tokenizer, records: Sequence[QA]) -> float:
-    from .evaluate import rouge_l_recall
+    from .metrics import rouge_l_recall
     from .qa import greedy_answers
 
     answers = greedy_answers(model, tokenizer, [r.question for r in records])

@@ -7,8 +7,8 @@ Removing a set F of n_F examples from a training set of n examples moves the opt
 
 with H the Hessian of the mean training loss. SOUL (Jia et al. 2024) starts from this step and turns
 it into an iterative, clipped, Sophia-driven loop; this module is the one-shot baseline. H is the
-diagonal Gauss-Newton-Bartlett (``curvature="gnb"``, Sophia's estimator) or Hutchinson
-(``curvature="hutchinson"``) estimate over the training data (retain + forget), plus ``damping``;
+diagonal Gauss-Newton-Bartlett (``estimator="gnb"``, Sophia's estimator) or Hutchinson
+(``estimator="hutchinson"``) estimate over the training data (retain + forget), plus ``damping``;
 ``scale`` multiplies the step (the first-order formula is ``scale=1``; a diagonal H is crude, so
 users usually sweep it).
 
@@ -25,29 +25,31 @@ from typing import Any
 import torch
 
 from ..optim.curvature import differentiable_attention, gnb_diag, hutchinson_diag, module_loss_fn
-from .qa import QA, QADataset, answer_logprobs, collate_qa, pad_token_id
+from ..optim.lm_targets import causal_lm_targets
+from .qa import QA, QADataset, answer_logprobs, pad_token_id, qa_batches
 
 __all__ = ["newton_unlearn"]
+
+_ESTIMATORS = ("gnb", "hutchinson")
 
 
 def _batches(records: Sequence[QA], tokenizer, batch_size: int, max_length: int):
     ds = QADataset(records, tokenizer, max_length=max_length)
-    pad = pad_token_id(tokenizer)
-    for start in range(0, len(ds), batch_size):
-        yield collate_qa([ds[i] for i in range(start, min(len(ds), start + batch_size))], pad_id=pad)
+    return qa_batches(ds, batch_size, pad_id=pad_token_id(tokenizer))
 
 
-def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[QA], curvature: str = "gnb",
+def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[QA], estimator: str = "gnb",
                    damping: float = 1e-4, scale: float = 1.0, batch_size: int = 16, max_length: int = 128,
                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """A copy of ``model`` moved by ``scale * (n_F / n) * (diag(H) + damping)^{-1} * mean_F grad l_f``.
 
     ``l_f`` is an example's mean answer-token NLL (the fine-tune's loss); ``n = len(forget) +
-    len(retain)``. Returns ``(new_model, info)`` with the step's norm and the curvature's statistics.
-    ``model`` is not modified.
+    len(retain)``. ``estimator`` picks the diagonal Hessian estimate: ``"gnb"`` (Gauss-Newton-Bartlett)
+    or ``"hutchinson"``. Returns ``(new_model, info)`` with the step's norm and the curvature's
+    statistics. ``model`` is not modified.
     """
-    if curvature not in ("gnb", "hutchinson"):
-        raise ValueError(f"curvature must be 'gnb' or 'hutchinson', got {curvature!r}")
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"estimator must be 'gnb' or 'hutchinson', got {estimator!r}")
     if not forget:
         raise ValueError("the forget set is empty")
     if not retain:
@@ -78,9 +80,10 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
     batches = list(_batches([*retain, *forget], tokenizer, batch_size, max_length))
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        if curvature == "gnb":
+        if estimator == "gnb":
             logits = new(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            est = gnb_diag(logits[:, :-1], params, labels=b["labels"][:, 1:], generator=gen, retain_graph=False)
+            est = gnb_diag(logits[:, :-1], params, labels=causal_lm_targets(b["labels"], drop_last=True),
+                           generator=gen, retain_graph=False)
         else:
             loss_fn = module_loss_fn(new, lambda call, b=b: call(**b).loss)
             with differentiable_attention(new):
@@ -97,7 +100,7 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
             p.add_(step)
             sq += float(step.double().square().sum())
     flat_h = torch.cat([v.flatten() for v in h.values()])
-    info = {"step_norm": sq ** 0.5, "curvature": curvature, "damping": damping, "scale": scale,
+    info = {"step_norm": sq ** 0.5, "estimator": estimator, "damping": damping, "scale": scale,
             "h_mean": float(flat_h.mean()), "h_median": float(flat_h.median()), "n_forget": len(forget),
             "n_train": n_total}
     return new, info

@@ -7,21 +7,32 @@ way, so that "the probability of the answer given the question" means one thing 
 
 Only the answer tokens (and the end-of-sequence token) carry labels; the prompt is context.
 
-    from soulkit.unlearn.qa import QA, QADataset, collate_qa, answer_logprobs
+    from soulkit.unlearn.qa import QADataset, answer_logprobs, pad_token_id, qa_batches, read_jsonl
+    records = read_jsonl("forget.jsonl")                          # TOFU's JSON-lines format
     ds = QADataset(records, tokenizer)
-    batch = collate_qa([ds[i] for i in range(4)], pad_id=tokenizer.pad_token_id)
-    total_logprob, n_tokens = answer_logprobs(model, batch)      # [B], [B]
+    for batch in qa_batches(ds, 4, pad_id=pad_token_id(tokenizer)):
+        total_logprob, n_tokens = answer_logprobs(model, batch)  # [B], [B]
+
+QA records are read and written as JSON lines in TOFU's field names (``question``, ``answer``,
+``paraphrased_answer``, ``perturbed_answer``) by :func:`read_jsonl` / :func:`write_jsonl`; TOFU's own
+files (e.g. ``forget10_perturbed.json``) load as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .._io import atomic_write_text
+from ..optim.lm_targets import causal_lm_targets
 
 __all__ = [
     "QA",
@@ -31,6 +42,10 @@ __all__ = [
     "encode_qa",
     "QADataset",
     "collate_qa",
+    "batched",
+    "qa_batches",
+    "read_jsonl",
+    "write_jsonl",
     "answer_logits",
     "answer_logprobs",
     "answer_token_stats",
@@ -39,6 +54,8 @@ __all__ = [
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 IGNORE_INDEX = -100
+_QA_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer", "author", "attribute")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,110 @@ class QA:
         """A copy whose ``answer`` is replaced (e.g. by a refusal for IDK unlearning)."""
         return QA(self.question, answer, self.paraphrased_answer, self.perturbed_answer, self.author,
                   self.attribute, dict(self.extra))
+
+    def to_dict(self, *, extra: bool = True) -> dict[str, Any]:
+        """The JSON object of one record in TOFU's field names; unset optional fields are left out and
+        ``extra`` entries become top-level fields (``extra=False``: left out)."""
+        d: dict[str, Any] = {"question": self.question, "answer": self.answer}
+        if self.paraphrased_answer is not None:
+            d["paraphrased_answer"] = self.paraphrased_answer
+        if self.perturbed_answer:
+            d["perturbed_answer"] = list(self.perturbed_answer)
+        if self.author is not None:
+            d["author"] = self.author
+        if self.attribute is not None:
+            d["attribute"] = self.attribute
+        if extra:
+            clash = sorted(set(self.extra) & set(_QA_FIELDS))
+            if clash:
+                raise ValueError(f"QA.extra may not use the reserved field names {clash} "
+                                 f"(question: {self.question!r})")
+            d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, obj: Any, *, where: str = "QA record") -> QA:
+        """The record of a JSON object (:meth:`to_dict`'s inverse); ``perturbed_answer`` may be one
+        string or a list. Malformed objects raise ``ValueError`` starting with ``where``."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in ("question", "answer"):
+            if key not in obj:
+                raise ValueError(f"{where}: missing field {key!r}")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {obj[key]!r}")
+        for key in ("paraphrased_answer", "author", "attribute"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise ValueError(f"{where}: field {key!r} must be a string or null, "
+                                 f"got {type(obj[key]).__name__}")
+        perturbed = obj.get("perturbed_answer")
+        if perturbed is None:
+            perturbed = ()
+        elif isinstance(perturbed, str):
+            perturbed = (perturbed,)
+        elif isinstance(perturbed, list) and all(isinstance(p, str) for p in perturbed):
+            perturbed = tuple(perturbed)
+        else:
+            raise ValueError(f"{where}: field 'perturbed_answer' must be a string or a list of strings, "
+                             f"got {perturbed!r}"[:300])
+        extra = {k: v for k, v in obj.items() if k not in _QA_FIELDS}
+        return cls(obj["question"], obj["answer"], obj.get("paraphrased_answer"), perturbed, obj.get("author"),
+                   obj.get("attribute"), extra)
+
+
+# --------------------------------------------------------------------------------------------- JSONL
+def write_jsonl(path: str | os.PathLike, records: Iterable[QA]) -> None:
+    """Write QA records as JSON lines (:meth:`QA.to_dict`), atomically (temp file, then rename)."""
+    lines = []
+    for r in records:
+        if not isinstance(r, QA):
+            raise TypeError(f"write_jsonl writes QA records, got {type(r).__name__}")
+        lines.append(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[QA]:
+    """QA records from a JSON-lines file (TOFU's format; a JSON array file is accepted too).
+
+    Each line is an object with ``question`` and ``answer`` (non-empty strings), optionally
+    ``paraphrased_answer`` and ``perturbed_answer`` (a list of strings or one string); ``author`` and
+    ``attribute`` fill the QA fields, other fields go to ``QA.extra``. Blank lines are skipped.
+    Malformed input raises ValueError naming the file and the 1-based line number; a file without
+    records raises unless ``allow_empty``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    records: list[QA] = []
+    data = None
+    if text.lstrip().startswith("["):  # maybe a JSON array file (e.g. a dataset written with json.dump)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # not one JSON document: read it as JSON lines, which names the bad line
+    if isinstance(data, list):
+        for i, obj in enumerate(data, 1):
+            records.append(QA.from_dict(obj, where=f"{path}, record {i}"))
+    else:
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in strings
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                                 ) from None
+            try:
+                records.append(QA.from_dict(obj, where=f"{path}, line {lineno}"))
+            except ValueError as e:
+                msg = str(e)
+                raise ValueError(msg if msg.startswith(str(path)) else f"{path}, line {lineno}: {msg}"
+                                 ) from None
+    if not records and not allow_empty:
+        raise ValueError(f"{path}: empty file, no QA records")
+    return records
 
 
 def format_prompt(question: str) -> str:
@@ -164,15 +285,36 @@ def collate_qa(items: Sequence[dict[str, list[int]]], *, pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of ``items`` of ``batch_size`` elements (the last one may be shorter)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+def qa_batches(dataset: QADataset, batch_size: int, *, pad_id: int,
+               order: Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`collate_qa` batches of ``dataset`` items taken in ``order`` (default: dataset order),
+    ``batch_size`` items each (the last batch may be smaller)."""
+    indices = range(len(dataset)) if order is None else order
+    for idx in batched(indices, batch_size):
+        yield collate_qa([dataset[i] for i in idx], pad_id=pad_id)
+
+
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted float logits ``[B, T-1, V]``, their targets ``[B, T-1]`` and the answer-token mask."""
+    """Shifted float logits ``[B, T-1, V]``, their targets ``[B, T-1]`` and the answer-token mask.
+
+    Position ``t`` of the logits predicts token ``t + 1`` (:func:`soulkit.optim.lm_targets.causal_lm_targets`
+    with ``drop_last=True``); the last position, which has no target, is dropped.
+    """
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits
     logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    targets = causal_lm_targets(labels, drop_last=True)
     valid = targets != IGNORE_INDEX
     return logits, targets, valid
 
@@ -220,8 +362,7 @@ def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens
     model.eval()
     out: list[str] = []
     try:
-        for start in range(0, len(questions), batch_size):
-            chunk = questions[start:start + batch_size]
+        for chunk in batched(questions, batch_size):
             enc = [bos + tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"] for q in chunk]
             width = max(len(e) for e in enc)
             ids = torch.full((len(enc), width), pad, dtype=torch.long)

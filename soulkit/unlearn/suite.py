@@ -42,7 +42,7 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # the `make demo` story: a couple of minutes of training on 2 CPU cores
+    # the `make demo` story: the smallest scale, for a quick end-to-end run
     "demo": Scale(20, 10, TrainRecipe(model=ModelConfig(hidden_size=96, num_layers=3, num_heads=4),
                                       vocab_size=1024, pretrain_epochs=20, finetune_max_epochs=60,
                                       check_every=5, lr=3e-3),
@@ -173,9 +173,9 @@ class UnlearningSuite:
         return results, run
 
 
-# lr per (method, optimizer) for the tiny benchmark models: the settings benchmarks/unlearning.py's sweep
-# selected on forget05 of the small scale (highest forget quality keeping >= 95% of the finetuned utility;
-# see benchmarks/results/unlearning.md). Sophia's rho 1.0 was selected over 0.04 (win rate ~0.01-0.1).
+# lr per (method, optimizer) and Sophia's rho for the tiny benchmark models: the settings benchmarks/unlearning.py's
+# sweep selects on forget05 of the small scale (highest forget quality keeping >= 95% of the finetuned utility);
+# the sweep and its choice are in benchmarks/results/unlearning.md.
 _DEFAULT_LR: dict[tuple[str, str], float] = {
     ("ga", "adamw"): 1e-4, ("ga", "sophia"): 1e-4,
     ("graddiff", "adamw"): 3e-4, ("graddiff", "sophia"): 2e-4,

@@ -15,10 +15,11 @@ Gauss-Newton-Bartlett estimator on the answer tokens of the step's forget and re
 extra forward and backward per refresh), or with Hutchinson's estimator of the objective's own
 Hessian (``estimator="hutchinson"``; double backward through an attention path that has one).
 
-With ``out_dir`` the run checkpoints (``checkpoint/``: safetensors weights, optimizer state, step)
-every ``checkpoint_every`` steps and resumes from there when started again; the data order and
-Sophia's label sampling are functions of the seed and the step, so a resumed run ends where an
-uninterrupted one does. A non-finite loss stops the run and restores the last good checkpoint.
+With ``out_dir`` the run checkpoints (``checkpoint/``, written by
+:func:`soulkit.unlearn.checkpoint.save_checkpoint`: weights, optimizer state, step, logs) every
+``checkpoint_every`` steps and resumes from there when started again; the data order and Sophia's
+label sampling are functions of the seed and the step, so a resumed run ends where an uninterrupted
+one does. A non-finite loss stops the run and restores the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_write_text
 from ..optim import Sophia
 from ..optim.curvature import differentiable_attention
-from .models import drop_tied_weights, save_model
-from .objectives import Objective
-from .qa import QA, QADataset, collate_qa, pad_token_id
+from ..optim.lm_targets import causal_lm_targets
+from .checkpoint import INFO_FILE, has_checkpoint, load_checkpoint, save_checkpoint
+from .models import save_model
+from .objectives import Objective, frozen_reference
+from .qa import QA, QADataset, batched, collate_qa, pad_token_id
 
 __all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "make_optimizer"]
 
@@ -143,15 +146,14 @@ class _Cycler:
     def __init__(self, ds: QADataset, batch_size: int, seed: int, pad: int):
         self.ds, self.bs, self.seed, self.pad = ds, min(batch_size, len(ds)), seed, pad
         self.per_epoch = math.ceil(len(ds) / self.bs)
-        self._orders: dict[int, list[int]] = {}
+        self._epoch: tuple[int, list[Sequence[int]]] | None = None  # (epoch, its batches of indices)
 
     def batch(self, i: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(i, self.per_epoch)
-        if epoch not in self._orders:
+        if self._epoch is None or self._epoch[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.ds), generator=g).tolist()}
-        idx = self._orders[epoch][j * self.bs:(j + 1) * self.bs]
-        return collate_qa([self.ds[k] for k in idx], pad_id=self.pad)
+            self._epoch = (epoch, list(batched(torch.randperm(len(self.ds), generator=g).tolist(), self.bs)))
+        return collate_qa([self.ds[k] for k in self._epoch[1][j]], pad_id=self.pad)
 
 
 class Unlearner:
@@ -200,11 +202,7 @@ class Unlearner:
                              f"{model.get_input_embeddings().weight.shape[0]}: tokenizer and model do not match")
         self.model = copy.deepcopy(model)
         self.model.train()
-        self.reference = None
-        if objective.needs_reference:
-            self.reference = copy.deepcopy(model).eval()
-            for p in self.reference.parameters():
-                p.requires_grad_(False)
+        self.reference = frozen_reference(model) if objective.needs_reference else None
         c = self.config
         pad = pad_token_id(tokenizer)
         forget_records = objective.prepare_forget(list(forget))
@@ -242,7 +240,7 @@ class Unlearner:
                     if b is None:
                         continue
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    opt.accumulate_gnb(logits[:, :-1], labels=b["labels"][:, 1:])
+                    opt.accumulate_gnb(logits[:, :-1], labels=causal_lm_targets(b["labels"], drop_last=True))
         else:
             with differentiable_attention(model):
                 for fb, rb in pairs:
@@ -253,36 +251,19 @@ class Unlearner:
         return self.out_dir / "checkpoint" if self.out_dir is not None else None
 
     def _save_checkpoint(self, opt, step: int, log: list, evals: list) -> None:
-        from safetensors.torch import save_file
-
-        d = self._ckpt_dir()
-        tmp = d.parent / f".checkpoint.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
-        drop_tied_weights(self.model, state)
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        atomic_write_json(tmp / "trainer.json", {"step": step, "log": log, "evaluations": evals,
-                                                  "config": self.config.to_dict()})
-        old = d.parent / f".checkpoint.old-{os.getpid()}"
-        if d.exists():
-            os.rename(d, old)
-        os.rename(tmp, d)
-        shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(self._ckpt_dir(), self.model, {"optimizer": opt.state_dict()},
+                        {"step": step, "log": log, "evaluations": evals, "config": self.config.to_dict()})
 
     def _load_checkpoint(self, opt) -> tuple[int, list, list]:
-        from safetensors.torch import load_file
-
         d = self._ckpt_dir()
-        info = json.loads((d / "trainer.json").read_text())
+        info = json.loads((d / INFO_FILE).read_text(encoding="utf-8"))  # check the config before loading
         saved = {k: v for k, v in info["config"].items() if k not in ("show_progress", "eval_every")}
         now = {k: v for k, v in self.config.to_dict().items() if k not in ("show_progress", "eval_every")}
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):
             raise ValueError(f"{d} was written by a run with another configuration; use a new out_dir or "
                              f"remove the checkpoint")
-        self.model.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
-        opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        states, info = load_checkpoint(d, self.model)
+        opt.load_state_dict(states["optimizer"])
         return info["step"], info["log"], info["evaluations"]
 
     # ------------------------------------------------------------------ loop
@@ -300,7 +281,7 @@ class Unlearner:
         ckpt = self._ckpt_dir()
         if self.out_dir is not None and (self.out_dir / "model").exists():
             raise FileExistsError(f"{self.out_dir / 'model'} already exists; choose a new out_dir")
-        if ckpt is not None and self.resume and (ckpt / "trainer.json").exists():
+        if ckpt is not None and self.resume and has_checkpoint(ckpt):
             step, log, evals = self._load_checkpoint(opt)
             _write_log(self.out_dir / "log.jsonl", log)
         elif ckpt is not None:
@@ -348,7 +329,7 @@ class Unlearner:
                 opt.step()
                 step += 1
                 entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **metrics}
-                if is_sophia and opt.param_groups[0].get("track_win_rate", True):
+                if is_sophia:
                     try:
                         entry["win_rate"] = float(opt.win_rate()[0])
                     except (RuntimeError, IndexError):
@@ -403,8 +384,6 @@ class Unlearner:
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
-    from .._io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in log))
 
 

@@ -21,12 +21,10 @@ from soulkit.unlearn.data import (
     build_tables,
     generate_authors,
     generate_benchmark,
-    read_jsonl,
     real_author_qa,
     world_fact_qa,
-    write_jsonl,
 )
-from soulkit.unlearn.qa import QA
+from soulkit.unlearn.qa import QA, read_jsonl
 
 CORE = {"birthplace", "birth_date", "nationality", "genre", "father_occupation", "mother_occupation",
         "first_book", "award", "publisher", "debut_year", "theme"}
@@ -294,64 +292,3 @@ def test_fingerprint_tracks_content(small):
                               small.n_perturbed, small.holdout_authors)
     assert re.fullmatch(r"[0-9a-f]{64}", small.fingerprint())
     assert changed.fingerprint() != small.fingerprint()
-
-
-def test_tofu_style_lines_load(tmp_path):
-    path = tmp_path / "forget10_perturbed.json"  # JSON lines despite the suffix, as TOFU ships it
-    rows = [
-        {"question": "Who is this celebrated LGBTQ+ author?", "answer": "The author is Jaime Vasquez.",
-         "paraphrased_question": "Who is this author?", "paraphrased_answer": "It is Jaime Vasquez.",
-         "perturbed_answer": ["It is Anna Berg.", "It is Tom Kuhn.", "It is Ida Lund."]},
-        {"question": "What genre?", "answer": "True crime.", "perturbed_answer": "Poetry."},
-        {"question": "Where?", "answer": "Chile.", "paraphrased_answer": None, "author": "X",
-         "attribute": "place"},
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    recs = read_jsonl(path)
-    assert len(recs) == 3
-    assert recs[0].perturbed_answer == ("It is Anna Berg.", "It is Tom Kuhn.", "It is Ida Lund.")
-    assert recs[0].extra == {"paraphrased_question": "Who is this author?"} and recs[0].author is None
-    assert recs[1].perturbed_answer == ("Poetry.",) and recs[1].paraphrased_answer is None
-    assert recs[2].author == "X" and recs[2].attribute == "place" and recs[2].extra == {}
-    out = tmp_path / "copy.jsonl"
-    write_jsonl(out, recs)
-    back = read_jsonl(out)
-    assert back == recs and [r.extra for r in back] == [r.extra for r in recs]
-    first = json.loads(out.read_text().splitlines()[0])
-    assert list(first)[:4] == ["question", "answer", "paraphrased_answer", "perturbed_answer"]
-    array = tmp_path / "array.json"
-    array.write_text(json.dumps(rows, indent=2))
-    assert read_jsonl(array) == recs
-
-
-@pytest.mark.parametrize("content, line, pattern", [
-    ('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n', 2, "invalid JSON"),
-    ('{"question": "q", "answer": "a"}\n\n{"question": "q3"}\n', 3, "missing field 'answer'"),
-    ('{"answer": "a"}\n', 1, "missing field 'question'"),
-    ('{"question": 5, "answer": "a"}\n', 1, "'question' must be a non-empty string"),
-    ('{"question": "q", "answer": "  "}\n', 1, "'answer' must be a non-empty string"),
-    ('{"question": "q", "answer": "a", "perturbed_answer": [1, 2]}\n', 1, "perturbed_answer"),
-    ('{"question": "q", "answer": "a", "paraphrased_answer": ["x"]}\n', 1, "paraphrased_answer"),
-    ('["question", "answer"]\n{"question": "q", "answer": "a"}\n', 1, "expected a JSON object"),
-])
-def test_jsonl_errors_name_file_and_line(tmp_path, content, line, pattern):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=rf"bad\.jsonl, line {line}: .*{re.escape(pattern)}"):
-        read_jsonl(path)
-
-
-@pytest.mark.parametrize("content", ["", "\n  \n"])
-def test_jsonl_empty_file_raises(tmp_path, content):
-    path = tmp_path / "empty.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=r"empty\.jsonl: empty file"):
-        read_jsonl(path)
-
-
-def test_write_jsonl_rejects_reserved_extra_and_non_qa(tmp_path):
-    with pytest.raises(ValueError, match="reserved"):
-        write_jsonl(tmp_path / "x.jsonl", [QA("q", "a", extra={"answer": "b"})])
-    with pytest.raises(TypeError):
-        write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
-    assert list(tmp_path.iterdir()) == []  # nothing half-written

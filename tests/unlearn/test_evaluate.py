@@ -1,173 +1,35 @@
-"""TOFU-style evaluation: every metric against hand-computed values, and evaluate_model on a tiny LM."""
+"""evaluate_model on a tiny LM: its fields agree with the metric functions and score_answers; references,
+bad sets, mode restoring, and the results files."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from soulkit.unlearn.evaluate import (
-    MIA_ATTACKS,
     EvalConfig,
     EvalSets,
     evaluate_model,
-    extraction_strength,
-    forget_quality,
-    forget_quality_statistic,
     format_results,
     load_results,
-    mia_auc,
-    mia_loss_score,
-    mia_min_k_plus_plus_score,
-    mia_min_k_score,
-    mia_zlib_score,
-    model_utility,
-    normalized_probability,
-    privleak,
-    rouge_l_recall,
     save_results,
     score_answers,
+)
+from soulkit.unlearn.metrics import (
+    MIA_ATTACKS,
+    forget_quality,
+    forget_quality_statistic,
+    model_utility,
+    normalized_probability,
     truth_ratio,
     truth_ratio_score,
 )
 from soulkit.unlearn.models import ModelConfig, build_model
 from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa
-
-# ----------------------------------------------------------------------------------------------------
-# pure metrics, hand-computed
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_rouge_l_recall_hand_cases():
-    got = rouge_l_recall(["the cat sat", "cats running", "", "Lyon"],
-                         ["the cat sat on the mat", "cat runs", "abc", "born in Lyon"])
-    # LCS 3 of 6 reference tokens; stemming makes cats/cat and running/runs match; empty -> 0; 1 of 3
-    np.testing.assert_allclose(got, [0.5, 1.0, 0.0, 1 / 3])
-    with pytest.raises(ValueError, match="2 predictions but 1 references"):
-        rouge_l_recall(["a", "b"], ["a"])
-
-
-def test_truth_ratio_two_perturbed_by_hand():
-    para = [1.0, 2.0]
-    pert = [[2.0, 3.0], [1.0, 1.0]]
-    # R = mean(exp(-l_pert)) / exp(-l_para): (e^-2 + e^-3)/2 / e^-1 = (e^-1 + e^-2)/2; e^-1 / e^-2 = e
-    np.testing.assert_allclose(truth_ratio(para, pert), [0.2516073622040275, math.e], rtol=1e-12)
-    # T = exp(mean(l_pert) - l_para): exp(2.5 - 1), exp(1 - 2) -- the geometric form, not 1/R
-    np.testing.assert_allclose(forget_quality_statistic(para, pert), [4.4816890703380645, math.exp(-1)],
-                               rtol=1e-12)
-    # torch input works the same
-    np.testing.assert_allclose(truth_ratio(torch.tensor(para), torch.tensor(pert)), truth_ratio(para, pert))
-    with pytest.raises(ValueError, match="rows"):
-        truth_ratio([1.0], pert)
-    with pytest.raises(ValueError, match="NaN"):
-        truth_ratio([1.0, float("nan")], pert)
-    with pytest.raises(ValueError, match="dimension"):
-        truth_ratio([1.0, 2.0], [1.0, 2.0])
-
-
-def test_truth_ratio_score_forms():
-    assert truth_ratio_score([0.5, 2.0], forget=True) == pytest.approx(0.5)  # min(R, 1/R) = 0.5 both
-    assert truth_ratio_score([0.5, 2.0], forget=False) == pytest.approx(0.25)  # (0.5 + 0) / 2
-    assert truth_ratio_score([1.0], forget=True) == pytest.approx(1.0)
-    assert truth_ratio_score([0.0], forget=True) == 0.0
-    with pytest.raises(ValueError, match=">= 0"):
-        truth_ratio_score([-1.0], forget=False)
-
-
-def test_forget_quality_ks():
-    assert forget_quality([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]) == (1.0, 0.0)
-    p, stat = forget_quality([0.0, 1.0, 2.0], [10.0, 11.0, 12.0])
-    assert stat == 1.0
-    assert p == pytest.approx(0.1)  # exact two-sided: 2 / C(6, 3)
-    with pytest.raises(ValueError, match="empty"):
-        forget_quality([], [1.0])
-
-
-def test_normalized_probability():
-    np.testing.assert_allclose(normalized_probability([1.0], [[1.0, 1.0]]), [1 / 3])
-    np.testing.assert_allclose(normalized_probability([0.0], [[math.log(2), math.log(2)]]), [0.5])
-    # stable where exp(-l) underflows
-    np.testing.assert_allclose(normalized_probability([1000.0], [[1000.0, 1000.0]]), [1 / 3])
-
-
-def test_model_utility_harmonic_mean():
-    assert model_utility([1.0] * 9) == pytest.approx(1.0)
-    assert model_utility([0.5] * 8 + [1.0]) == pytest.approx(9 / 17)  # 9 / (8 * 2 + 1)
-    assert model_utility({f"k{i}": 0.5 for i in range(9)}) == pytest.approx(0.5)
-    assert model_utility([0.9] * 8 + [0.0]) == 0.0
-    with pytest.raises(ValueError, match="exactly 9"):
-        model_utility([0.5] * 8)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        model_utility([0.5] * 8 + [1.5])
-
-
-def test_mia_loss_and_zlib_scores():
-    lp = [[-1.0, -2.0, -3.0, 99.0], [-4.0, 0.0, 0.0, 0.0]]
-    mask = [[True, True, True, False], [True, False, False, False]]
-    np.testing.assert_allclose(mia_loss_score(lp, mask), [-2.0, -4.0])  # padding ignored
-    np.testing.assert_allclose(mia_loss_score([[-1.0, -3.0]], None), [-2.0])
-    # zlib: -(mean NLL) / compressed length; zlib.compress(b"abc") is 11 bytes (2 header, 5 deflate, 4 adler)
-    long_text = "a" * 100
-    got = mia_zlib_score([[-2.0, -2.0], [-3.0, -3.0]], None, ["abc", long_text])
-    np.testing.assert_allclose(got, [-2.0 / 11, -3.0 / len(zlib.compress(long_text.encode()))])
-    with pytest.raises(ValueError, match="no answer tokens"):
-        mia_loss_score([[-1.0, -2.0]], [[False, False]])
-    with pytest.raises(ValueError, match="1 texts for 2"):
-        mia_zlib_score([[-1.0], [-1.0]], None, ["x"])
-
-
-def test_min_k_picks_the_lowest_tokens():
-    lp = [[-0.1, -5.0, -0.2, -3.0, -0.3, -100.0]]
-    mask = [[True] * 5 + [False]]  # the -100 is padding, never picked
-    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=0.4), [-4.0])  # floor(0.4 * 5) = 2: -5, -3
-    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=1.0), [-8.6 / 5])
-    np.testing.assert_allclose(mia_min_k_score(lp, mask, k=0.1), [-5.0])  # at least one token
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        mia_min_k_score(lp, mask, k=0.0)
-
-
-def test_min_k_plus_plus_standardises_tokens():
-    lp = [[-1.0, -3.0, -2.0, -4.0, -1.0]]
-    mu = [[-2.0, -1.0, -2.0, -1.0, -1.0]]
-    sd = [[1.0, 2.0, 0.5, 1.0, 1.0]]
-    # token scores (lp - mu) / sd = [1, -1, 0, -3, 0]; lowest 2 -> (-3 + -1) / 2
-    np.testing.assert_allclose(mia_min_k_plus_plus_score(lp, mu, sd, None, k=0.4), [-2.0])
-    # sigma 0 with log p == mu gives 0, not NaN
-    np.testing.assert_allclose(mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[0.0]], None, k=0.4), [0.0])
-    with pytest.raises(ValueError, match="std must be >= 0"):
-        mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[-1.0]])
-
-
-def test_mia_auc_and_privleak_sign():
-    assert mia_auc([3.0, 4.0], [1.0, 2.0]) == 1.0
-    assert mia_auc([1.0, 2.0], [3.0, 4.0]) == 0.0
-    assert mia_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
-    assert mia_auc([3.0, 1.0], [2.0, 0.0]) == 0.75  # 3 of the 4 member/non-member pairs ordered right
-    assert privleak(0.5, 0.5) == 0.0
-    assert privleak(0.75, 0.5) == pytest.approx(-50.0)  # forget set more member-like than retrain: leak
-    assert privleak(0.25, 0.5) == pytest.approx(50.0)  # less member-like: over-unlearning
-    with pytest.raises(ValueError, match="auc_retain == 1"):
-        privleak(0.6, 1.0)
-    with pytest.raises(ValueError, match="auc must be"):
-        privleak(1.2, 0.5)
-
-
-def test_extraction_strength_cases():
-    correct = [[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 1, 1], [0, 1, 1, 1], [0, 1, 0, 1]]
-    # all right -> 1; last wrong -> k = 4 -> 0; index 1 wrong -> k = 2 -> 0.5; first wrong -> k = 1 -> 0.75;
-    # indices 0 and 2 wrong -> the last wrong one counts: k = 3 -> 0.25
-    got = extraction_strength(np.array(correct, dtype=bool))
-    np.testing.assert_allclose(got, [1.0, 0.0, 0.5, 0.75, 0.25])
-    # positions outside the mask (prompt, padding) do not count: answer = [1, 0, 1] -> k = 2 -> 1/3
-    c = torch.tensor([[0, 0, 1, 0, 1, 0]], dtype=torch.bool)
-    m = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
-    np.testing.assert_allclose(extraction_strength(c, m), [1 / 3])
-
 
 # ----------------------------------------------------------------------------------------------------
 # configuration

@@ -63,7 +63,7 @@ def test_step_by_hand(memorised64, tiny_tokenizer):
     assert info["h_mean"] == pytest.approx(float(flat_h.mean()), rel=1e-6)
     assert info["h_median"] == pytest.approx(float(flat_h.median()), rel=1e-6)
     assert info["n_forget"] == 4 and info["n_train"] == 8
-    assert info["curvature"] == "gnb" and info["damping"] == damping and info["scale"] == scale
+    assert info["estimator"] == "gnb" and info["damping"] == damping and info["scale"] == scale
 
 
 def test_scale_zero_and_linearity(memorised64, tiny_tokenizer):
@@ -81,7 +81,7 @@ def test_scale_zero_and_linearity(memorised64, tiny_tokenizer):
     assert info2["step_norm"] == pytest.approx(2 * info1["step_norm"], rel=1e-9)
 
 
-def test_seeded_curvature(memorised64, tiny_tokenizer):
+def test_seeded_estimate(memorised64, tiny_tokenizer):
     a, ia = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=1)
     b, ib = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=1)
     c, ic = newton_unlearn(memorised64, tiny_tokenizer, FORGET, retain=RETAIN, scale=0.1, seed=2)
@@ -90,18 +90,18 @@ def test_seeded_curvature(memorised64, tiny_tokenizer):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("curvature,damping,scale", [("gnb", 1e-3, 0.1), ("hutchinson", 1e-2, 1.0)])
-def test_lowers_forget_probability(memorised, tiny_tokenizer, curvature, damping, scale):
+@pytest.mark.parametrize("estimator,damping,scale", [("gnb", 1e-3, 0.1), ("hutchinson", 1e-2, 1.0)])
+def test_lowers_forget_probability(memorised, tiny_tokenizer, estimator, damping, scale):
     tok = tiny_tokenizer
     before = {k: v.clone() for k, v in memorised.state_dict().items()}
     p_forget0, p_retain0 = _prob(memorised, tok, FORGET), _prob(memorised, tok, RETAIN)
     assert p_forget0 > 0.9 and p_retain0 > 0.9
-    new, info = newton_unlearn(memorised, tok, FORGET, retain=RETAIN, curvature=curvature, damping=damping,
+    new, info = newton_unlearn(memorised, tok, FORGET, retain=RETAIN, estimator=estimator, damping=damping,
                                scale=scale)
     after = memorised.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # input untouched
     assert new is not memorised and not new.training
-    assert info["curvature"] == curvature and info["step_norm"] > 0 and math.isfinite(info["h_mean"])
+    assert info["estimator"] == estimator and info["step_norm"] > 0 and math.isfinite(info["h_mean"])
     assert all(torch.isfinite(p).all() for p in new.parameters())
     p_forget, p_retain = _prob(new, tok, FORGET), _prob(new, tok, RETAIN)
     assert p_forget < 0.6 * p_forget0, (p_forget0, p_forget)
@@ -110,7 +110,7 @@ def test_lowers_forget_probability(memorised, tiny_tokenizer, curvature, damping
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(curvature="exact"), "curvature must be 'gnb' or 'hutchinson', got 'exact'"),
+    (dict(estimator="exact"), "estimator must be 'gnb' or 'hutchinson', got 'exact'"),
     (dict(forget=[]), "forget set is empty"),
     (dict(retain=[]), "needs the retain set"),
     (dict(retain=None), "needs the retain set"),
