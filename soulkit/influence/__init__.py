@@ -6,29 +6,26 @@
 
 - :class:`InfluenceAnalyzer` -- ``fit(train)``, ``scores(train, queries)``, ``self_scores(train)``;
   ``loo="first_order"`` (Koh & Liang) or ``"newton"`` (Woodbury on the removed example's own
-  Gauss-Newton block).
+  Gauss-Newton block); its options are the fields of :class:`InfluenceConfig`.
+- :class:`OutputLoss` -- a loss written as ``loss_on_output(output_fn(model, batch), batch)``, which
+  Gauss-Newton curvature and Newton-corrected leave-one-out need.
 - Solvers (:mod:`.solvers`): :class:`ExactSolver`, :class:`CGSolver`, :class:`LissaSolver`,
-  :class:`ArnoldiSolver`, :class:`DiagonalSolver`, :class:`IdentitySolver`; :class:`ConvergenceError`.
+  :class:`ArnoldiSolver`, :class:`DiagonalSolver`, :class:`IdentitySolver` (names in :data:`SOLVERS`);
+  :class:`ConvergenceError`, :class:`ConvergenceWarning`.
 - Per-example gradients (:mod:`.gradients`): :func:`per_example_grads`, :func:`iter_per_example_grads`,
-  :class:`OutputLoss`, :func:`flatten_tensors`, :func:`unflatten_tensor`.
+  :func:`projected_per_example_grads`.
 - Metrics (:mod:`.metrics`): :func:`loo_correlation`, :func:`lds`, :func:`brittleness`;
   plots (:mod:`.plots`): :func:`scatter_predicted_vs_actual`, :func:`scatter_panels`.
 
-Curvature comes from :mod:`soulkit.optim` (``hvp``, ``gnvp`` and the diagonal estimators).
+The machinery behind these stays in its modules: :class:`~.gradients.BoundLoss`,
+:class:`~.gradients.ParamSpace`, :func:`~.gradients.flatten_tensors` / :func:`~.gradients.unflatten_tensor`
+(:mod:`.gradients`), :class:`~.hessian.CurvatureOperator` (:mod:`.hessian`), :func:`~.solvers.make_solver`
+(:mod:`.solvers`). Curvature comes from :mod:`soulkit.optim` (``hvp``, ``gnvp`` and the diagonal
+estimators).
 """
 
 from .analyzer import InfluenceAnalyzer, InfluenceConfig
-from .gradients import (
-    BoundLoss,
-    OutputLoss,
-    ParamSpace,
-    flatten_tensors,
-    iter_per_example_grads,
-    per_example_grads,
-    projected_per_example_grads,
-    unflatten_tensor,
-)
-from .hessian import CurvatureOperator
+from .gradients import OutputLoss, iter_per_example_grads, per_example_grads, projected_per_example_grads
 from .metrics import BrittlenessResult, LDSResult, LOOCorrelation, brittleness, lds, loo_correlation
 from .plots import scatter_panels, scatter_predicted_vs_actual
 from .solvers import (
@@ -42,18 +39,15 @@ from .solvers import (
     IdentitySolver,
     LissaSolver,
     Solver,
-    make_solver,
 )
 
 __all__ = [
     "SOLVERS",
     "ArnoldiSolver",
-    "BoundLoss",
     "BrittlenessResult",
     "CGSolver",
     "ConvergenceError",
     "ConvergenceWarning",
-    "CurvatureOperator",
     "DiagonalSolver",
     "ExactSolver",
     "IdentitySolver",
@@ -63,17 +57,13 @@ __all__ = [
     "LOOCorrelation",
     "LissaSolver",
     "OutputLoss",
-    "ParamSpace",
     "Solver",
     "brittleness",
-    "flatten_tensors",
     "iter_per_example_grads",
     "lds",
     "loo_correlation",
-    "make_solver",
     "per_example_grads",
     "projected_per_example_grads",
     "scatter_panels",
     "scatter_predicted_vs_actual",
-    "unflatten_tensor",
 ]

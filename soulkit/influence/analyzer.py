@@ -39,6 +39,7 @@ query ``i`` shift by the constant ``(l2/n) g_i^T A^{-1} theta``; correlations ac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,28 @@ _HVP_MODES = ("auto", "forward_over_reverse", "double_backward")
 
 @dataclass
 class InfluenceConfig:
-    """Options of :class:`InfluenceAnalyzer` (validated on construction; see its docstring)."""
+    """Options of :class:`InfluenceAnalyzer`, validated on construction.
+
+    Args:
+        solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"diagonal"``, ``"identity"`` or a
+            configured :class:`~soulkit.influence.solvers.Solver` (e.g. ``CGSolver(tol=1e-10)``). A name
+            gives every analyzer built from this config its own solver; an instance is used as is.
+        l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
+        damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
+        curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
+            for convex losses).
+        loo: ``"first_order"`` (classic influence) or ``"newton"`` (removed example's own curvature).
+        params: names of the attributed parameters (default all with ``requires_grad``); ``l2`` applies
+            to them.
+        batch_size: batch size when a ``Dataset`` is given.
+        dtype: ``torch.float32``/``torch.float64`` to compute in (default: the parameters' dtype).
+        chunk_size, max_memory_mb: per-example gradient chunking (see :mod:`.gradients`); the training
+            batches are kept in memory (once prepared) while they fit in ``max_memory_mb``.
+        engine: curvature-product engine (``"auto"``, ``"batched"``, ``"loop"``; see :mod:`.hessian`).
+        hvp_mode: passed to :func:`soulkit.optim.hvp`.
+        solve_chunk: right-hand sides per ``solve`` call.
+        progress: tqdm bars (``None``: only on a terminal).
+    """
 
     solver: str | Solver = "cg"
     l2: float = 0.0
@@ -104,7 +126,21 @@ class InfluenceConfig:
             raise ValueError(f"max_memory_mb must be a finite number > 0, got {m!r}")
         if self.dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
-        self.solver = make_solver(self.solver)
+        make_solver(self.solver)  # an unknown name or a wrong type fails here, not at fit
+
+    @classmethod
+    def from_options(cls, config: InfluenceConfig | None = None, **options: Any) -> InfluenceConfig:
+        """``config`` (default: all defaults) with ``options`` replacing its fields; unknown names raise ``TypeError``."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be an InfluenceConfig or None, got {type(config).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise TypeError(
+                f"unknown influence option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"the options are the fields of InfluenceConfig: {', '.join(names)}"
+            )
+        return cls(**options) if config is None else dataclasses.replace(config, **options)
 
 
 class InfluenceAnalyzer:
@@ -116,23 +152,10 @@ class InfluenceAnalyzer:
         loss_fn: ``loss_fn(model, batch) -> Tensor [B]`` of per-example losses (checked). Batches
             are what the ``DataLoader`` yields. ``curvature="gauss_newton"`` and ``loo="newton"`` need
             an :class:`~soulkit.influence.OutputLoss` (``output_fn`` + ``loss_on_output``).
-        solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"diagonal"``, ``"identity"`` or a
-            configured :class:`~soulkit.influence.solvers.Solver` (e.g. ``CGSolver(tol=1e-10)``).
-        l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
-        damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
-        curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
-            for convex losses).
-        loo: ``"first_order"`` (classic influence) or ``"newton"`` (removed example's own curvature).
-        params: names of the attributed parameters (default all with ``requires_grad``); ``l2`` applies
-            to them.
-        batch_size: batch size when a ``Dataset`` is given.
-        dtype: ``torch.float32``/``torch.float64`` to compute in (default: the parameters' dtype).
-        chunk_size, max_memory_mb: per-example gradient chunking (see :mod:`.gradients`); the training
-            batches are kept in memory (once prepared) while they fit in ``max_memory_mb``.
-        engine: curvature-product engine (``"auto"``, ``"batched"``, ``"loop"``; see :mod:`.hessian`).
-        hvp_mode: passed to :func:`soulkit.optim.hvp`.
-        solve_chunk: right-hand sides per ``solve`` call.
-        progress: tqdm bars (``None``: only on a terminal).
+        config: an :class:`InfluenceConfig` (default: its defaults).
+        **options: any field of :class:`InfluenceConfig` (``solver``, ``l2``, ``damping``, ``curvature``,
+            ``loo``, ...; documented there), replacing the value in ``config``. An unknown name raises
+            ``TypeError``.
 
     Example::
 
@@ -145,27 +168,11 @@ class InfluenceAnalyzer:
         self,
         model: nn.Module,
         loss_fn: Callable[[nn.Module, Batch], Tensor],
-        *,
-        solver: str | Solver = "cg",
-        l2: float = 0.0,
-        damping: float = 0.0,
-        curvature: Literal["hessian", "gauss_newton"] = "hessian",
-        loo: Literal["first_order", "newton"] = "first_order",
-        params: Sequence[str] | None = None,
-        batch_size: int = 64,
-        dtype: torch.dtype | None = None,
-        chunk_size: int | None = None,
-        max_memory_mb: float = 512.0,
-        engine: Literal["auto", "batched", "loop"] = "auto",
-        hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto",
-        solve_chunk: int = 256,
-        progress: bool | None = None,
+        config: InfluenceConfig | None = None,
+        **options: Any,
     ) -> None:
-        self.config = InfluenceConfig(
-            solver=solver, l2=l2, damping=damping, curvature=curvature, loo=loo, params=params,
-            batch_size=batch_size, dtype=dtype, chunk_size=chunk_size, max_memory_mb=max_memory_mb,
-            engine=engine, hvp_mode=hvp_mode, solve_chunk=solve_chunk, progress=progress,
-        )  # fmt: skip
+        self.config = InfluenceConfig.from_options(config, **options)
+        cfg = self.config
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -175,8 +182,8 @@ class InfluenceAnalyzer:
         needs = [
             what
             for what, on in (
-                ("loo='newton'", loo == "newton"),
-                ("curvature='gauss_newton'", curvature == "gauss_newton"),
+                ("loo='newton'", cfg.loo == "newton"),
+                ("curvature='gauss_newton'", cfg.curvature == "gauss_newton"),
             )
             if on
         ]
@@ -186,8 +193,8 @@ class InfluenceAnalyzer:
                 "per-example Gauss-Newton block J^T Lambda J is taken w.r.t. the model outputs"
             )
         self.model, self.loss_fn = model, loss_fn
-        self.solver: Solver = self.config.solver  # type: ignore[assignment]
-        self.bound = BoundLoss(model, loss_fn, params=params, dtype=dtype)
+        self.solver: Solver = make_solver(cfg.solver)
+        self.bound = BoundLoss(model, loss_fn, params=cfg.params, dtype=cfg.dtype)
         self.operator: CurvatureOperator | None = None
         self.n_train: int | None = None
         self._train_obj: Any = None

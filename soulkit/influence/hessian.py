@@ -13,11 +13,11 @@ weighted by ``B / n``.
 Engines. ``"loop"`` calls :func:`soulkit.optim.hvp` / :func:`soulkit.optim.gnvp` once per vector and
 batch. ``"batched"`` builds each batch's gradient graph once and pushes all ``m`` vectors through it
 in one vmapped backward (``torch.autograd.grad(..., is_grads_batched=True)``) -- the same math,
-checked against the loop engine in the tests. Measured on this project's 2-core CPU (float64 logistic
-regression, 455 x 31): one ``soulkit.optim.hvp`` 2.8 ms; 100 vectors through the batched engine
-6.5 ms, i.e. ~40x less per vector. ``"auto"`` uses the loop for a single vector and the batched engine
-for blocks, falling back to the loop (with a warning) if an op has no batching rule. The second-order
-part always runs under :func:`soulkit.optim.differentiable_attention` (math SDPA backend).
+checked against the loop engine in the tests. The forward pass and the first backward are shared by
+all vectors of a block, so for blocks the batched engine costs far less per vector than the loop.
+``"auto"`` uses the loop for a single vector and the batched engine for blocks, falling back to the
+loop (with a warning) if an op has no batching rule. The second-order part always runs under
+:func:`soulkit.optim.differentiable_attention` (math SDPA backend).
 """
 
 from __future__ import annotations

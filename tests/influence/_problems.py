@@ -8,8 +8,31 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from soulkit.influence import OutputLoss
+from soulkit.influence._data import DataSource
+from soulkit.influence.gradients import BoundLoss
+from soulkit.influence.hessian import CurvatureOperator
 
 DT = torch.float64
+CE = OutputLoss(lambda m, b: m(b[0]), lambda z, b: F.cross_entropy(z, b[1], reduction="none"))
+
+
+def make_op(model, loss, ds, *, l2=0.0, damping=0.0, curvature="hessian", engine="auto", batch_size=16):
+    """The curvature operator of ``loss`` on ``ds`` (kept in memory), as the analyzer builds it."""
+    bound = BoundLoss(model, loss)
+    src = DataSource(
+        ds, name="train", batch_size=batch_size, dtype=bound.dtype, device=bound.device, cache_bytes=1 << 26
+    )
+    return CurvatureOperator(bound, src, curvature=curvature, l2=l2, damping=damping, engine=engine)
+
+
+def mlp_problem(n=40, seed=0):
+    """A float64 4-6-3 tanh MLP (51 parameters) and ``n`` random 3-class examples: model, dataset, x, y."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, TensorDataset(x, y), x, y
 
 
 def linear_model(theta: torch.Tensor, d: int, k: int = 1) -> nn.Linear:

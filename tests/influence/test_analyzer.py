@@ -4,6 +4,8 @@ exact retraining (logistic and softmax regression), data handling, the model lef
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from soulkit.influence import (
     CGSolver,
     ConvergenceError,
     InfluenceAnalyzer,
+    InfluenceConfig,
     LissaSolver,
     OutputLoss,
     loo_correlation,
@@ -318,3 +321,37 @@ def test_scores_refer_to_the_model_at_fit(small):
     with torch.no_grad():
         model.weight.add_(1.0)  # an in-place training step after fit
     torch.testing.assert_close(an.scores(small["train"], small["queries"]), before, rtol=0, atol=0)
+
+
+def test_options_come_from_influence_config_alone(small):
+    model, loss = small["model"], small["loss"]
+    # one definition of the options: the analyzer takes an InfluenceConfig and/or its fields by name
+    assert list(inspect.signature(InfluenceAnalyzer.__init__).parameters) == [
+        "self", "model", "loss_fn", "config", "options"
+    ]
+    cfg = InfluenceConfig(solver="exact", l2=0.05, progress=False)
+    by_config = InfluenceAnalyzer(model, loss, cfg).fit(small["train"]).scores(small["train"], small["queries"])
+    by_name = InfluenceAnalyzer(model, loss, solver="exact", l2=0.05, progress=False).fit(small["train"])
+    torch.testing.assert_close(by_config, by_name.scores(small["train"], small["queries"]), rtol=0, atol=0)
+    assert by_name.config == cfg
+    # names override the config's fields, the config itself is left alone
+    an = InfluenceAnalyzer(model, loss, cfg, l2=0.5, damping=0.1)
+    assert (an.config.l2, an.config.damping, an.config.progress) == (0.5, 0.1, False)
+    assert (cfg.l2, cfg.damping) == (0.05, 0.0)
+    # a solver given by name: every analyzer gets its own
+    a1, a2 = InfluenceAnalyzer(model, loss, cfg), InfluenceAnalyzer(model, loss, cfg)
+    assert a1.solver is not a2.solver and cfg.solver == "exact"
+    solver = CGSolver(tol=1e-9)
+    assert InfluenceAnalyzer(model, loss, solver=solver).solver is solver
+    # overrides are validated like the config
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0, got -1"):
+        InfluenceAnalyzer(model, loss, cfg, l2=-1)
+    with pytest.raises(TypeError, match=r"unknown influence option 'solvr'; the options are the fields of InfluenceConfig: solver, l2"):
+        InfluenceAnalyzer(model, loss, solvr="cg")
+    with pytest.raises(TypeError, match="unknown influence options 'a', 'b'"):
+        InfluenceAnalyzer(model, loss, a=1, b=2)
+    with pytest.raises(TypeError, match="config must be an InfluenceConfig or None, got dict"):
+        InfluenceAnalyzer(model, loss, {"l2": 0.1})
+    with pytest.raises(ValueError, match="unknown solver 'newton_schulz'"):
+        InfluenceConfig(solver="newton_schulz")
+    assert {f.name for f in dataclasses.fields(InfluenceConfig)} >= {"solver", "l2", "damping", "loo", "curvature"}

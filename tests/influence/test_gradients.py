@@ -11,15 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from soulkit.influence import (
-    OutputLoss,
-    ParamSpace,
-    flatten_tensors,
-    iter_per_example_grads,
-    per_example_grads,
-    unflatten_tensor,
-)
-from soulkit.influence.gradients import BoundLoss
+from soulkit.influence import OutputLoss, iter_per_example_grads, per_example_grads
+from soulkit.influence.gradients import BoundLoss, ParamSpace, flatten_tensors, unflatten_tensor
 
 
 def mlp(dtype=torch.float32, seed=0):

@@ -1,4 +1,4 @@
-"""Metrics (LOO correlation, LDS, brittleness) on synthetic answers, and the scatter plot helper."""
+"""Metrics (LOO correlation, LDS, brittleness) on synthetic answers. (The scatter plots: test_plots.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from soulkit.influence import brittleness, lds, loo_correlation, scatter_panels, scatter_predicted_vs_actual
+from soulkit.influence import brittleness, lds, loo_correlation
 
 
 def test_loo_correlation_line_and_rows():
@@ -74,16 +74,3 @@ def test_brittleness_finds_fewest_proponents():
         brittleness(scores, retrain_predict, ks=[3, 2])
     with pytest.raises(ValueError, match="search must be"):
         brittleness(scores, retrain_predict, search="random")
-
-
-def test_scatter_png(tmp_path):
-    x = np.linspace(0, 1, 30)
-    path = scatter_predicted_vs_actual(x, 1.1 * x, tmp_path / "a" / "scatter.png", title="test")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p2 = scatter_panels(
-        {"one": {"first": (x, x), "newton": (x, 0.9 * x)}, "two": {"s": (torch.tensor(x), x)}},
-        tmp_path / "p.png",
-    )
-    assert p2.stat().st_size > 1000
-    with pytest.raises(ValueError, match="predicted has 30 points, actual has 3"):
-        scatter_predicted_vs_actual(x, x[:3], tmp_path / "bad.png")

@@ -1,5 +1,5 @@
-"""Curvature operator against dense references; every solver against the exact inverse; LiSSA's
-auto scale; convergence failures, indefinite and NaN curvature, and bad options."""
+"""Every solver against the exact inverse; LiSSA's auto scale; convergence failures, indefinite and NaN
+curvature, and bad options. (The curvature operator itself: test_hessian.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from soulkit.influence import (
@@ -21,84 +20,10 @@ from soulkit.influence import (
     IdentitySolver,
     LissaSolver,
     OutputLoss,
-    flatten_tensors,
-    make_solver,
-    unflatten_tensor,
 )
-from soulkit.influence._data import DataSource
-from soulkit.influence.gradients import BoundLoss
-from soulkit.influence.hessian import CurvatureOperator
-from soulkit.optim import gnvp, hvp
+from soulkit.influence.solvers import make_solver
 
-from ._problems import DT, classification_problem, ridge_problem
-
-CE = OutputLoss(lambda m, b: m(b[0]), lambda z, b: F.cross_entropy(z, b[1], reduction="none"))
-
-
-def make_op(model, loss, ds, *, l2=0.0, damping=0.0, curvature="hessian", engine="auto", batch_size=16):
-    bound = BoundLoss(model, loss)
-    src = DataSource(
-        ds, name="train", batch_size=batch_size, dtype=bound.dtype, device=bound.device, cache_bytes=1 << 26
-    )
-    return CurvatureOperator(bound, src, curvature=curvature, l2=l2, damping=damping, engine=engine)
-
-
-def mlp_problem(n=40, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(n, 4, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return model, TensorDataset(x, y), x, y
-
-
-def dense_reference(model, x, y, l2, curvature):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    flat = flatten_tensors(params)
-    p = flat.numel()
-    if curvature == "hessian":
-
-        def f(t):
-            return F.cross_entropy(torch.func.functional_call(model, unflatten_tensor(t, params), (x,)), y)
-
-        H = torch.autograd.functional.hessian(f, flat)
-    else:
-
-        def out(t):
-            return torch.func.functional_call(model, unflatten_tensor(t, params), (x,))
-
-        J = torch.autograd.functional.jacobian(out, flat)  # [n, k, p]
-        P = torch.softmax(out(flat), -1)
-        lam = torch.diag_embed(P) - P[:, :, None] * P[:, None, :]
-        H = torch.einsum("nkp,nkl,nlq->pq", J, lam, J) / x.shape[0]
-    return H + l2 * torch.eye(p, dtype=DT)
-
-
-@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
-def test_operator_dense_matches_reference(curvature):
-    model, ds, x, y = mlp_problem()
-    op = make_op(model, CE, ds, l2=0.03, damping=0.02, curvature=curvature)
-    ref = dense_reference(model, x, y, 0.03, curvature) + 0.02 * torch.eye(op.dim, dtype=DT)
-    torch.testing.assert_close(op.dense(progress=False), ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
-def test_batched_engine_equals_loop_engine_equals_soulkit_optim(curvature):
-    model, ds, x, y = mlp_problem()
-    V = torch.randn(5, 51, generator=torch.Generator().manual_seed(3), dtype=DT)
-    batched = make_op(model, CE, ds, curvature=curvature, engine="batched").matmat(V)
-    loop = make_op(model, CE, ds, curvature=curvature, engine="loop").matmat(V)
-    torch.testing.assert_close(batched, loop, rtol=1e-11, atol=1e-13)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    v0 = unflatten_tensor(V[0], params)
-    if curvature == "hessian":
-        ref = hvp(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y), params, v0)
-    else:
-        ref = gnvp(
-            lambda p: torch.func.functional_call(model, p, (x,)), lambda z: F.cross_entropy(z, y), params, v0
-        )
-    torch.testing.assert_close(batched[0], flatten_tensors(ref), rtol=1e-11, atol=1e-13)
-
+from ._problems import CE, DT, make_op, mlp_problem, ridge_problem
 
 # --------------------------------------------------------------------------- solvers vs exact
 
@@ -165,15 +90,6 @@ def test_diagonal_and_identity_solvers(gn_problem):
     hut = DiagonalSolver(method="hutchinson", n_samples=200).fit(op).solve(V)
     assert _rel(gnb, V / d) < 0.1
     assert _rel(hut, V / d) < 0.25
-
-
-def test_hessian_diagonal_methods_match_exact():
-    p = classification_problem(n=40, d=3, k=3)
-    op = make_op(p["model"], p["loss"], p["train"], l2=0.05)
-    exact = torch.diagonal(op.dense(progress=False)) - 0.05
-    torch.testing.assert_close(op.diagonal("exact"), exact, rtol=1e-10, atol=1e-12)
-    hut = op.diagonal("hutchinson", n_samples=500, generator=torch.Generator().manual_seed(0))
-    assert _rel(hut, exact) < 0.15
 
 
 def test_lissa_auto_scale_converges_where_scale_10_diverges():
