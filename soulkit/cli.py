@@ -1,26 +1,35 @@
 """The ``soulkit`` command line.
 
-    soulkit train [--steps N] [--optimizers adamw,sophia] [--model llama|gpt2] [--out DIR] [--seed S] ...
+    soulkit train [--steps N] [--optimizers OPT[,OPT]] [--model ARCH] [--out DIR] [--seed S] ...
     soulkit demo  [--out DIR] [--only STAGE[,STAGE]]
-    soulkit data --out DIR [--scale small | --authors N --qa-per-author Q] [--seed S]
-    soulkit evaluate MODEL_DIR [--split forget05] [--scale small | --data DIR] [--out DIR]
-    soulkit unlearn --method {ga,graddiff,npo,simnpo,idk} --optimizer {adamw,sophia} --split forget05
+    soulkit data --out DIR [--scale SCALE | --authors N --qa-per-author Q] [--seed S]
+    soulkit evaluate MODEL_DIR [--split SPLIT] [--scale SCALE | --data DIR] [--out DIR]
+    soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
                     [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
+
+The choices (optimizers, architectures, methods, scales, splits) are those of the library's
+registries, listed by ``soulkit COMMAND --help``; the help looks them up only when it is shown, so
+building the parser imports nothing heavy.
 
 ``demo`` runs the stages of :data:`DEMO_STAGES` in order, each into ``<out>/<stage>``; a new story
 (e.g. unlearning) is one more :class:`DemoStage` appended there.
 
 Errors raised by the library (bad values, missing files, ...) are printed as one line on stderr
-with a non-zero exit status; ``soulkit --debug ...`` shows the traceback instead.
+with a non-zero exit status; ``soulkit --debug ...`` shows the traceback instead. A missing optional
+dependency is reported with the extra that installs it (``pip install 'soulkit[unlearn]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._extras import MissingExtraError, check_extra, missing_extra, missing_extra_message
 
 __all__ = ["main", "build_parser", "DemoStage", "DEMO_STAGES"]
 
@@ -37,10 +46,68 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become one line (no usage dump), raised instead of exiting."""
+    """An ArgumentParser whose errors become one line (no usage dump), raised instead of exiting, and
+    whose help lists registry names looked up when the help is shown (:func:`_registry_argument`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._registry_help: list[tuple[argparse.Action, str, Callable[[], Sequence[str]], str | None]] = []
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+    def format_help(self) -> str:
+        for action, template, names, default in self._registry_help:
+            action.help = template.format(choices=_choices_text(names, default))
+        return super().format_help()
+
+
+def _registry(module: str, attr: str) -> Callable[[], list[str]]:
+    """The names of a registry (a dict's keys or a sequence), ``module.attr`` (dotted), imported on call."""
+
+    def names() -> list[str]:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return list(obj)
+
+    return names
+
+
+def _field_default(module: str, cls: str, name: str) -> Callable[[], str]:
+    """The default of dataclass field ``module.cls.name``, looked up on call."""
+
+    def default() -> str:
+        field = next(f for f in dataclasses.fields(getattr(importlib.import_module(module), cls)) if f.name == name)
+        return field.default
+
+    return default
+
+
+def _choices_text(names: Callable[[], Sequence[str]], default: str | Callable[[], str] | None) -> str:
+    try:
+        listed = list(names())
+        default = default() if callable(default) else default
+    except ModuleNotFoundError as e:
+        missing = missing_extra(e)
+        if missing is None:
+            raise
+        return f"install 'soulkit[{missing[1]}]' to list them"
+    return ", ".join(f"{n} (default)" if n == default else n for n in listed)
+
+
+def _registry_argument(p: argparse.ArgumentParser, *flags: str, help: str, names: Callable[[], Sequence[str]],
+                       default_name: str | Callable[[], str] | None = None, **kwargs) -> argparse.Action:
+    """``p.add_argument`` whose ``help`` template has ``{choices}``: the registry's names, filled in when
+    the help is shown (the parser is built without importing the registries). ``default_name`` (or the
+    argument's default) is marked."""
+    action = p.add_argument(*flags, help=help.format(choices="see --help"), **kwargs)
+    assert isinstance(p, _Parser)
+    p._registry_help.append((action, help, names, default_name if default_name is not None else action.default))
+    return action
+
+
+_DEMO_CONFIG = "soulkit.demos.lm.config"
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -54,8 +121,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     if not full:
         return
     p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 250)")
-    p.add_argument("--optimizers", default=None, help="comma-separated: adamw,sophia (default both)")
-    p.add_argument("--model", default=None, help="llama (default) or gpt2")
+    _registry_argument(p, "--optimizers", default=None, help="comma-separated, from: {choices} (default: all)",
+                       names=_registry(_DEMO_CONFIG, "OPTIMIZER_KINDS"))
+    _registry_argument(p, "--model", default=None, help="architecture: {choices}",
+                       names=_registry(_DEMO_CONFIG, "MODEL_KINDS"),
+                       default_name=_field_default(_DEMO_CONFIG, "TrainConfig", "model"))
     p.add_argument("--data-seed", type=int, default=None, help="batch order seed (default: --seed)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
@@ -122,14 +192,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ data/evaluate/unlearn
+_SCALES = _registry("soulkit.unlearn.suite", "SCALES")
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", default="small", help="benchmark scale when no --data is given: demo, small "
-                   "(default), tofu")
+    _registry_argument(p, "--scale", default="small", help="benchmark scale when no --data is given: {choices}",
+                       names=_SCALES)
     p.add_argument("--data", type=Path, default=None, help="a benchmark directory written by `soulkit data`")
     p.add_argument("--seed-data", type=int, default=0, dest="data_seed", help="benchmark generator seed")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the benchmark's models are cached (default $SOULKIT_CACHE or ~/.cache/soulkit)")
-    p.add_argument("--split", default="forget05", help="forget01, forget05 (default), forget10")
+    _registry_argument(p, "--split", default="forget05", help="forget split: {choices} (or forgetNN, NN in 1..99)",
+                       names=_registry("soulkit.unlearn.data", "AuthorBenchmark.SPLITS"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -155,6 +229,7 @@ def _check_out(out: Path, overwrite: bool, owned: Sequence[str]) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    check_extra("unlearn", "soulkit data")
     from .unlearn.data import generate_benchmark
     from .unlearn.suite import SCALES
 
@@ -171,6 +246,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    check_extra("unlearn", "soulkit evaluate")
     from ._io import atomic_write_json
     from .unlearn.evaluate import format_results
 
@@ -227,6 +303,7 @@ def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None]) -> 
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
+    check_extra("unlearn", "soulkit unlearn")
     from ._io import atomic_write_json
     from .unlearn.evaluate import format_results
     from .unlearn.objectives import OBJECTIVES
@@ -278,11 +355,13 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 @dataclass(frozen=True)
 class DemoStage:
-    """One part of ``soulkit demo``: ``run(args, out_dir)`` does the work and returns text to print."""
+    """One part of ``soulkit demo``: ``run(args, out_dir)`` does the work and returns text to print.
+    ``extras``: the optional dependencies it needs, checked for every chosen stage before the first runs."""
 
     name: str
     description: str
     run: Callable[[argparse.Namespace, Path], str]
+    extras: tuple[str, ...] = ()
 
 
 def _demo_train(args: argparse.Namespace, out: Path) -> str:
@@ -299,7 +378,8 @@ def _demo_unlearn(args: argparse.Namespace, out: Path) -> str:
 
 DEMO_STAGES: tuple[DemoStage, ...] = (
     DemoStage("train", "AdamW vs Sophia on a byte-level LM (the default `soulkit train`)", _demo_train),
-    DemoStage("unlearn", "SOUL (Sophia) vs AdamW unlearning on the fictitious-author benchmark", _demo_unlearn),
+    DemoStage("unlearn", "SOUL (Sophia) vs AdamW unlearning on the fictitious-author benchmark", _demo_unlearn,
+              extras=("unlearn",)),
 )
 
 
@@ -313,6 +393,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         stages = [s for s in DEMO_STAGES if s.name in wanted]
     else:
         stages = list(DEMO_STAGES)
+    for stage in stages:
+        for extra in stage.extras:
+            check_extra(extra, f"the '{stage.name}' stage of soulkit demo")
     out = args.out if args.out is not None else Path("soulkit-demo")
     _set_threads(args)
     for i, stage in enumerate(stages, 1):
@@ -343,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_data = sub.add_parser("data", help="write the fictitious-author benchmark (JSONL, TOFU field names)")
     p_data.add_argument("--out", type=Path, required=True)
-    p_data.add_argument("--scale", default="small", help="demo, small (default), tofu")
+    _registry_argument(p_data, "--scale", default="small", help="benchmark scale: {choices}", names=_SCALES)
     p_data.add_argument("--authors", type=int, default=None, help="number of authors (default: the scale's)")
     p_data.add_argument("--qa-per-author", type=int, default=None, dest="qa_per_author")
     p_data.add_argument("--seed", type=int, default=0, dest="data_seed")
@@ -366,8 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.set_defaults(func=_cmd_evaluate)
 
     p_un = sub.add_parser("unlearn", help="unlearn a forget split (SOUL = --optimizer sophia)")
-    p_un.add_argument("--method", required=True, help="ga, graddiff, npo, simnpo, idk")
-    p_un.add_argument("--optimizer", default="sophia", help="adamw or sophia (default)")
+    _registry_argument(p_un, "--method", required=True, help="unlearning objective: {choices}",
+                       names=_registry("soulkit.unlearn.objectives", "OBJECTIVES"))
+    _registry_argument(p_un, "--optimizer", default="sophia", help="optimizer: {choices}",
+                       names=_registry("soulkit.unlearn.unlearner", "OPTIMIZERS"))
     p_un.add_argument("--model", type=Path, default=None,
                       help="model directory to unlearn from (default: the benchmark's finetuned model)")
     p_un.add_argument("--out", type=Path, required=True)
@@ -395,9 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``soulkit`` console script and of ``python -m soulkit``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    command = PROG
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        command = f"{PROG} {args.command}"
         return int(args.func(args))
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
@@ -410,7 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as e:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        missing = missing_extra(e)
+        if isinstance(e, MissingExtraError):
+            message = _one_line(e)
+        elif missing is not None:
+            message = missing_extra_message(*missing, command)
+        else:
+            message = _one_line(e)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # a bug: still one line, but say how to see more
         if debug:

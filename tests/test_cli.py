@@ -84,3 +84,126 @@ def test_python_dash_m(tmp_path):
         "soulkit train: error: argument --steps: invalid int value: 'x' (see 'soulkit train --help')"
     )
     assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------------------ choices from registries
+def _help(argv, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option: names are never wrapped
+    assert main([*argv, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_unlearn_help_lists_the_registries(capsys, monkeypatch):
+    import soulkit.unlearn.unlearner as unlearner
+    from soulkit.unlearn.data import AuthorBenchmark
+    from soulkit.unlearn.objectives import OBJECTIVES
+    from soulkit.unlearn.suite import SCALES
+
+    def listed(names, default=None):
+        return ", ".join(f"{n} (default)" if n == default else n for n in names)
+
+    out = _help(["unlearn"], capsys, monkeypatch)
+    assert f"unlearning objective: {listed(OBJECTIVES)}\n" in out
+    assert f"optimizer: {listed(unlearner.OPTIMIZERS, 'sophia')}\n" in out
+    assert f"benchmark scale when no --data is given: {listed(SCALES, 'small')}\n" in out
+    assert f"forget split: {listed(AuthorBenchmark.SPLITS, 'forget05')} (or" in out
+    # a new registry entry shows up without touching the CLI
+    monkeypatch.setitem(OBJECTIVES, "brand_new_objective", next(iter(OBJECTIVES.values())))
+    monkeypatch.setattr(unlearner, "OPTIMIZERS", (*unlearner.OPTIMIZERS, "brand_new_optimizer"))
+    out = _help(["unlearn"], capsys, monkeypatch)
+    assert "brand_new_objective" in out and "brand_new_optimizer" in out
+    assert all(name in _help(["data"], capsys, monkeypatch) for name in SCALES)
+
+
+def test_train_help_lists_the_registries(capsys, monkeypatch):
+    import soulkit.demos.lm.config as config
+
+    out = _help(["train"], capsys, monkeypatch)
+    assert "llama (default), gpt2" in out and "adamw, sophia" in out
+    monkeypatch.setattr(config, "MODEL_KINDS", (*config.MODEL_KINDS, "brand_new_arch"))
+    monkeypatch.setattr(config, "OPTIMIZER_KINDS", (*config.OPTIMIZER_KINDS, "brand_new_opt"))
+    out = _help(["train"], capsys, monkeypatch)
+    assert "brand_new_arch" in out and "brand_new_opt" in out
+
+
+def _run(code: str, tmp_path, timeout=120):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                          cwd=tmp_path, timeout=timeout)
+
+
+def test_building_the_parser_imports_nothing_heavy(tmp_path):
+    proc = _run("import sys; from soulkit.cli import build_parser; build_parser(); "
+                "print([m for m in ('torch', 'soulkit.unlearn', 'soulkit.demos.lm') if m in sys.modules])", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ missing optional dependency
+def _cli_without(modules, argv, tmp_path):
+    """``soulkit ARGV`` in a fresh interpreter where ``modules`` cannot be imported (as if not installed)."""
+    code = ("import sys\n"
+            f"for m in {list(modules)!r}: sys.modules[m] = None\n"
+            "from soulkit.cli import main\n"
+            f"raise SystemExit(main({list(argv)!r}))\n")
+    return _run(code, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "blocked, argv, what",
+    [
+        (["rouge_score"], ["unlearn", "--method", "npo", "--out", "out"], "soulkit unlearn"),
+        (["faker"], ["data", "--out", "out"], "soulkit data"),
+        (["tokenizers"], ["evaluate", "model"], "soulkit evaluate"),
+        (["rouge_score"], ["demo", "--only", "unlearn"], "the 'unlearn' stage of soulkit demo"),
+    ],
+)
+def test_missing_extra_is_one_line_naming_it(blocked, argv, what, tmp_path):
+    proc = _cli_without(blocked, argv, tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"soulkit: error: '{blocked[0]}' is not installed; {what} needs the 'unlearn' extra: "
+        "pip install 'soulkit[unlearn]'"
+    )
+    assert proc.stdout == "" and not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_demo_checks_every_stage_before_the_first_runs(tmp_path):
+    proc = _cli_without(["faker"], ["demo", "--out", "demo-out"], tmp_path)
+    assert proc.returncode == 1 and "the 'unlearn' stage of soulkit demo needs the 'unlearn' extra" in proc.stderr
+    assert "==" not in proc.stdout and not (tmp_path / "demo-out").exists()  # the train stage did not start
+
+
+def test_a_missing_module_raised_deep_in_a_command_names_its_extra(capsys, monkeypatch):
+    import soulkit.cli as cli
+
+    def deep(args):
+        try:
+            import sklearn.metrics  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("scoring failed") from e
+        return 0
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setattr(cli, "_cmd_train", deep)
+    assert main(["train"]) == 1
+    assert _one_line_error(capsys) == (
+        "soulkit: error: 'sklearn' is not installed; soulkit train needs the 'influence' extra: "
+        "pip install 'soulkit[influence]'"
+    )
+
+    def required(args):
+        import soulkit_no_such_module  # noqa: F401
+
+    monkeypatch.setattr(cli, "_cmd_train", required)
+    assert main(["train"]) == 1  # not an optional module: the plain message, as before
+    assert _one_line_error(capsys) == "soulkit: error: No module named 'soulkit_no_such_module'"
+
+
+def test_train_needs_no_unlearn_extra(tmp_path):
+    proc = _run("import sys\n"
+                "for m in ('faker', 'rouge_score', 'sklearn'): sys.modules[m] = None\n"
+                "from soulkit.demos.lm import TrainConfig, build_model\n"
+                "build_model(TrainConfig(hidden_size=16, num_layers=1, num_heads=2))\n"
+                "print('soulkit.unlearn' in sys.modules)\n", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
