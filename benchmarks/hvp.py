@@ -85,7 +85,7 @@ def worker(mode: str, args) -> dict:
             opt.accumulate_hutchinson(loss)
         loss.backward()
         # discard pending estimates so every repetition measures the same work
-        opt._take_pending(opt._all_params())
+        opt._take_pending()
 
     opt = Sophia(model.parameters(), lr=1e-4)
     loss_fn = module_loss_fn(model, lambda call: lm_loss(call(ids).logits))
@@ -116,7 +116,7 @@ def worker(mode: str, args) -> dict:
         def fn():  # what accumulate_hutchinson draws per refresh
             return [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in plist]
     elif mode.startswith("label-sampling"):
-        from soulkit.optim._sampling import sample_from_logits
+        from soulkit.optim.estimators import sample_from_logits
 
         with torch.no_grad():
             flat_logits = model(ids).logits[:, :-1].reshape(-1, cfg.vocab_size)

@@ -584,7 +584,7 @@ def projected_per_example_grads(
     relative spread of about ``sqrt(2 / k)``; the same ``seed`` gives the same projection for
     training and query sets. ``kwargs`` go to :func:`iter_per_example_grads`.
     """
-    from ..kernels.projection import project
+    from ..kernels import project
 
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")

@@ -1,24 +1,23 @@
 """Fused element-wise kernels for soulkit's second-order updates.
 
-Every kernel family has a plain-torch per-tensor *reference* (for debugging and for tests) and
-faster implementations of the same math (foreach torch on any device; Triton on CUDA). This
-package imports nothing else from soulkit.
+Every kernel family has a plain-torch per-tensor *reference* (the definition, for debugging and
+tests) beside its fast implementations (foreach torch on any device, inductor-compiled code on the
+CPU, Triton on CUDA); :mod:`soulkit.kernels.dispatch` picks one per call. This package imports
+nothing else from soulkit.
 """
 
-from .adahessian import adahessian_step, adahessian_step_foreach, adahessian_step_reference
-from .projection import project, project_chunks, project_compiled, project_reference, rademacher_matrix
-from .sophia import sophia_step, sophia_step_foreach, sophia_step_reference
+from .adahessian import adahessian_step_reference
+from .dispatch import adahessian_step, project, project_chunks, sophia_step
+from .projection import project_reference, rademacher_matrix
+from .sophia import sophia_step_reference
 
 __all__ = [
     "adahessian_step",
-    "adahessian_step_foreach",
     "adahessian_step_reference",
     "project",
     "project_chunks",
-    "project_compiled",
     "project_reference",
     "rademacher_matrix",
     "sophia_step",
-    "sophia_step_foreach",
     "sophia_step_reference",
 ]

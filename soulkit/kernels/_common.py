@@ -1,10 +1,13 @@
-"""Small helpers shared by the torch (reference/foreach) paths of the kernel families."""
+"""Helpers shared by the kernel families: dtypes, bucketing of tensor lists, DTensor shards, inductor."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Hashable, Iterable
+
 import torch
 
-__all__ = ["compute_dtype", "to_dtype", "write_back"]
+__all__ = ["bucket", "compile_available", "compute_dtype", "local", "to_dtype", "write_back"]
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -22,3 +25,31 @@ def write_back(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     pairs = [(d, s) for d, s in zip(dst, src) if d is not s]
     if pairs:
         torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+def bucket(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
+    """Positions grouped by key, in first-seen order: ``bucket(["a", "b", "a"]) == {"a": [0, 2], "b": [1]}``.
+
+    The kernels key tensors by (device, dtypes) so that each bucket is one foreach call or one launch.
+    """
+    out: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        out.setdefault(key, []).append(i)
+    return out
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+_COMPILE_OK: bool | None = None
+
+
+def compile_available() -> bool:
+    """Whether inductor can build CPU code here (a C++ compiler is present); checked once."""
+    global _COMPILE_OK
+    if _COMPILE_OK is None:
+        _COMPILE_OK = any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return _COMPILE_OK

@@ -24,10 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import compute_dtype, to_dtype, write_back
+from ._common import bucket, compute_dtype, to_dtype, write_back
 
 __all__ = [
-    "adahessian_step",
     "adahessian_step_reference",
     "adahessian_step_foreach",
     "check_adahessian_inputs",
@@ -112,15 +111,6 @@ def adahessian_step_reference(
         p.copy_(p_c)
 
 
-def _buckets(params, exp_avgs, exp_hessian_diag_sqs) -> list[list[int]]:
-    """Indices bucketed by (device, param dtype, state dtypes): one set of foreach launches per bucket."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        key = (p.device, p.dtype, exp_avgs[i].dtype, exp_hessian_diag_sqs[i].dtype)
-        buckets.setdefault(key, []).append(i)
-    return list(buckets.values())
-
-
 def adahessian_step_foreach(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -139,7 +129,8 @@ def adahessian_step_foreach(
 ) -> None:
     """The same math as :func:`adahessian_step_reference` with ``torch._foreach_*`` ops."""
     check_adahessian_inputs(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags, steps)
-    for idx in _buckets(params, exp_avgs, exp_hessian_diag_sqs):
+    keys = ((p.device, p.dtype, m.dtype, v.dtype) for p, m, v in zip(params, exp_avgs, exp_hessian_diag_sqs))
+    for idx in bucket(keys).values():
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         vs = [exp_hessian_diag_sqs[i] for i in idx]
@@ -164,25 +155,3 @@ def adahessian_step_foreach(
         write_back(ms, m_c)
         write_back(vs, v_c)
         write_back(ps, p_c)
-
-
-def adahessian_step(*args, implementation: str = "foreach", **kwargs) -> None:
-    """Dispatch the AdaHessian step: ``"auto"`` (Triton on CUDA, foreach elsewhere), ``"triton"``,
-    ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging)."""
-    if implementation == "auto":
-        from ._triton_tables import triton_usable
-
-        params = args[0] if args else kwargs["params"]
-        dev = params[0].device if params else torch.device("cpu")
-        plain = all(type(p) is torch.Tensor or isinstance(p, torch.nn.Parameter) for p in params)
-        contiguous = all(t.is_contiguous() for lst in args[:5] for t in lst)
-        implementation = "triton" if dev.type == "cuda" and triton_usable(dev) and plain and contiguous else "foreach"
-    if implementation == "triton":
-        from .adahessian_triton import adahessian_step_triton
-
-        return adahessian_step_triton(*args, **kwargs)
-    if implementation == "foreach":
-        return adahessian_step_foreach(*args, **kwargs)
-    if implementation == "reference":
-        return adahessian_step_reference(*args, **kwargs)
-    raise ValueError(f"implementation must be 'auto', 'triton', 'foreach' or 'reference', got {implementation!r}")

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._triton_tables import HAS_TRITON, TL_DTYPES, block_tables, check_launchable, pointer_table
+from ._common import bucket
+from ._triton_tables import BLOCK, HAS_TRITON, TL_DTYPES, block_tables, check_launchable, pointer_table
 from .adahessian import check_adahessian_inputs
 
 if HAS_TRITON:
@@ -86,11 +87,8 @@ def adahessian_step_triton(
              "exp_hessian_diag_sqs": exp_hessian_diag_sqs, "hessian_diags": hessian_diags}
     device = check_launchable(lists, "AdaHessian")
     power_mode = 0 if hessian_power == 0 else (1 if hessian_power == 1 else 2)
-    buckets: dict[tuple, list[int]] = {}
-    for i in range(len(params)):
-        key = (params[i].dtype, grads[i].dtype, exp_avgs[i].dtype, exp_hessian_diag_sqs[i].dtype, hessian_diags[i].dtype)
-        buckets.setdefault(key, []).append(i)
-    for (p_dt, g_dt, m_dt, v_dt, d_dt), idx in buckets.items():
+    keys = (tuple(t.dtype for t in ts) for ts in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, hessian_diags))
+    for (p_dt, g_dt, m_dt, v_dt, d_dt), idx in bucket(keys).items():
         if m_dt != v_dt:
             raise TypeError(f"exp_avgs[{idx[0]}] and exp_hessian_diag_sqs[{idx[0]}] must share a dtype")
         numels = [params[i].numel() for i in idx]
@@ -110,5 +108,5 @@ def adahessian_step_triton(
             float(lr), float(beta1), float(beta2), float(eps), float(1 - lr * weight_decay),
             -1.0 if maximize else 1.0, float(hessian_power),
             P_DTYPE=TL_DTYPES[p_dt], G_DTYPE=TL_DTYPES[g_dt], S_DTYPE=TL_DTYPES[m_dt], D_DTYPE=TL_DTYPES[d_dt],
-            C_DTYPE=tl.float64 if wide else tl.float32, POWER_MODE=power_mode, BLOCK_SIZE=1024,
+            C_DTYPE=tl.float64 if wide else tl.float32, POWER_MODE=power_mode, BLOCK_SIZE=BLOCK,
         )

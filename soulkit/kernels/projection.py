@@ -19,16 +19,10 @@ masked to 32 bits) and once for Triton (uint32 arithmetic); the tests check they
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
-__all__ = [
-    "rademacher_matrix", "project", "project_reference", "project_compiled", "project_chunks", "projection_signs",
-    "PROJECTION_IMPLEMENTATIONS",
-]
-
-PROJECTION_IMPLEMENTATIONS = ("auto", "triton", "compiled", "torch")
+__all__ = ["check_projection_inputs", "seed32", "rademacher_matrix", "project_reference", "project_compiled", "projection_signs"]
 
 _M32 = 0xFFFFFFFF
 _GOLD = 0x9E3779B1
@@ -45,7 +39,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _seed32(seed: int) -> int:
+def seed32(seed: int) -> int:
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return seed & _M32
@@ -53,7 +47,7 @@ def _seed32(seed: int) -> int:
 
 def projection_signs(rows: torch.Tensor, cols: torch.Tensor, seed: int) -> torch.Tensor:
     """The sign (+1/-1, int64) of ``R[rows[:, None], cols[None, :]]`` for int64 index tensors."""
-    s = _seed32(seed)
+    s = seed32(seed)
     a = _fmix32(((rows.to(torch.int64) & _M32) * _GOLD + s) & _M32)
     b = ((cols.to(torch.int64) & _M32) * _JMUL) & _M32
     h = _fmix32(a[:, None] ^ b[None, :])
@@ -69,7 +63,7 @@ def rademacher_matrix(
     return projection_signs(rows, cols, seed).to(dtype) / math.sqrt(k)
 
 
-def _check(g: torch.Tensor, k: int, row_offset: int) -> None:
+def check_projection_inputs(g: torch.Tensor, k: int, row_offset: int) -> None:
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         raise ValueError(f"g must be a 2-D tensor [batch, d], got {getattr(g, 'shape', type(g))}")
     if not g.is_floating_point() or g.is_complex():
@@ -88,7 +82,7 @@ def project_reference(g: torch.Tensor, k: int, seed: int, *, row_offset: int = 0
     Peak extra memory is ``chunk_rows * k`` elements, independent of ``d``. Accumulates in
     float32 (float64 for float64 input) and returns that dtype.
     """
-    _check(g, k, row_offset)
+    check_projection_inputs(g, k, row_offset)
     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     out = torch.zeros(g.shape[0], k, dtype=acc_dtype, device=g.device)
     d = g.shape[1]
@@ -125,7 +119,7 @@ def project_compiled(
     Bit-identical to :func:`project_reference` (same hash, same scale ``1/sqrt(k)`` rounded in the
     accumulation dtype, same chunked ``addmm``); the first call compiles (seconds).
     """
-    _check(g, k, row_offset)
+    check_projection_inputs(g, k, row_offset)
     acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     # 1/sqrt(k) rounded exactly as the eager reference's  (+-1).to(dtype) / sqrt(k)  rounds it
     scale = torch.ones((), dtype=acc_dtype, device=g.device) / math.sqrt(k)
@@ -136,46 +130,5 @@ def project_compiled(
     for start in range(0, d, chunk_rows):
         stop = min(d, start + chunk_rows)
         rows = torch.arange(row_offset + start, row_offset + stop, device=g.device, dtype=torch.int64)
-        out.addmm_(g[:, start:stop].to(acc_dtype), gen(rows, cols, _seed32(seed), scale))
-    return out
-
-
-def project(
-    g: torch.Tensor, k: int, seed: int, *, row_offset: int = 0, implementation: str = "auto"
-) -> torch.Tensor:
-    """``g @ R`` for ``g`` ``[batch, d]``.
-
-    ``implementation``: ``"auto"`` (Triton on CUDA; on other devices the compiled generator when a
-    C++ compiler is available, the eager torch reference otherwise), ``"triton"``, ``"compiled"`` or
-    ``"torch"`` (the eager reference, for debugging). All give the same signs; results agree to
-    rounding (Triton's tile order differs) and ``"compiled"`` equals ``"torch"`` bit for bit.
-    """
-    _check(g, k, row_offset)
-    if implementation not in PROJECTION_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {PROJECTION_IMPLEMENTATIONS}, got {implementation!r}")
-    from .projection_triton import project_triton, triton_usable
-
-    use_triton = implementation == "triton" or (implementation == "auto" and g.device.type == "cuda" and triton_usable(g.device))
-    if use_triton:
-        return project_triton(g, k, seed, row_offset=row_offset)
-    if implementation == "compiled" or (implementation == "auto" and g.device.type == "cpu"):
-        from .sophia_compiled import compile_available
-
-        if compile_available():
-            return project_compiled(g, k, seed, row_offset=row_offset)
-        if implementation == "compiled":
-            raise RuntimeError("implementation='compiled' needs a C++ compiler for inductor (none found)")
-    return project_reference(g, k, seed, row_offset=row_offset)
-
-
-def project_chunks(blocks: Iterable[torch.Tensor], k: int, seed: int, **kwargs) -> torch.Tensor:
-    """Project ``[batch, d_i]`` column blocks of one long gradient and sum: ``cat(blocks, 1) @ R``."""
-    out = None
-    offset = 0
-    for blk in blocks:
-        part = project(blk, k, seed, row_offset=offset, **kwargs)
-        out = part if out is None else out.add_(part)
-        offset += blk.shape[1]
-    if out is None:
-        raise ValueError("blocks is empty")
+        out.addmm_(g[:, start:stop].to(acc_dtype), gen(rows, cols, seed32(seed), scale))
     return out

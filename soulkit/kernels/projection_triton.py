@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .sophia_triton import HAS_TRITON, triton_usable
+from ._triton_tables import HAS_TRITON, triton_usable
+from .projection import check_projection_inputs, seed32
 
 __all__ = ["project_triton", "triton_usable"]
 
@@ -60,9 +61,7 @@ if HAS_TRITON:
 
 def project_triton(g: torch.Tensor, k: int, seed: int, *, row_offset: int = 0, tf32: bool = False) -> torch.Tensor:
     """Triton ``g @ R`` (fp32 accumulation, fp32 output). ``tf32=True`` trades precision for speed on GPU."""
-    from .projection import _check, _seed32
-
-    _check(g, k, row_offset)
+    check_projection_inputs(g, k, row_offset)
     if not HAS_TRITON:
         raise RuntimeError("the Triton projection kernel needs the 'triton' package (pip install soulkit[triton])")
     if not triton_usable(g.device):
@@ -77,7 +76,7 @@ def project_triton(g: torch.Tensor, k: int, seed: int, *, row_offset: int = 0, t
     block_k, block_d = 64, 64
     grid = (triton.cdiv(b, block_b), triton.cdiv(k, block_k))
     _project_kernel[grid](
-        g, out, b, d, k, g.stride(0), g.stride(1), out.stride(0), out.stride(1), row_offset, _seed32(seed),
+        g, out, b, d, k, g.stride(0), g.stride(1), out.stride(0), out.stride(1), row_offset, seed32(seed),
         1.0 / math.sqrt(k), BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k, IEEE=not tf32,
     )
     return out

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import compute_dtype, to_dtype, write_back
+from ._common import bucket, compute_dtype, local, to_dtype, write_back
 
-__all__ = ["sophia_step", "sophia_step_reference", "sophia_step_foreach", "check_sophia_inputs"]
+__all__ = ["check_sophia_inputs", "fold_hessian_ema", "sophia_step_foreach", "sophia_step_reference"]
 
 
 def check_sophia_inputs(
@@ -87,31 +87,12 @@ def sophia_step_reference(
         ratio = (m_c / bias_correction1) / torch.clamp(rho * h_c, min=eps)
         ratio = ratio.clamp(-1.0, 1.0)
         if win_count is not None:
-            # DTensor (FSDP2): count this rank's shard only (see _local); adding a DTensor count into
-            # the plain win_count tensor would fail.
-            win_count += (_local(ratio).abs() < 1).sum().to(win_count.dtype)
+            # DTensor (FSDP2): count this rank's shard only (a per-rank count without a collective, divided
+            # by the local number of elements); adding a DTensor count into the plain win_count would fail.
+            win_count += (local(ratio).abs() < 1).sum().to(win_count.dtype)
         p_c = p_c - lr * ratio
         m.copy_(m_c)
         p.copy_(p_c)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameters), the tensor itself otherwise.
-
-    Used only for the win-rate count: it stays a per-rank count without a collective, and Sophia
-    divides it by the local number of elements.
-    """
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
-def _group(params, *lists):
-    """Bucket the index set by (device, param dtype, state dtype) so each bucket is one foreach call."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        key = (p.device, p.dtype, lists[0][i].dtype, lists[1][i].dtype)
-        buckets.setdefault(key, []).append(i)
-    return buckets.values()
 
 
 def sophia_step_foreach(
@@ -133,7 +114,8 @@ def sophia_step_foreach(
 ) -> None:
     """The same math with ``torch._foreach_*`` ops: a handful of launches per (device, dtype) bucket."""
     check_sophia_inputs(params, grads, exp_avgs, hessians, hessian_estimates)
-    for idx in _group(params, exp_avgs, hessians):
+    keys = ((p.device, p.dtype, m.dtype, h.dtype) for p, m, h in zip(params, exp_avgs, hessians))
+    for idx in bucket(keys).values():
         ps = [params[i] for i in idx]
         ms = [exp_avgs[i] for i in idx]
         hs = [hessians[i] for i in idx]
@@ -162,9 +144,8 @@ def sophia_step_foreach(
         torch._foreach_clamp_max_(ratio, 1.0)
         if win_count is not None:
             # |ratio| - 1 is exactly 0 where clipped and negative where not: an L0 norm counts the latter.
-            # DTensor (FSDP2): count this rank's shard only (see _local); adding a DTensor count into
-            # the plain win_count tensor would fail.
-            slack = torch._foreach_abs([_local(r) for r in ratio])
+            # DTensor (FSDP2): this rank's shard only, as in the reference.
+            slack = torch._foreach_abs([local(r) for r in ratio])
             torch._foreach_sub_(slack, 1.0)
             win_count += torch.stack(torch._foreach_norm(slack, 0)).sum().to(win_count.dtype)
         torch._foreach_add_(p_c, ratio, alpha=-lr)
@@ -172,61 +153,21 @@ def sophia_step_foreach(
         write_back(ps, p_c)
 
 
-IMPLEMENTATIONS = ("auto", "triton", "compiled", "foreach", "reference")
-# Below this many elements the one-off compile of the CPU path does not pay for itself.
-COMPILE_MIN_NUMEL = 1 << 20
+def fold_hessian_ema(
+    hessians: Sequence[torch.Tensor], hessian_estimates: Sequence[torch.Tensor], beta2: float
+) -> None:
+    """``h <- beta2 * h + (1 - beta2) * h_hat`` on its own, for Hessians whose parameter does not
+    step now (the update kernels fold the estimate of a stepping parameter inside their pass).
 
-
-def resolve_implementation(device: torch.device, requested: str = "auto", numel: int = 0) -> str:
-    """Map ``"auto"`` to the fastest available path: Triton on CUDA; on the CPU the inductor-compiled
-    step for groups of at least ``COMPILE_MIN_NUMEL`` elements (measured faster, see
-    benchmarks/results/kernels_cpu.md), foreach below that."""
-    if requested not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        from .sophia_triton import triton_usable
-
-        return "triton" if triton_usable(device) else "foreach"
-    if device.type == "cpu" and numel >= COMPILE_MIN_NUMEL:
-        from .sophia_compiled import compile_available
-
-        if compile_available():
-            return "compiled"
-    return "foreach"
-
-
-def sophia_step(params, grads, exp_avgs, hessians, *, implementation: str = "auto", **kwargs) -> None:
-    """Dispatch the Sophia step.
-
-    ``implementation``: ``"auto"`` (Triton on CUDA; on the CPU the compiled step for groups of at
-    least ``COMPILE_MIN_NUMEL`` elements, foreach below), ``"triton"``, ``"compiled"``,
-    ``"foreach"`` or ``"reference"`` (plain per-tensor torch, for debugging).
-
-    Tensors the fused paths cannot take (non-contiguous ones, and DTensors, whose wrapper has no
-    raw data pointer) go to the foreach path; the rest keep the requested path.
+    Each estimate is first rounded to its ``h``'s dtype; half-precision ``h`` is computed in float32
+    and rounded once.
     """
-    device = params[0].device if params else torch.device("cpu")
-    numel = sum(p.numel() for p in params) if implementation == "auto" else 0
-    impl = resolve_implementation(device, implementation, numel)
-    if impl == "reference":
-        return sophia_step_reference(params, grads, exp_avgs, hessians, **kwargs)
-    if impl == "foreach":
-        return sophia_step_foreach(params, grads, exp_avgs, hessians, **kwargs)
-    if impl == "triton":
-        from .sophia_triton import sophia_step_triton as fused
-    else:
-        from .sophia_compiled import sophia_step_compiled as fused
-    est = kwargs.get("hessian_estimates")
-    lists = [params, grads, exp_avgs, hessians] + ([est] if est is not None else [])
-    odd = {i for i in range(len(params)) if not all(lst[i].is_contiguous() and _local(lst[i]) is lst[i] for lst in lists)}
-    if not odd:
-        return fused(params, grads, exp_avgs, hessians, **kwargs)
-    keep = [i for i in range(len(params)) if i not in odd]
-    for sel, fn in ((keep, fused), (sorted(odd), sophia_step_foreach)):
-        if sel:
-            sub = dict(kwargs)
-            if est is not None:
-                sub["hessian_estimates"] = [est[i] for i in sel]
-            fn(*[[lst[i] for i in sel] for lst in (params, grads, exp_avgs, hessians)], **sub)
+    if len(hessians) != len(hessian_estimates):
+        raise ValueError(f"hessian_estimates has {len(hessian_estimates)} tensors but hessians has {len(hessians)}")
+    if not hessians:
+        return
+    hc = [h.float() if h.dtype in (torch.bfloat16, torch.float16) else h for h in hessians]
+    ec = [e.to(h.dtype).to(c.dtype) for e, h, c in zip(hessian_estimates, hessians, hc)]
+    torch._foreach_mul_(hc, beta2)
+    torch._foreach_add_(hc, ec, alpha=1 - beta2)
+    write_back(list(hessians), hc)

@@ -9,13 +9,11 @@ The first call compiles (seconds); later calls reuse the code while the paramete
 Each compiled call costs tens of microseconds of Python and guard overhead, more than the whole
 update of a bias or a norm weight; tensors below ``SMALL_TENSOR_NUMEL`` elements therefore go
 through one foreach call for all of them (same math, same rounding: both compute in the compute
-dtype and round once), which keeps parameter lists with many small tensors (GPT-2: 98 of its 148
-tensors have <= 3,072 elements) from paying a compiled call per tensor. The larger tensors go
-through the compiled code ``CHUNK`` at a time (one Python call, one guard check for ``CHUNK``
-tensors): on GPT-2-small's list that took the step from 1.42x to 1.19x the time of
-``AdamW(fused=True)`` in the same run (``benchmarks/results/kernels_cpu.md``, rows
-``sophia-compiled-1`` and ``sophia-compiled``). Fewer than ``CHUNK`` large tensors, and the
-remainder, go one call per tensor.
+dtype and round once), so parameter lists with many small tensors (GPT-2: 98 of its 148 tensors
+have <= 3,072 elements) do not pay a compiled call per tensor. The larger tensors go through the
+compiled code ``CHUNK`` at a time (one Python call and one guard check for ``CHUNK`` tensors);
+fewer than ``CHUNK`` large tensors, and the remainder, go one call per tensor.
+``benchmarks/kernels.py`` measures both (rows ``sophia-compiled`` and ``sophia-compiled-1``).
 """
 
 from __future__ import annotations
@@ -25,29 +23,17 @@ from collections.abc import Sequence
 
 import torch
 
+from ._common import bucket, compile_available
 from .sophia import check_sophia_inputs, sophia_step_foreach
 
 __all__ = ["sophia_step_compiled", "compile_available", "SMALL_TENSOR_NUMEL", "CHUNK"]
 
-# Below this size a tensor joins the group's single foreach call (measured crossover on the 2-core
-# Xeon of benchmarks/results/kernels_cpu.md: a compiled call's fixed cost exceeds the foreach chain's
-# extra passes up to a few tens of thousands of elements).
+# Below this size a tensor joins the group's single foreach call: up to a few tens of thousands of
+# elements a compiled call's fixed cost exceeds the foreach chain's extra passes.
 SMALL_TENSOR_NUMEL = 1 << 15
-# Large tensors per compiled call. Each chunk length is a graph of its own (compiled once, seconds);
-# 8 kept the one-off compile near 20 s on the 2-core Xeon while removing most of the per-call cost.
+# Large tensors per compiled call. Each chunk length is a graph of its own, compiled once; a longer
+# chunk saves per-call cost but lengthens that one-off compile.
 CHUNK = 8
-
-_COMPILE_OK: bool | None = None
-
-
-def compile_available() -> bool:
-    """Whether inductor can build CPU code here (a C++ compiler is present); checked once."""
-    global _COMPILE_OK
-    if _COMPILE_OK is None:
-        import shutil
-
-        _COMPILE_OK = any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
-    return _COMPILE_OK
 
 
 def _step_one(p, g, m, h, e, hp, maximize: bool, count_win: bool, correct_m: bool = True):
@@ -117,8 +103,8 @@ _HP_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
 def _hyperparameters(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    # On the CPU one buffer is refilled through its NumPy view (the kernels read it synchronously):
-    # a fresh tensor per call costs ~30 us more per compiled call on the 2-core Xeon.
+    # On the CPU one buffer is refilled through its NumPy view (the kernels read it synchronously),
+    # which is cheaper than building a tensor per call.
     if device.type != "cpu":
         return torch.tensor(values, dtype=torch.float64, device=device)
     hp = _HP_CACHE.get(device)
@@ -177,15 +163,12 @@ def sophia_step_compiled(
         return
     flags = (bool(maximize), win_count is not None, bias_correction1 != 1.0)
     # large tensors grouped by configuration (dtypes), flattened to 1-D views
-    groups: dict[tuple, list[list[torch.Tensor]]] = {}
-    for i in range(len(params)):
-        if i in skip:
-            continue
-        ts = [params[i], grads[i], exp_avgs[i], hessians[i]]
-        if hessian_estimates is not None:
-            ts.append(hessian_estimates[i])
-        key = flags + tuple(t.dtype for t in ts)
-        groups.setdefault(key, []).append([t.view(-1) for t in ts])
+    large = [i for i in range(len(params)) if i not in skip]
+    rows_of = [[lst[i].view(-1) for lst in lists] for i in large]
+    groups = {
+        key: [rows_of[j] for j in idx]
+        for key, idx in bucket(flags + tuple(t.dtype for t in row) for row in rows_of).items()
+    }
     size = CHUNK if chunk is None else chunk
     if size < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")

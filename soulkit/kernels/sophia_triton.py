@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._common import bucket
 from ._triton_tables import (
     BLOCK,
     HAS_TRITON,
@@ -107,11 +108,12 @@ def sophia_step_triton(
     if win_count is not None and (win_count.dtype != torch.int64 or win_count.device != device):
         raise ValueError(f"win_count must be an int64 tensor on {device}")
 
-    buckets: dict[tuple, list[int]] = {}
-    for i in range(len(params)):
-        e_dt = hessian_estimates[i].dtype if hessian_estimates is not None else None
-        key = (params[i].dtype, grads[i].dtype, exp_avgs[i].dtype, hessians[i].dtype, e_dt)
-        buckets.setdefault(key, []).append(i)
+    keys = (
+        (params[i].dtype, grads[i].dtype, exp_avgs[i].dtype, hessians[i].dtype,
+         hessian_estimates[i].dtype if hessian_estimates is not None else None)
+        for i in range(len(params))
+    )
+    buckets = bucket(keys)
     dummy_win = win_count if win_count is not None else torch.zeros((), dtype=torch.int64, device=device)
     for (p_dt, g_dt, m_dt, h_dt, e_dt), idx in buckets.items():
         if m_dt != h_dt:

@@ -3,23 +3,17 @@
 - :class:`Sophia`: clipped diagonal-Hessian preconditioning (GNB / Hutchinson estimators).
 - :class:`AdaHessian`: Hutchinson diagonal with spatial averaging and Adam-style moments.
 - Curvature: :func:`hvp`, :func:`gnvp`, :func:`hutchinson_diag`, :func:`gnb_diag`,
-  :func:`exact_hessian_diag`, :func:`differentiable_attention`, :func:`module_loss_fn`,
-  :func:`sampled_label_loss`.
+  :func:`exact_hessian_diag`, :func:`module_loss_fn`; :func:`differentiable_attention` puts
+  attention on a twice-differentiable path; :func:`sampled_label_loss` is the GNB building block.
+- :func:`make_optimizer`: an optimizer by name (``OPTIMIZERS``), as the CLI and benchmarks build them.
 
 transformers ``Trainer`` support lives in :mod:`soulkit.optim.hf_trainer` (imported on demand).
 """
 
-from ._sampling import sampled_label_loss
 from .adahessian import AdaHessian
-from .curvature import (
-    differentiable_attention,
-    exact_hessian_diag,
-    gnb_diag,
-    gnvp,
-    hutchinson_diag,
-    hvp,
-    module_loss_fn,
-)
+from .attention import differentiable_attention
+from .curvature import exact_hessian_diag, gnb_diag, gnvp, hutchinson_diag, hvp, module_loss_fn
+from .estimators import sampled_label_loss
 from .sophia import Sophia
 
 __all__ = [

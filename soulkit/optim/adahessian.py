@@ -10,10 +10,10 @@ Per element (``D``: Hessian-diagonal estimate, ``t``: the parameter's step count
     p    <- p - lr * (m / (1 - beta1**t)) / ((sqrt(v / (1 - beta2**t)))**hessian_power + eps)
 
 Refreshing ``D`` needs a Hessian-vector product, i.e. gradients that carry an autograd graph.
-Only the steps on which a refresh is due need one (every ``update_each`` steps, the first
-included); the other steps take plain gradients and reuse the last ``D``::
+Only the steps on which a refresh is due need one (every ``hessian_update_interval`` steps, the
+first included); the other steps take plain gradients and reuse the last ``D``::
 
-    opt = AdaHessian(model.parameters(), update_each=4)
+    opt = AdaHessian(model.parameters(), hessian_update_interval=4)
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         loss.backward(create_graph=opt.hessian_due())   # a graph only when a refresh is due
@@ -35,13 +35,14 @@ Choices made here (and where they differ from the paper's reference code):
   additionally averages ``|D|`` of 2-D matrices over contiguous blocks of ``block_size`` entries
   along the last dim (the reference's transformer variant; a ragged last block is averaged on its
   own). Averaging only changes ``D**2`` where it averages: elsewhere the sign of ``D`` is irrelevant.
-* **update_each > 1**: on steps without a refresh the last ``D`` is reused and ``v`` is still
-  updated with it every step, so ``v / (1 - beta2**t)`` stays an unbiased average (as in the
-  widely used ``update_each`` variant of the reference).
+* **hessian_update_interval > 1**: on steps without a refresh the last ``D`` is reused and ``v`` is
+  still updated with it every step, so ``v / (1 - beta2**t)`` stays an unbiased average (as in the
+  widely used ``update_each`` variant of the reference; ``update_each=`` is still accepted).
 * **Randomness**: the Rademacher vectors are drawn from a generator seeded by
-  ``(seed, parameter index, step, sample)``, so a run resumed from a ``state_dict`` draws exactly
-  the same vectors as an uninterrupted one. ``seed`` is kept in the param groups (and therefore in
-  the ``state_dict``); by default it is drawn from torch's global RNG at construction.
+  :func:`~soulkit.optim.estimators.derive_seed` of ``(seed, parameter index, step, sample)``, the
+  scheme every soulkit estimator uses, so a run resumed from a ``state_dict`` draws exactly the
+  same vectors as an uninterrupted one. ``seed`` (default 0, as Sophia's) is kept in the param
+  groups and therefore in the ``state_dict``.
 * **Non-finite values**: a non-finite gradient or Hessian estimate raises ``ValueError`` naming the
   parameter's index (its position in the optimizer's parameters across groups); nothing is
   updated. The check costs one host synchronisation per step.
@@ -55,26 +56,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..kernels.adahessian import adahessian_step
+from ..kernels import adahessian_step
+from ..kernels.dispatch import implementation_from_flags
+from ..kernels.finite import first_nonfinite
+from .estimators import hutchinson, rademacher_like, seeded_generator, state_dtype
 
 __all__ = ["AdaHessian"]
 
 _STATE_TENSORS = ("exp_avg", "exp_hessian_diag_sq", "hessian_diag")
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _derive_seed(seed: int, *parts: int) -> int:
-    h = _splitmix64(int(seed) & _MASK64)
-    for v in parts:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
-    return h & ((1 << 63) - 1)
 
 
 def _is_int(x: Any) -> bool:
@@ -101,7 +90,7 @@ def _check_group(group: dict[str, Any]) -> None:
     k = group["hessian_power"]
     if not isinstance(k, (float, int)) or not 0.0 <= k <= 1.0:
         raise ValueError(f"hessian_power must be in [0, 1], got {k!r}")
-    for name in ("update_each", "n_samples", "block_size"):
+    for name in ("hessian_update_interval", "n_samples", "block_size"):
         val = group[name]
         if not _is_int(val) or val < 1:
             raise ValueError(f"{name} must be an int >= 1, got {val!r}")
@@ -115,10 +104,6 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError("fused=True and foreach=False contradict each other: pick one")
 
 
-def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-
-
 class AdaHessian(Optimizer):
     """AdaHessian (Yao et al. 2021) as a ``torch.optim.Optimizer``.
 
@@ -129,21 +114,20 @@ class AdaHessian(Optimizer):
         eps: added to the denominator (paper's reference default 1e-4).
         weight_decay: decoupled weight decay, ``p <- p * (1 - lr * weight_decay)``.
         hessian_power: k in ``(sqrt(v_hat))**k``; 1 is AdaHessian, 0 is SGD with momentum.
-        update_each: refresh ``D`` every this many steps (the first step included);
-            :meth:`hessian_due` says when.
+        hessian_update_interval: refresh ``D`` every this many steps (the first step included);
+            :meth:`hessian_due` says when. ``update_each`` is an older name for it.
         n_samples: Rademacher draws averaged per refresh (each one extra Hessian-vector product).
         spatial_average: average ``|D|`` over the spatial dims of 4-D conv kernels.
         block_size: average ``|D|`` of 2-D matrices over blocks of this many entries along the
             last dim (1: element-wise, the default).
         maximize: maximise the objective instead of minimising it.
-        foreach: ``False`` selects the plain per-tensor reference (for debugging); otherwise the
-            foreach path, or the fused Triton kernel on CUDA.
+        foreach: ``False`` selects the plain per-tensor reference (for debugging), ``True`` the
+            foreach path; ``None`` (default) the fastest path (the fused Triton kernel on CUDA).
         fused: ``True`` requires the fused Triton kernel (CUDA, or the CPU under
             ``TRITON_INTERPRET=1``); ``None`` (default) uses it on CUDA when triton is installed.
         seed: seeds the Rademacher vectors together with the parameter index and the step count.
-            ``None``: drawn from torch's global RNG (so ``torch.manual_seed`` makes runs repeatable).
 
-    All of these except ``seed``'s default can be set per param group. The optimizer keeps, per
+    All of these can be set per param group. The optimizer keeps, per
     parameter, ``step`` (int), ``exp_avg`` (m), ``exp_hessian_diag_sq`` (v) and ``hessian_diag``
     (the last D) in float32 for fp16/bf16 parameters and in the parameter's dtype otherwise.
     """
@@ -157,24 +141,25 @@ class AdaHessian(Optimizer):
         weight_decay: float = 0.0,
         hessian_power: float = 1.0,
         *,
-        update_each: int = 1,
+        hessian_update_interval: int = 1,
         n_samples: int = 1,
         spatial_average: bool = True,
         block_size: int = 1,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
-        seed: int | None = None,
+        seed: int = 0,
+        update_each: int | None = None,
     ) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if update_each is not None:
+            hessian_update_interval = update_each
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
             eps=eps,
             weight_decay=weight_decay,
             hessian_power=hessian_power,
-            update_each=update_each,
+            hessian_update_interval=hessian_update_interval,
             n_samples=n_samples,
             spatial_average=bool(spatial_average),
             block_size=block_size,
@@ -190,6 +175,9 @@ class AdaHessian(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "update_each" in param_group:  # the older name of the option
+            param_group = dict(param_group)
+            param_group.setdefault("hessian_update_interval", param_group.pop("update_each"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
@@ -208,6 +196,8 @@ class AdaHessian(Optimizer):
         for group in self.param_groups:
             group.setdefault("global_step", 0)
             group.setdefault("block_size", 1)
+            if "update_each" in group:
+                group.setdefault("hessian_update_interval", group.pop("update_each"))
 
     # ------------------------------------------------------------------ helpers
     def _indexed_params(self) -> list[tuple[int, dict[str, Any], torch.Tensor]]:
@@ -217,15 +207,6 @@ class AdaHessian(Optimizer):
                 out.append((i, group, p))
                 i += 1
         return out
-
-    def _rademacher(self, p: torch.Tensor, seed: int, index: int, step: int, sample: int) -> torch.Tensor:
-        gen = self._generators.get(p.device)
-        if gen is None:
-            gen = torch.Generator(device=p.device)
-            self._generators[p.device] = gen
-        gen.manual_seed(_derive_seed(seed, index, step, sample))
-        u = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=p.dtype)
-        return u.mul_(2).sub_(1)
 
     @staticmethod
     def _average(d: torch.Tensor, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -245,36 +226,17 @@ class AdaHessian(Optimizer):
             return out
         return d
 
-    @staticmethod
-    def _first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
-        """Position of the first tensor holding NaN/Inf, with one host sync when all are finite."""
-        if not tensors:
-            return None
-        by_device: dict[torch.device, list[int]] = {}
-        for j, t in enumerate(tensors):
-            by_device.setdefault(t.device, []).append(j)
-        flags = []
-        for idx in by_device.values():
-            norms = torch._foreach_norm([tensors[j] for j in idx], float("inf"))
-            flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
-        if bool(torch.stack(flags).all()):
-            return None
-        for j, t in enumerate(tensors):
-            if not bool(torch.isfinite(t).all()):
-                return j
-        return None  # pragma: no cover
-
     # ------------------------------------------------------------------ Hessian refresh API
     def hessian_due(self) -> bool:
         """True when the next :meth:`step` refreshes the Hessian estimate by Hutchinson.
 
-        On such steps (every ``update_each`` steps, the first included) call
+        On such steps (every ``hessian_update_interval`` steps, the first included) call
         ``loss.backward(create_graph=True)``; on the others a plain ``loss.backward()`` is enough.
         False after :meth:`update_hessian` (the next step uses the given estimate).
         """
         if self._given is not None:
             return False
-        return any(g["params"] and g["global_step"] % g["update_each"] == 0 for g in self.param_groups)
+        return any(g["params"] and g["global_step"] % g["hessian_update_interval"] == 0 for g in self.param_groups)
 
     def update_hessian(self, estimate: Sequence[torch.Tensor | None]) -> None:
         """Give the Hessian-diagonal estimate ``D`` for the next :meth:`step` yourself.
@@ -307,9 +269,9 @@ class AdaHessian(Optimizer):
                 )
             if e.device != p.device:
                 raise ValueError(f"estimate[{i}] is on {e.device} but parameter {i} is on {p.device}")
-            given[i] = e.detach().to(dtype=_state_dtype(p), copy=True)
+            given[i] = e.detach().to(dtype=state_dtype(p), copy=True)
         keys = list(given)
-        bad = self._first_nonfinite([given[i] for i in keys])
+        bad = first_nonfinite([given[i] for i in keys])
         if bad is not None:
             raise ValueError(f"estimate[{keys[bad]}] (parameter {keys[bad]}) contains NaN or Inf")
         self._given = given
@@ -360,7 +322,7 @@ class AdaHessian(Optimizer):
         refresh, due_any = [], False
         for i, group, p in active:
             has_d = "hessian_diag" in self.state.get(p, {}) or (given is not None and i in given)
-            due = given is None and group["global_step"] % group["update_each"] == 0
+            due = given is None and group["global_step"] % group["hessian_update_interval"] == 0
             if due or not has_d:
                 refresh.append((i, group, p))
                 due_any = due_any or due
@@ -386,14 +348,14 @@ class AdaHessian(Optimizer):
         for i, group, p in refresh:
             d = new_d.get(i)
             if d is None:  # gradient independent of the parameters: that Hessian row is zero
-                d = torch.zeros_like(p, dtype=_state_dtype(p))
+                d = torch.zeros_like(p, dtype=state_dtype(p))
             new_d[i] = self._average(d, p, group)
 
         # Non-finite gradients or estimates: raise before anything is modified.
         checked = [(i, "gradient", p.grad) for i, _, p in active] + [
             (i, "Hessian estimate", d) for i, d in new_d.items()
         ]
-        bad = self._first_nonfinite([t for _, _, t in checked])
+        bad = first_nonfinite([t for _, _, t in checked])
         if bad is not None:
             i, what, _ = checked[bad]
             raise ValueError(
@@ -408,7 +370,7 @@ class AdaHessian(Optimizer):
         for i, group, p in active:
             state = self.state[p]
             if "exp_avg" not in state:
-                dt = _state_dtype(p)
+                dt = state_dtype(p)
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                 state["exp_hessian_diag_sq"] = torch.zeros_like(
@@ -429,21 +391,7 @@ class AdaHessian(Optimizer):
             if not params:
                 continue
             states = [self.state[p] for p in params]
-            if group.get("fused"):
-                from ..kernels._triton_tables import triton_usable
-
-                if not triton_usable(params[0].device):
-                    raise RuntimeError(
-                        f"fused=True needs the Triton kernel, which runs on CUDA (with the 'triton' package), "
-                        f"not on {params[0].device}; leave fused=None for the best available path"
-                    )
-                implementation = "triton"
-            elif group["foreach"] is False:
-                implementation = "reference"
-            elif group["foreach"] is None and all(p.device.type in ("cpu", "cuda") for p in params):
-                implementation = "auto"
-            else:
-                implementation = "foreach" if group["foreach"] else "reference"
+            implementation = implementation_from_flags(group["foreach"], group.get("fused"), params[0].device)
             beta1, beta2 = group["betas"]
             adahessian_step(
                 params,
@@ -467,30 +415,26 @@ class AdaHessian(Optimizer):
 
         The Hessian is restricted to the block of these parameters (its diagonal is unchanged).
         """
-        n_max = max(group["n_samples"] for _, group, _ in entries)
-        acc: dict[int, torch.Tensor] = {}
-        for s in range(n_max):
-            part = [e for e in entries if e[1]["n_samples"] > s]
-            us = [self._rademacher(p, group["seed"], i, group["global_step"], s) for i, group, p in part]
+        params = [p for _, _, p in entries]
+
+        def probe(j: int, s: int) -> torch.Tensor:
+            i, group, p = entries[j]
+            gen = seeded_generator(p.device, group["seed"], i, group["global_step"], s, cache=self._generators)
+            return rademacher_like(p, gen)
+
+        def hvp_of(us: list[torch.Tensor | None], last: bool) -> list[torch.Tensor | None]:
+            part = [j for j, u in enumerate(us) if u is not None]
             hvs = torch.autograd.grad(
-                [p.grad for _, _, p in part],
-                [p for _, _, p in part],
-                grad_outputs=us,
-                retain_graph=s < n_max - 1,
-                allow_unused=True,
+                [params[j].grad for j in part], [params[j] for j in part],
+                grad_outputs=[us[j] for j in part], retain_graph=not last, allow_unused=True,
             )
-            for (i, group, p), u, hv in zip(part, us, hvs):
-                if hv is None:
-                    continue
-                est = hv.to(_state_dtype(p)) * u  # not in place: hv may alias u
-                n = group["n_samples"]
-                if n > 1:
-                    est.div_(n)
-                if i in acc:
-                    acc[i].add_(est)
-                else:
-                    acc[i] = est
-        return acc
+            out: list[torch.Tensor | None] = [None] * len(us)
+            for j, hv in zip(part, hvs):
+                out[j] = hv
+            return out
+
+        est = hutchinson(hvp_of, probe, params, [group["n_samples"] for _, group, _ in entries])
+        return {i: e for (i, _, _), e in zip(entries, est) if e is not None}
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -506,6 +450,6 @@ class AdaHessian(Optimizer):
                 continue
             for key in _STATE_TENSORS:
                 if key in saved and isinstance(saved[key], torch.Tensor):
-                    want = _state_dtype(p)
+                    want = state_dtype(p)
                     if self.state[p][key].dtype != want:
                         self.state[p][key] = saved[key].detach().to(device=p.device, dtype=want, copy=True)

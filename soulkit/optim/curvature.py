@@ -12,58 +12,33 @@ Public API:
 * :func:`hutchinson_diag` -- Hutchinson estimate ``E[u * (H u)]`` of the Hessian diagonal.
 * :func:`gnb_diag` -- Gauss-Newton-Bartlett estimate (Sophia) from logits that already carry a graph.
 * :func:`exact_hessian_diag` -- exact Hessian diagonal for small problems (a reference for tests).
-* :func:`differentiable_attention` -- context manager that puts attention on a twice-differentiable path.
 * :func:`module_loss_fn` -- ``nn.Module`` + loss -> ``loss_fn(params)``.
 
-Attention. PyTorch's fused SDPA kernels (flash / memory-efficient, and on CPU the
-``_scaled_dot_product_flash_attention_for_cpu`` kernel) have neither a double backward nor a
-forward-mode derivative. Verified on CPU with torch 2.13 and a tiny ``LlamaForCausalLM`` using
-``attn_implementation="sdpa"``: double backward fails with "derivative for
-aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented" and
-forward-over-reverse fails with "Trying to use forward AD with
-_scaled_dot_product_flash_attention_for_cpu that does not support it". Therefore :func:`hvp`,
-:func:`gnvp`, :func:`hutchinson_diag` and :func:`exact_hessian_diag` always run their
-second-order part under ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])``, so curvature on
-SDPA models just works. Models whose attention does not go through torch SDPA (transformers'
-``flash_attention_2`` and other kernels) must be wrapped by the caller:
+Attention: fused SDPA kernels have no second derivatives, so every second-order computation here
+runs inside :func:`~soulkit.optim.attention.differentiable_attention` (torch SDPA on its math
+backend); models on attention kernels outside torch SDPA need
 ``with differentiable_attention(model): ...``, which switches them to ``"eager"`` and back.
 
-Choice of ``mode="auto"``: double backward. Measured on this project's 2-core CPU machine (torch
-2.13, float32, tiny ``LlamaForCausalLM``, math SDPA backend), as the median ratio of one HVP to one
-gradient (forward + backward) timed interleaved in the same run:
-
-=================================  ===============  ====================
-hidden / layers / seq x batch      double backward  forward-over-reverse
-=================================  ===============  ====================
-32 / 2 / 5x2 (36k params)          2.2x - 3.1x      6.2x - 6.8x
-64 / 2 / 32x4 (164k params)        2.3x - 2.6x      5.3x - 6.4x
-128 / 2 / 64x4 (656k params)       2.8x - 3.1x      4.7x - 4.8x
-=================================  ===============  ====================
-
-(ranges over two runs: raw torch.func/autograd with 2 threads on a lightly loaded machine, and
-through :func:`hvp` with 1 thread on a busy one). Double backward also lets several HVPs share one
-gradient graph (used by :func:`hutchinson_diag` and :func:`exact_hessian_diag`). No GPU measurement
-was made. If double backward is not implemented for an op, ``"auto"`` retries with
-forward-over-reverse (and warns once per process), and vice versa.
+``mode="auto"`` runs double backward first: it was the faster mode in ``benchmarks/hvp.py``
+(``benchmarks/results/hvp.md``), and it lets several HVPs share one gradient graph (used by
+:func:`hutchinson_diag` and :func:`exact_hessian_diag`). If double backward is not implemented for
+an op, ``"auto"`` retries with forward-over-reverse (and warns once per process), and vice versa.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from soulkit.optim._sampling import sampled_label_loss
+from ..kernels.finite import first_nonfinite
+from .attention import differentiable_attention, notice_once
+from .estimators import hutchinson, rademacher_like, sampled_label_grads
 
 __all__ = [
-    "differentiable_attention",
     "exact_hessian_diag",
     "gnb_diag",
     "gnvp",
@@ -72,19 +47,10 @@ __all__ = [
     "module_loss_fn",
 ]
 
-logger = logging.getLogger("soulkit")
-
 HVPMode = Literal["auto", "forward_over_reverse", "double_backward"]
 _MODES = ("auto", "forward_over_reverse", "double_backward")
 #: What ``mode="auto"`` runs first (see the module docstring for the measurement behind it).
 _AUTO_MODE = "double_backward"
-#: Attention implementations (transformers ``config._attn_implementation``) that are twice
-#: differentiable once torch SDPA is pinned to its math backend.
-_DIFFERENTIABLE_ATTN = ("eager", "sdpa")
-
-# One-time notices. This is the only module-level state: it only silences repeated messages.
-_NOTICES_GIVEN: set[str] = set()
-
 _NO_SECOND_DERIVATIVE = re.compile(
     r"derivative for .* is not implemented|does not support it because it has not been implemented"
     r"|forward AD|not implemented for forward|forward-mode|differentiate twice"
@@ -92,107 +58,6 @@ _NO_SECOND_DERIVATIVE = re.compile(
     r"|ZeroTensors are immutable",
     re.IGNORECASE,
 )
-
-
-def _notice_once(key: str, message: str, *, warn: bool) -> None:
-    if key in _NOTICES_GIVEN:
-        return
-    _NOTICES_GIVEN.add(key)
-    if warn:
-        warnings.warn(message, UserWarning, stacklevel=3)
-    else:
-        logger.info(message)
-
-
-# --------------------------------------------------------------------------------------------
-# attention
-# --------------------------------------------------------------------------------------------
-
-
-def _attn_configs(model: torch.nn.Module) -> list[Any]:
-    """Every distinct transformers config reachable from ``model`` (its own, sub-models', sub-configs)."""
-    seen: dict[int, Any] = {}
-    stack = [getattr(m, "config", None) for m in model.modules()]
-    while stack:
-        cfg = stack.pop()
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
-            continue
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            stack.append(getattr(cfg, key, None))
-    return list(seen.values())
-
-
-def _implementation(cfg: Any) -> Any:
-    return getattr(cfg, "_attn_implementation_internal", getattr(cfg, "_attn_implementation", None))
-
-
-@contextlib.contextmanager
-def differentiable_attention(model: torch.nn.Module | None = None) -> Iterator[None]:
-    """Run the enclosed code on an attention path that has double backward and forward-mode AD.
-
-    Inside the context torch's ``scaled_dot_product_attention`` uses the math backend
-    (``sdpa_kernel([SDPBackend.MATH])``); the fused flash/memory-efficient kernels (including the
-    CPU flash kernel torch picks by default) have no second derivative. If ``model`` is a
-    transformers ``PreTrainedModel`` whose attention implementation is neither ``"eager"`` nor
-    ``"sdpa"`` (e.g. ``"flash_attention_2"``, ``"flex_attention"``, a hub kernel), it is switched
-    to ``"eager"`` with ``model.set_attn_implementation`` and every config's previous value is
-    restored on exit (also when the body raises). A one-time notice per process says what was
-    switched (a ``UserWarning`` when a model is switched, a ``logging`` INFO line otherwise).
-
-    Args:
-        model: optional ``nn.Module``; only transformers models (with ``config._attn_implementation``)
-            are switched, other modules are left alone.
-
-    Example::
-
-        with differentiable_attention(model):
-            hv = hvp(module_loss_fn(model, lambda call: call(ids, labels=ids).loss), params, v)
-    """
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-    saved: list[tuple[Any, Any]] = []
-    if model is not None:
-        configs = _attn_configs(model)
-        bad = [cfg for cfg in configs if _implementation(cfg) not in (*_DIFFERENTIABLE_ATTN, None)]
-        if bad:
-            saved = [(cfg, _implementation(cfg)) for cfg in configs]
-            old = sorted({str(_implementation(cfg)) for cfg in bad})
-            try:
-                setter = getattr(model, "set_attn_implementation", None)
-                if callable(setter):
-                    setter("eager")
-                for cfg in bad:  # configs the setter did not reach (or transformers without a setter)
-                    if _implementation(cfg) not in _DIFFERENTIABLE_ATTN:
-                        cfg._attn_implementation_internal = "eager"
-            except BaseException:
-                _restore(saved)
-                raise
-            _notice_once(
-                "switch-model",
-                f"soulkit: curvature uses the math attention path: switched {type(model).__name__} attention "
-                f"from {', '.join(old)} to 'eager' (no double backward / forward-mode AD there); "
-                "restored on exit",
-                warn=True,
-            )
-    _notice_once(
-        "sdpa-math",
-        "soulkit: curvature uses the math attention path (torch SDPA MATH backend), since fused SDPA "
-        "kernels have no double backward or forward-mode derivative",
-        warn=False,
-    )
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        _restore(saved)
-
-
-def _restore(saved: list[tuple[Any, Any]]) -> None:
-    for cfg, value in saved:
-        # Write the internal attribute directly: re-running transformers' checks for e.g.
-        # flash_attention_2 could fail (or warn) and the old value was valid when we found it.
-        cfg._attn_implementation_internal = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,10 +113,7 @@ def _check_like(
             raise TypeError(f"{name}[{k!r}] has dtype {t.dtype}, {params_name}[{k!r}] has {p.dtype}")
         if t.device != p.device:
             raise ValueError(f"{name}[{k!r}] is on {t.device}, {params_name}[{k!r}] is on {p.device}")
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for k in params:
-        by_device.setdefault(v[k].device, []).append(torch.isfinite(v[k]).all())
-    if not all(bool(torch.stack(flags).all()) for flags in by_device.values()):  # one sync per device
+    if first_nonfinite([v[k] for k in params]) is not None:
         bad = [k for k in params if not bool(torch.isfinite(v[k]).all())]
         raise ValueError(f"{name} contains NaN or Inf in {bad}")
     return {k: v[k] for k in params}  # params' key order
@@ -317,7 +179,7 @@ class _GradGraph:
         self.grads = grads
         flat = [self.keys[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad]
         if flat:
-            _notice_once(
+            notice_once(
                 "grad-without-graph",
                 f"soulkit: the gradient of {what} w.r.t. {flat[:5]}{' ...' if len(flat) > 5 else ''} does not "
                 "depend on the parameters, so their Hessian rows are taken as zero. This is exact if the "
@@ -353,7 +215,7 @@ def _run_with_fallback(mode: str, double: Callable[[], Any], fwd: Callable[[], A
         if mode != "auto":
             raise _missing_derivative_error(err, first) from err
         other = "forward_over_reverse" if first == "double_backward" else "double_backward"
-        _notice_once(
+        notice_once(
             f"fallback-{first}",
             f"soulkit: {first} is not implemented for an op in {what} ({str(err).splitlines()[0]}); "
             f"falling back to {other}",
@@ -545,12 +407,6 @@ def _check_generator(generator: Any, params: dict[str, Tensor]) -> None:
             )
 
 
-def _rademacher(p: Tensor, generator: torch.Generator | None) -> Tensor:
-    """+1/-1 with equal probability, same shape/dtype/device as ``p``."""
-    bits = torch.randint(0, 2, p.shape, generator=generator, device=p.device, dtype=torch.int8)
-    return bits.to(p.dtype).mul_(2).sub_(1)
-
-
 def hutchinson_diag(
     loss_fn: Callable[[dict[str, Tensor]], Tensor],
     params: Mapping[str, Tensor],
@@ -584,24 +440,25 @@ def hutchinson_diag(
     _check_generator(generator, params)
     # Restored if "auto" falls back to the other mode, so the probes (and the result) stay the same.
     start_state = generator.get_state() if generator is not None else None
+    keys, tensors = list(params), list(params.values())
 
-    def accumulate(hvp_of: Callable[[dict[str, Tensor], bool], dict[str, Tensor]]) -> dict[str, Tensor]:
+    def estimate(hvp_on: Callable[[dict[str, Tensor], bool], dict[str, Tensor]]) -> dict[str, Tensor]:
         if start_state is not None:
             generator.set_state(start_state)
-        acc = {k: torch.zeros_like(p, memory_format=torch.contiguous_format) for k, p in params.items()}
-        for s in range(n_samples):
-            u = {k: _rademacher(p, generator) for k, p in params.items()}
-            hu = hvp_of(u, s < n_samples - 1)
-            for k in acc:
-                acc[k].addcmul_(u[k], hu[k])
-        return {k: a.div_(n_samples) for k, a in acc.items()}
+
+        def hvp_of(us: list[Tensor | None], last: bool) -> list[Tensor]:
+            hu = hvp_on(dict(zip(keys, us)), not last)
+            return [hu[k] for k in keys]
+
+        est = hutchinson(hvp_of, lambda j, s: rademacher_like(tensors[j], generator), tensors, n_samples)
+        return {k: e.to(p.dtype) for (k, p), e in zip(params.items(), est)}
 
     def double() -> dict[str, Tensor]:
         graph = _GradGraph(loss_fn, params)
-        return accumulate(lambda u, retain: graph.hvp(u, retain_graph=retain))
+        return estimate(lambda u, retain: graph.hvp(u, retain_graph=retain))
 
     def fwd() -> dict[str, Tensor]:
-        return accumulate(lambda u, retain: _hvp_fwd_over_rev(loss_fn, params, u, "loss_fn"))
+        return estimate(lambda u, retain: _hvp_fwd_over_rev(loss_fn, params, u, "loss_fn"))
 
     with differentiable_attention():
         return _run_with_fallback(mode, double, fwd, what="loss_fn")
@@ -621,7 +478,7 @@ def gnb_diag(
 
     Samples ``y_hat ~ softmax(logits)`` and returns ``grad(L_hat_sum)**2 / B`` (``== B * grad(mean
     L_hat)**2``), where ``L_hat_sum`` is the summed cross-entropy of the ``B`` kept positions
-    (:func:`soulkit.optim._sampling.sampled_label_loss`). Its expectation over ``y_hat`` is the
+    (:func:`soulkit.optim.estimators.sampled_label_loss`). Its expectation over ``y_hat`` is the
     diagonal of the Gauss-Newton matrix ``J^T (diag(p) - p p^T) J / B`` of the *mean* loss. It costs
     one backward and no forward: pass the logits of the training forward pass.
 
@@ -667,10 +524,10 @@ def gnb_diag(
             raise ValueError(f"params[{name}] does not require grad")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    loss_sum, n_terms = sampled_label_loss(
-        logits, mask=mask, labels=labels, ignore_index=ignore_index, generator=generator
+    grads, n_terms = sampled_label_grads(
+        logits, tensors, mask=mask, labels=labels, ignore_index=ignore_index, generator=generator,
+        retain_graph=retain_graph,
     )
-    grads = torch.autograd.grad(loss_sum, tensors, retain_graph=retain_graph, allow_unused=True)
     est = [
         torch.zeros_like(t).detach() if g is None else (g.detach().square() / n_terms).to(t.dtype)
         for g, t in zip(grads, tensors)

@@ -44,10 +44,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..kernels.sophia import sophia_step
-from ._sampling import sampled_label_loss
+from ..kernels import sophia_step
+from ..kernels.dispatch import implementation_from_flags
+from ..kernels.finite import all_finite
+from ..kernels.sophia import fold_hessian_ema
+from .attention import differentiable_attention
+from .estimators import LABEL_STREAM, hutchinson, rademacher_like, sampled_label_grads, seeded_generator
 
-__all__ = ["Sophia"]
+__all__ = ["Sophia", "sophia"]
 
 _NONFINITE_CHOICES = ("skip", "raise", "ignore")
 _STATE_KEYS = ("exp_avg", "hessian", "gnb_sum", "hutchinson_sum")
@@ -95,8 +99,9 @@ class Sophia(Optimizer):
             :attr:`skipped_hessian_updates` under ``"skip"``/``"ignore"``, and raises under ``"raise"``.
         state_dtype: dtype of ``m`` and ``h``. Default: float32 for bf16/fp16 parameters, the
             parameter's dtype otherwise. ``torch.bfloat16`` halves state memory.
-        foreach: ``False`` selects the plain per-tensor reference (for debugging); otherwise the
-            foreach path, or the fused Triton kernel on CUDA.
+        foreach: ``False`` selects the plain per-tensor reference (for debugging), ``True`` the
+            foreach path; ``None`` (default) the fastest path (:mod:`soulkit.kernels.dispatch`:
+            Triton on CUDA, the compiled step for large groups on the CPU, foreach otherwise).
         fused: ``True`` requires the fused Triton kernel (one launch per dtype bucket of a group;
             CUDA, or the CPU under ``TRITON_INTERPRET=1``); ``None`` (default) uses it on CUDA when
             triton is installed.
@@ -104,8 +109,8 @@ class Sophia(Optimizer):
             and on each step that follows a Hessian refresh, so the extra reduction is paid once
             every k steps; :meth:`win_rate` reports the latest count.
         seed: seeds the label sampling of :meth:`accumulate_gnb` and the Rademacher vectors of
-            :meth:`accumulate_hutchinson`, combined with the step count so a resumed run draws
-            the same numbers.
+            :meth:`accumulate_hutchinson` (:func:`soulkit.optim.estimators.derive_seed` of the seed,
+            the parameter's index, the step and the draw), so a resumed run draws the same numbers.
     """
 
     def __init__(
@@ -196,15 +201,14 @@ class Sophia(Optimizer):
 
     @staticmethod
     def _rank() -> int:
-        """Mixed into the sampling seed so that data-parallel ranks draw independent labels."""
+        """Part of the label-sampling seed, so that data-parallel ranks draw independent labels."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank()
         return 0
 
-    def _generator(self, device: torch.device, salt: int) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 1_000_003 + self.num_steps * 7919 + salt) % (2**63 - 1))
-        return gen
+    def _label_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the next :meth:`accumulate_gnb` draw (the terms so far number the draw)."""
+        return seeded_generator(device, self.seed, LABEL_STREAM, self._rank(), self.num_steps, self._pending_terms)
 
     @staticmethod
     def _check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
@@ -214,23 +218,6 @@ class Sophia(Optimizer):
             raise RuntimeError(f"Sophia does not support complex gradients ({where})")
         if g.shape != p.shape:
             raise ValueError(f"{where} has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
-
-    @staticmethod
-    def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-        if not tensors:
-            return True
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_device.setdefault(t.device, []).append(t)
-        # Fast check: the 2-norm (a vectorised reduction; the inf-norm's foreach kernel was ~12x slower on
-        # the CPU in a one-off probe with the demo's 1.87M parameters). A NaN or inf element always
-        # makes it non-finite; a finite tensor can too (squares overflow above ~1.8e19 in fp32), so a
-        # failed fast check is confirmed with the exact max-abs check before a step is skipped.
-        def check(order: float) -> bool:
-            flags = [torch.isfinite(torch.stack(torch._foreach_norm(ts, order))).all().cpu() for ts in by_device.values()]
-            return bool(torch.stack(flags).all())
-
-        return check(2.0) or check(float("inf"))
 
     # ------------------------------------------------------------------ Hessian refresh
     def hessian_due(self) -> bool:
@@ -290,47 +277,40 @@ class Sophia(Optimizer):
                     raise TypeError(f"estimate[{i}] must be a real floating-point tensor, got {e.dtype}")
                 if e.device != p.device:
                     raise ValueError(f"estimate[{i}] is on {e.device} but params[{i}] is on {p.device}")
-        return self._fold(params, est)
-
-    def _fold(self, params: list[torch.Tensor], est: list[torch.Tensor | None]) -> bool:
-        present = [(p, e) for p, e in zip(params, est) if e is not None]
+        present = {p: e for p, e in zip(params, est) if e is not None}
         if not present:
             return True
-        if not self._all_finite([e for _, e in present]):
-            if self.nonfinite == "raise":
-                raise FloatingPointError("the Hessian estimate contains NaN or Inf; the EMA was not updated")
-            self.skipped_hessian_updates += 1
-            warnings.warn("soulkit.Sophia: dropped a non-finite Hessian estimate", RuntimeWarning, stacklevel=3)
+        if not self._estimate_finite(present, stacklevel=2):
             return False
-        self._fold_ema(present)
+        self._fold(present)
         self.num_hessian_updates += 1
         return True
 
-    def _fold_ema(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """``h <- beta2 h + (1 - beta2) e`` for each (param, estimate), grouped by beta2 for foreach."""
-        if not pairs:
+    def _estimate_finite(self, estimates: dict[torch.Tensor, torch.Tensor], stacklevel: int) -> bool:
+        """The one check of an estimate: False (counted, warned) or FloatingPointError if non-finite."""
+        if all_finite(list(estimates.values())):
+            return True
+        if self.nonfinite == "raise":
+            raise FloatingPointError("the Hessian estimate contains NaN or Inf; the EMA was not updated")
+        self.skipped_hessian_updates += 1
+        warnings.warn("soulkit.Sophia: dropped a non-finite Hessian estimate", RuntimeWarning, stacklevel=stacklevel + 1)
+        return False
+
+    def _fold(self, estimates: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Fold estimates into the EMA outside the update pass, one foreach call per beta2."""
+        if not estimates:
             return
         self._refreshed = True
-        p_to_group = {p: g for g in self.param_groups for p in g["params"]}
-        by_beta: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for p, e in pairs:
-            h = self._init_state(p)["hessian"]
-            beta2 = p_to_group[p]["betas"][1]
-            hs, es = by_beta.setdefault(beta2, ([], []))
-            hs.append(h)
-            es.append(e.to(h.dtype) if e.dtype != h.dtype else e)
-        for beta2, (hs, es) in by_beta.items():
-            # fp32 arithmetic for low-precision state, rounded once
-            hc = [h.float() if h.dtype in (torch.bfloat16, torch.float16) else h for h in hs]
-            ec = [e.to(h.dtype) for e, h in zip(es, hc)]
-            torch._foreach_mul_(hc, beta2)
-            torch._foreach_add_(hc, ec, alpha=1 - beta2)
-            for h, c in zip(hs, hc):
-                if h is not c:
-                    h.copy_(c)
+        beta2_of = {p: g["betas"][1] for g in self.param_groups for p in g["params"]}
+        by_beta: dict[float, list[torch.Tensor]] = {}
+        for p in estimates:
+            by_beta.setdefault(beta2_of[p], []).append(p)
+        for beta2, ps in by_beta.items():
+            fold_hessian_ema([self._init_state(p)["hessian"] for p in ps], [estimates[p] for p in ps], beta2)
 
-    def _trainable(self) -> list[torch.Tensor]:
-        return [p for p in self._all_params() if p.requires_grad]
+    def _trainable(self) -> list[tuple[int, torch.Tensor]]:
+        """(index over all groups, parameter) of the parameters that require grad."""
+        return [(i, p) for i, p in enumerate(self._all_params()) if p.requires_grad]
 
     def accumulate_gnb(
         self,
@@ -351,7 +331,7 @@ class Sophia(Optimizer):
 
         Returns the number of terms this call added.
         """
-        params = self._trainable()
+        params = [p for _, p in self._trainable()]
         if not params:
             raise ValueError("the optimizer has no parameters that require grad")
         if logits.grad_fn is None:
@@ -361,17 +341,12 @@ class Sophia(Optimizer):
             )
         # FSDP2 (DTensor) parameters: the forward runs on unsharded copies, so autograd.grad w.r.t. the
         # sharded parameters returns None for all of them and the estimate would silently be empty.
-        # Raise the error _sync_pending documents, up front.
         if any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in params):
-            raise RuntimeError(
-                "accumulate_gnb does not support sharded (DTensor/FSDP2) parameters: backpropagate the "
-                "sampled-label loss (soulkit.optim.sampled_label_loss) and call update_hessian(batch_size=B)"
-            )
-        loss_sum, n_terms = sampled_label_loss(
-            logits, labels=labels, mask=mask, ignore_index=ignore_index,
-            generator=self._generator(logits.device, salt=self._pending_terms + 1 + 7_777_777 * self._rank()),
+            raise RuntimeError(_NO_SHARDED_GNB)
+        grads, n_terms = sampled_label_grads(
+            logits, params, labels=labels, mask=mask, ignore_index=ignore_index,
+            generator=self._label_generator(logits.device),
         )
-        grads = torch.autograd.grad(loss_sum, params, retain_graph=True, allow_unused=True)
         if all(g is None for g in grads):
             raise RuntimeError(
                 "the logits do not depend on any of the optimizer's parameters, so the GNB estimate would be "
@@ -403,26 +378,26 @@ class Sophia(Optimizer):
         """
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-        from .curvature import differentiable_attention  # curvature needs the math attention path
-
-        params = self._trainable()
+        indexed = self._trainable()
+        call = self._pending_hutchinson
         with differentiable_attention():
             owns_graph = callable(loss)  # a given loss is still backpropagated by the training loop
             if owns_graph:
                 loss = loss()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss must be a scalar tensor (or a closure returning one)")
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            used = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
-            for s in range(n_samples):
-                us = []
-                for p, _ in used:
-                    gen = self._generator(p.device, salt=10_007 * (self._pending_hutchinson + s + 1) + len(us))
-                    us.append(torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1))
+            grads = torch.autograd.grad(loss, [p for _, p in indexed], create_graph=True, allow_unused=True)
+            used = [(i, p, g) for (i, p), g in zip(indexed, grads) if g is not None and g.requires_grad]
+
+            def probe(j: int, s: int) -> torch.Tensor:
+                i, p, _ = used[j]
+                return rademacher_like(p, seeded_generator(p.device, self.seed, i, self.num_steps, call, s))
+
+            def hvp_of(us: list[torch.Tensor | None], last: bool) -> Sequence[torch.Tensor | None]:
                 try:
-                    hus = torch.autograd.grad(
-                        [g for _, g in used], [p for p, _ in used], grad_outputs=us,
-                        retain_graph=(s < n_samples - 1) or not owns_graph, allow_unused=True,
+                    return torch.autograd.grad(
+                        [g for _, _, g in used], [p for _, p, _ in used], grad_outputs=us,
+                        retain_graph=not last or not owns_graph, allow_unused=True,
                     )
                 except RuntimeError as exc:
                     if "not implemented" in str(exc) and "attention" in str(exc):
@@ -433,16 +408,17 @@ class Sophia(Optimizer):
                             "computes the loss"
                         ) from exc
                     raise
-                with torch.no_grad():
-                    for (p, _), u, hu in zip(used, us, hus):
-                        if hu is None:
-                            continue
-                        state = self._init_state(p)
-                        est = (u * hu).to(torch.float64 if p.dtype == torch.float64 else torch.float32) / n_samples
-                        if "hutchinson_sum" in state:
-                            state["hutchinson_sum"].add_(est)
-                        else:
-                            state["hutchinson_sum"] = est
+
+            estimates = hutchinson(hvp_of, probe, [p for _, p, _ in used], n_samples) if used else []
+        with torch.no_grad():
+            for (_, p, _), est in zip(used, estimates):
+                if est is None:
+                    continue
+                state = self._init_state(p)
+                if "hutchinson_sum" in state:
+                    state["hutchinson_sum"].add_(est)
+                else:
+                    state["hutchinson_sum"] = est
         self._pending_hutchinson += 1
 
     def _sync_pending(self) -> None:
@@ -453,10 +429,7 @@ class Sophia(Optimizer):
             return
         bufs = [self.state[p]["gnb_sum"] for p in self._all_params() if "gnb_sum" in self.state.get(p, {})]
         if any(type(b) is not torch.Tensor for b in bufs):
-            raise RuntimeError(
-                "accumulate_gnb does not support sharded (DTensor/FSDP2) parameters: backpropagate the "
-                "sampled-label loss (soulkit.optim.sampled_label_loss) and call update_hessian(batch_size=B)"
-            )
+            raise RuntimeError(_NO_SHARDED_GNB)
         dev = bufs[0].device if bufs else torch.device("cpu")
         terms = torch.tensor([float(self._pending_terms)], device=dev, dtype=torch.float64)
         torch.distributed.all_reduce(terms)
@@ -464,13 +437,14 @@ class Sophia(Optimizer):
             torch.distributed.all_reduce(b)
         self._pending_terms = int(terms.item())
 
-    def _take_pending(self, params: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    def _take_pending(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The pending GNB / Hutchinson estimate (parameter -> h_hat), removed from the state."""
         if self._pending_terms == 0 and self._pending_hutchinson == 0:
-            return None
+            return {}
         if self._pending_terms:
             self._sync_pending()
-        est: list[torch.Tensor | None] = []
-        for p in params:
+        est: dict[torch.Tensor, torch.Tensor] = {}
+        for p in self._all_params():
             state = self.state.get(p, {})
             e = None
             if "gnb_sum" in state:
@@ -478,7 +452,8 @@ class Sophia(Optimizer):
             if "hutchinson_sum" in state:
                 h = state.pop("hutchinson_sum").div_(self._pending_hutchinson)
                 e = h if e is None else (e + h) / 2
-            est.append(e)
+            if e is not None:
+                est[p] = e
         self._pending_terms = 0
         self._pending_hutchinson = 0
         return est
@@ -491,98 +466,63 @@ class Sophia(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        groups = []
-        all_grads = []
-        for gi, group in enumerate(self.param_groups):
-            ps, gs = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._check_grad(p, p.grad, f"gradient of a parameter in param_groups[{gi}]")
-                ps.append(p)
-                gs.append(p.grad)
-            groups.append((gi, group, ps, gs))
-            all_grads.extend(gs)
-
-        if self.nonfinite != "ignore" and not self._all_finite(all_grads):
+        groups = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+        if self.nonfinite != "ignore" and not all_finite([g for _, gs in groups for g in gs]):
             if self.nonfinite == "raise":
                 raise FloatingPointError("a gradient contains NaN or Inf; the step was not taken (state untouched)")
             self.skipped_steps += 1
             return loss
-
-        stepping = {p for _, _, ps, _ in groups for p in ps}
-        fused_estimates: dict[torch.Tensor, torch.Tensor] = {}
-        pending = self._take_pending(self._all_params())
-        if pending is not None:
-            present = [(p, e) for p, e in zip(self._all_params(), pending) if e is not None]
-            if present and not self._all_finite([e for _, e in present]):
-                if self.nonfinite == "raise":
-                    raise FloatingPointError("the pending Hessian estimate contains NaN or Inf; it was dropped")
-                self.skipped_hessian_updates += 1
-                warnings.warn("soulkit.Sophia: dropped a non-finite Hessian estimate", RuntimeWarning, stacklevel=2)
-            elif present:
-                # estimates of stepping parameters are folded inside the update pass; others on their own
-                fused_estimates = {p: e for p, e in present if p in stepping}
-                self._refreshed = True
-                self._fold_ema([(p, e) for p, e in present if p not in stepping])
-                self.num_hessian_updates += 1
-
-        for gi, group, ps, gs in groups:
-            if not ps:
-                continue
-            beta1, beta2 = group["betas"]
-            states = [self._init_state(p) for p in ps]
-            for st in states:
-                st["step"] += 1
-            t = states[0]["step"].item()
-            bc1 = 1 - beta1 ** t if group["bias_correction"] else 1.0
-            rho = float(group["rho"])
-            if group.get("hessian_bias_correction") and self.num_hessian_updates > 0:
-                rho = rho / (1 - beta2 ** self.num_hessian_updates)
-            ests = None
-            if fused_estimates:
-                have = [(p, fused_estimates[p]) for p in ps if p in fused_estimates]
-                if len(have) == len(ps):
-                    ests = [e for _, e in have]
-                else:
-                    self._fold_ema(have)
-            win = None
-            if self.track_win_rate and (self._refreshed or self._win_counts[gi] is None):
-                win = torch.zeros((), dtype=torch.int64, device=ps[0].device)
-            impl = self._implementation(group, ps[0].device)
-            sophia_step(
-                ps, gs, [s["exp_avg"] for s in states], [s["hessian"] for s in states],
-                lr=float(group["lr"]), beta1=beta1, rho=rho,
-                weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                maximize=bool(group["maximize"]), bias_correction1=bc1,
-                hessian_estimates=ests, beta2=beta2, win_count=win, implementation=impl,
-            )
-            if win is not None:
-                self._win_counts[gi] = win
-                # DTensor (FSDP2): the kernel counts this rank's shard, so divide by the local numel
-                # (the win rate is then per rank, with no collective).
-                self._win_totals[gi] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
+        pending = self._take_pending()
+        if pending and self._estimate_finite(pending, stacklevel=2):
+            # estimates of stepping parameters are folded inside the update pass; the others here
+            stepping = {p for ps, _ in groups for p in ps}
+            self._fold({p: e for p, e in pending.items() if p not in stepping})
+            self._refreshed = True
+            self.num_hessian_updates += 1
+        else:
+            pending = {}
+        for gi, (group, (ps, gs)) in enumerate(zip(self.param_groups, groups)):
+            if ps:
+                self._step_group(gi, group, ps, gs, pending)
         self.num_steps += 1
         self._refreshed = False
         return loss
 
-    @staticmethod
-    def _implementation(group: dict[str, Any], device: torch.device) -> str:
-        """``fused=True``: Triton (error if unusable); ``foreach=False``: the per-tensor reference;
-        default: Triton on CUDA when available, foreach otherwise."""
-        if group.get("fused"):
-            from ..kernels.sophia_triton import triton_usable
+    def _gather(self, gi: int, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ps, gs = [], []
+        for p in group["params"]:
+            if p.grad is not None:
+                self._check_grad(p, p.grad, f"gradient of a parameter in param_groups[{gi}]")
+                ps.append(p)
+                gs.append(p.grad)
+        return ps, gs
 
-            if not triton_usable(device):
-                raise RuntimeError(
-                    f"fused=True needs the Triton kernel, which runs on CUDA (with the 'triton' package), "
-                    f"not on {device}; leave fused=None for the best available path"
-                )
-            return "triton"
-        if group.get("foreach") is False:
-            return "reference"
-        return "auto" if group.get("foreach") is None else "foreach"
+    def _step_group(self, gi: int, group: dict[str, Any], ps: list[torch.Tensor], gs: list[torch.Tensor],
+                    pending: dict[torch.Tensor, torch.Tensor]) -> None:
+        states = [self._init_state(p) for p in ps]
+        ests = None
+        if pending:
+            have = {p: pending[p] for p in ps if p in pending}
+            if len(have) == len(ps):
+                ests = [have[p] for p in ps]
+            else:  # some stepping parameters have no estimate: fold the others outside the pass
+                self._fold(have)
+        win = None
+        if self.track_win_rate and (self._refreshed or self._win_counts[gi] is None):
+            win = torch.zeros((), dtype=torch.int64, device=ps[0].device)
+        sophia(
+            ps, gs, [s["exp_avg"] for s in states], [s["hessian"] for s in states], [s["step"] for s in states],
+            hessian_estimates=ests, lr=group["lr"], betas=group["betas"], rho=group["rho"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            bias_correction=group["bias_correction"],
+            hessian_updates=self.num_hessian_updates if group.get("hessian_bias_correction") else 0,
+            win_count=win, implementation=implementation_from_flags(group.get("foreach"), group.get("fused"), ps[0].device),
+        )
+        if win is not None:
+            self._win_counts[gi] = win
+            # DTensor (FSDP2): the kernel counts this rank's shard, so divide by the local numel
+            # (the win rate is then per rank, with no collective).
+            self._win_totals[gi] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
 
     # ------------------------------------------------------------------ logging
     def win_rate(self) -> list[float]:
@@ -651,3 +591,50 @@ class Sophia(Optimizer):
         else:
             steps = [s["step"] for s in self.state.values() if "step" in s]
             self.num_steps = int(max(steps).item()) if steps else 0
+
+
+_NO_SHARDED_GNB = (
+    "accumulate_gnb does not support sharded (DTensor/FSDP2) parameters: backpropagate the "
+    "sampled-label loss (soulkit.optim.sampled_label_loss) and call update_hessian(batch_size=B)"
+)
+
+
+def sophia(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    hessian_estimates: Sequence[torch.Tensor] | None = None,
+    lr: float,
+    betas: tuple[float, float],
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool = False,
+    bias_correction: bool = False,
+    hessian_updates: int = 0,
+    win_count: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> None:
+    """Functional Sophia step of one parameter group (what :meth:`Sophia.step` calls), as
+    ``torch.optim.adamw.adamw`` is AdamW's.
+
+    Increments ``state_steps`` (0-d tensors, one per parameter), folds ``hessian_estimates`` into
+    ``hessians`` (``h <- beta2 h + (1 - beta2) h_hat``) inside the update pass when given, and updates
+    ``params`` and ``exp_avgs`` in place. ``bias_correction`` divides ``m`` by ``1 - beta1**t``;
+    ``hessian_updates = n > 0`` divides ``h`` by ``1 - beta2**n`` (as ``rho / (1 - beta2**n)``).
+    ``win_count``, a 0-d int64 tensor, receives the number of unclipped coordinates.
+    """
+    beta1, beta2 = betas
+    torch._foreach_add_(list(state_steps), 1.0)
+    bc1 = 1 - beta1 ** state_steps[0].item() if bias_correction else 1.0
+    rho = float(rho)
+    if hessian_updates > 0:
+        rho = rho / (1 - beta2**hessian_updates)
+    sophia_step(
+        params, grads, exp_avgs, hessians, lr=float(lr), beta1=beta1, rho=rho,
+        weight_decay=float(weight_decay), eps=float(eps), maximize=bool(maximize), bias_correction1=bc1,
+        hessian_estimates=hessian_estimates, beta2=beta2, win_count=win_count, implementation=implementation,
+    )

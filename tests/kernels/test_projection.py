@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from soulkit.kernels.projection import project, project_chunks, project_reference, rademacher_matrix
+from soulkit.kernels import project, project_chunks
+from soulkit.kernels.projection import project_reference, rademacher_matrix
 from soulkit.kernels.projection_triton import HAS_TRITON, project_triton, triton_usable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soulkit.kernels.sophia import sophia_step, sophia_step_foreach, sophia_step_reference
+from soulkit.kernels import sophia_step
+from soulkit.kernels.sophia import sophia_step_foreach, sophia_step_reference
 
 SIZES = [1, 7, 127, 1023, 1024, 1025, 4099]
 DTYPE_CASES = [
@@ -179,10 +180,10 @@ def test_compiled_rejects_non_contiguous_before_updating_anything():
 
 
 def test_auto_dispatch_picks_a_path_by_device_and_size(monkeypatch):
-    from soulkit.kernels import sophia as mod
+    from soulkit.kernels import dispatch as mod
 
     assert mod.resolve_implementation(torch.device("cpu"), "auto", numel=10) == "foreach"
-    from soulkit.kernels.sophia_compiled import compile_available
+    from soulkit.kernels._common import compile_available
 
     big = mod.resolve_implementation(torch.device("cpu"), "auto", numel=mod.COMPILE_MIN_NUMEL)
     assert big == ("compiled" if compile_available() else "foreach")

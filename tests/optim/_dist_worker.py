@@ -8,7 +8,7 @@ The GNB refresh samples labels from the model's softmax, so the two runs only ag
 the *same* labels:
 
 * ``ddp_gnb`` (DDP + :meth:`Sophia.accumulate_gnb`, 2 micro-batches per rank): the ranks record
-  the labels Sophia drew (by wrapping the cross-entropy inside ``soulkit.optim._sampling``); the
+  the labels Sophia drew (by wrapping the cross-entropy inside ``soulkit.optim.estimators``); the
   reference computes the GNB estimate from those labels on the whole batch and feeds it through
   ``update_hessian(estimate=...)``. This checks that Sophia sums the buffers and term counts over
   ranks and micro-batches at fold time.
@@ -111,7 +111,7 @@ def gnb_reference(sampled: dict[int, torch.Tensor]) -> tuple[torch.nn.Module, ob
         logits = model(x)
         if opt.hessian_due():
             yhat = sampled[step]
-            # _sampling computes the sampled-label loss in float32; do the same so both runs agree
+            # the estimators compute the sampled-label loss in float32; do the same so both runs agree
             loss_sum = F.cross_entropy(logits.float(), yhat, reduction="sum")
             grads = torch.autograd.grad(loss_sum, params, retain_graph=True)
             opt.update_hessian([g.square() / yhat.numel() for g in grads])
@@ -124,10 +124,10 @@ def gnb_reference(sampled: dict[int, torch.Tensor]) -> tuple[torch.nn.Module, ob
 # ---------------------------------------------------------------- rank side
 @contextlib.contextmanager
 def _record_sampled_labels():
-    """Make soulkit.optim._sampling record the labels it draws (this process only)."""
+    """Make soulkit.optim.estimators record the labels it draws (this process only)."""
     import types
 
-    import soulkit.optim._sampling as sampling
+    import soulkit.optim.estimators as sampling
 
     drawn: list[torch.Tensor] = []
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 
-from soulkit.optim import _sampling
+from soulkit.optim import attention, estimators
 from soulkit.optim import curvature as C
 from soulkit.optim.curvature import (
     differentiable_attention,
@@ -57,7 +57,7 @@ def rand_like_dict(params, seed):
 @pytest.fixture(autouse=True)
 def _fresh_notices_one_thread(monkeypatch):
     # one-time notices are process-wide; give every test a clean slate
-    monkeypatch.setattr(C, "_NOTICES_GIVEN", set())
+    monkeypatch.setattr(attention, "_NOTICES_GIVEN", set())
     # these problems are tiny: intra-op threads only add synchronisation, which on a busy machine
     # costs up to 30x (measured: 1 ms vs 30 ms per gnb_diag call with other jobs running)
     threads = torch.get_num_threads()
@@ -448,14 +448,6 @@ def test_exact_hessian_diag_tiny_llama_subset():
 # --------------------------------------------------------------------------- hutchinson
 
 
-def test_rademacher_has_both_signs_and_zero_mean():
-    p = torch.empty(20_000, dtype=DT)
-    u = C._rademacher(p, torch.Generator().manual_seed(0))
-    assert u.dtype == DT
-    assert set(u.unique().tolist()) == {-1.0, 1.0}
-    assert abs(u.mean().item()) < 4 / math.sqrt(u.numel())
-
-
 def test_hutchinson_single_probe_signs_through_public_api():
     # loss = x0 * x1: H = [[0, 1], [1, 0]], one probe gives u0*u1 * [1, 1], +1 or -1 equally often
     params = {"x": torch.tensor([0.3, -0.2], dtype=DT)}
@@ -559,7 +551,7 @@ def test_gnb_is_B_times_squared_grad_of_mean_and_handles_sequences_masks_unused(
     est = gnb_diag(logits, seq, mask=mask, generator=torch.Generator().manual_seed(5))
     assert isinstance(est, list) and len(est) == 3
     assert torch.equal(est[1], torch.zeros(2, dtype=DT))
-    loss_sum, B = _sampling.sampled_label_loss(logits, mask=mask, generator=torch.Generator().manual_seed(5))
+    loss_sum, B = estimators.sampled_label_loss(logits, mask=mask, generator=torch.Generator().manual_seed(5))
     assert B == 6
     gw, gb = torch.autograd.grad(loss_sum / B, [model.weight, model.bias], retain_graph=True)
     torch.testing.assert_close(est[0], B * gw**2)

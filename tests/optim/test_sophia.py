@@ -136,39 +136,6 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sample_from_logits_matches_softmax_frequencies(dtype):
-    from soulkit.optim._sampling import sample_from_logits
-
-    torch.manual_seed(0)
-    logits = (torch.randn(3, 7) * 2).to(dtype)
-    logits[1, 4] = float("-inf")  # a class of probability 0 is never drawn
-    logits[2] = float("-inf")
-    logits[2, 6] = 0.0  # a one-hot row: only the last class has mass
-    n = 40_000
-    draws = sample_from_logits(logits.repeat_interleave(n, 0), generator=torch.Generator().manual_seed(3))
-    assert draws.dtype == torch.int64 and draws.shape == (3 * n,)
-    probs = torch.softmax(logits.double(), -1)
-    for row in range(3):
-        freq = torch.bincount(draws[row * n : (row + 1) * n], minlength=7).double() / n
-        # binomial standard error; 5 sigma keeps the test from flaking while catching a wrong law
-        sigma = (probs[row] * (1 - probs[row]) / n).sqrt()
-        assert torch.all((freq - probs[row]).abs() <= 5 * sigma + 1e-12), (row, freq, probs[row])
-    assert not (draws[n : 2 * n] == 4).any()
-    assert (draws[2 * n :] == 6).all()
-    with pytest.raises(ValueError, match="N, vocab"):
-        sample_from_logits(logits[0])
-
-
-def test_sample_from_logits_never_returns_a_massless_class_when_u_rounds_up(monkeypatch):
-    from soulkit.optim import _sampling
-
-    logits = torch.tensor([[0.0, 0.0, float("-inf")]])
-    # force u == total mass (the rounding case): the draw must fall back to the last class with mass
-    monkeypatch.setattr(_sampling.torch, "rand", lambda *a, **k: torch.ones(1, 1, dtype=k.get("dtype")))
-    assert _sampling.sample_from_logits(logits).tolist() == [1]
-
-
 def test_update_hessian_from_grad_uses_batch_size_once():
     model = _mlp()
     opt = Sophia(model.parameters(), betas=(0.9, 0.5), hessian_batch_size=32)
@@ -196,7 +163,7 @@ def test_gnb_covers_the_whole_accumulated_batch_and_ignores_clipping():
     terms = 0
     for xb in micro:
         logits = model(xb)
-        gen = opt._generator(logits.device, salt=opt._pending_terms + 1)
+        gen = opt._label_generator(logits.device)
         loss_sum, n = sampled_label_loss(logits, generator=gen)
         for acc, g in zip(expected_sum, torch.autograd.grad(loss_sum, params, retain_graph=True)):
             acc += g
@@ -217,7 +184,7 @@ def test_gnb_from_one_micro_batch_of_an_accumulation_uses_only_its_terms():
     opt = Sophia(params, betas=(0.9, 0.0), seed=3)
     x = torch.randn(20, 6, dtype=torch.float64)
     logits = model(x[:8])
-    gen = opt._generator(logits.device, salt=opt._pending_terms + 1)
+    gen = opt._label_generator(logits.device)
     loss_sum, n = sampled_label_loss(logits, generator=gen)
     expected = torch.autograd.grad(loss_sum, params, retain_graph=True)
     assert opt.accumulate_gnb(logits) == 8
@@ -255,7 +222,7 @@ def test_hutchinson_estimates_the_diagonal_not_row_sums():
     opt = Sophia([x], betas=(0.9, 0.0))
     opt.accumulate_hutchinson(lambda: 0.5 * x @ A @ x + x.sum(), n_samples=4000)
     opt.update_hessian([None])  # nothing folded by this call
-    est = opt._take_pending([x])[0]
+    est = opt._take_pending()[x]
     torch.testing.assert_close(est, A.diagonal(), rtol=0, atol=0.1 * A.abs().max().item())
     assert not torch.allclose(est, A.sum(1), atol=0.5)
 
