@@ -26,10 +26,8 @@ import argparse
 import json
 import math
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +43,7 @@ def _rss_mib() -> float:
 
 def worker(impl: str, b: int, d: int, k: int, reps: int, device: str, threads: int) -> dict:
     import torch
+    from _timing import medians, time_rounds
 
     from soulkit.kernels import project
 
@@ -77,16 +76,13 @@ def worker(impl: str, b: int, d: int, k: int, reps: int, device: str, threads: i
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     rss0 = _rss_mib()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    # one arm per process (the peak memory is its own), so no rounds to pair; no cold-cache buffer either,
+    # which would land in the measured peak
+    median_s = medians(time_rounds({impl: fn}, reps=reps, warmup=0, device=dev, cold_cache=False))[impl]
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else _rss_mib() - rss0
     if impl == "dense-reused":
         peak += d * k * 4 / 2**20  # the kept matrix, allocated before the measurement started
-    return {"impl": impl, "batch": b, "d": d, "k": k, "median_s": statistics.median(times), "peak_mib": peak}
+    return {"impl": impl, "batch": b, "d": d, "k": k, "median_s": median_s, "peak_mib": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
