@@ -19,7 +19,8 @@ Measured, each in a fresh subprocess (so peak RSS is its own):
 * ``label sampling``: drawing the GNB refresh's labels from the step's softmax, with
   ``torch.multinomial`` and with soulkit's inverse-CDF sampler (the refresh uses the latter).
 
-Time ratios are medians over repetitions; memory is the peak resident-set growth over the
+Time ratios are medians of per-repetition ratios (each repetition times a gradient, then the mode,
+in the same process: ``benchmarks/_timing.py``); memory is the peak resident-set growth over the
 state after building the model and batch, divided by that of a gradient.
 
     python benchmarks/hvp.py [--layers 2 --hidden 128 --seq 128 --batch 8 --reps 7]
@@ -33,10 +34,8 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +53,7 @@ def _rss_mib() -> float:
 def worker(mode: str, args) -> dict:
     import torch
     import torch.nn.functional as F
+    from _timing import medians, paired_ratio, time_rounds
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from soulkit.optim import Sophia, differentiable_attention, hvp, module_loss_fn
@@ -133,18 +133,15 @@ def worker(mode: str, args) -> dict:
     rss0 = _rss_mib()
     fn()
     peak = _rss_mib() - rss0
-    times, base_times = [], []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        base()
-        base_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    # a gradient and the mode alternate, one call each per repetition (no warm-up round: fn ran above);
+    # no cold-cache buffer (whole training steps, not a memory-bound kernel)
+    times = time_rounds({"gradient": base, "mode": fn}, reps=args.reps, warmup=0, cold_cache=False)
+    med = medians(times)
     return {
         "mode": mode,
-        "median_s": statistics.median(times),
-        "gradient_median_s": statistics.median(base_times),
+        "median_s": med["mode"],
+        "gradient_median_s": med["gradient"],
+        "time_vs_gradient": paired_ratio(times, "mode", "gradient"),
         "peak_rss_growth_mib": peak,
         "params": sum(p.numel() for p in model.parameters()),
     }
@@ -179,8 +176,7 @@ def main(argv=None):
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     grad_mem = next(r for r in rows if r["mode"] == "gradient")["peak_rss_growth_mib"]
-    for r in rows:
-        r["time_vs_gradient"] = r["median_s"] / r["gradient_median_s"]
+    for r in rows:  # time_vs_gradient: the worker's paired median
         if r["mode"].endswith("refresh"):
             r["extra_time_vs_gradient"] = r["time_vs_gradient"] - 1.0
         r["memory_vs_gradient"] = r["peak_rss_growth_mib"] / grad_mem if grad_mem > 0 else None
@@ -195,7 +191,8 @@ def main(argv=None):
         "# Curvature cost relative to one gradient (tiny Llama)", "",
         f"Machine: {machine_line(info)}. Model: Llama, {args.layers} layers, hidden {args.hidden}, "
         f"{rows[0]['params'] / 1e6:.2f}M params; batch {args.batch} x {args.seq} tokens; {args.threads} threads; "
-        f"median of {args.reps} interleaved repetitions, each mode in its own process. "
+        f"{args.reps} repetitions, each mode in its own process, timed alternately with a gradient; time = median "
+        "of the per-repetition ratios. "
         "Refresh rows give the *extra* time a refresh adds to a training step (logits reused). "
         "Memory: peak RSS growth over the built model and batch, relative to a gradient's.", "",
         "| what | time vs gradient | extra time (refresh) | peak memory vs gradient |",
