@@ -7,7 +7,7 @@
     soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
                     [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
 
-The choices (optimizers, architectures, methods, scales, splits) are those of the library's
+The choices (optimizers, architectures, methods, estimators, scales, splits) are those of the library's
 registries, listed by ``soulkit COMMAND --help``; the help looks them up only when it is shown, so
 building the parser imports nothing heavy.
 
@@ -305,6 +305,7 @@ def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None]) -> 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     check_extra("unlearn", "soulkit unlearn")
     from ._io import atomic_write_json
+    from .optim.factory import optimizer_options
     from .unlearn.evaluate import format_results
     from .unlearn.objectives import OBJECTIVES
     from .unlearn.suite import default_unlearn_config
@@ -319,14 +320,20 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.no_progress:
         overrides["show_progress"] = False
-    opt_kwargs = {}
-    if args.rho is not None or args.hessian_interval is not None:
-        if args.optimizer != "sophia":
-            raise ValueError("--rho and --hessian-interval are Sophia settings; add --optimizer sophia")
-        if args.rho is not None:
-            opt_kwargs["rho"] = args.rho
-        if args.hessian_interval is not None:
-            opt_kwargs["hessian_update_interval"] = args.hessian_interval
+    # optimizer options given as flags, checked against the options the optimizer takes before anything slow
+    flags = {"rho": ("--rho", args.rho), "hessian_update_interval": ("--hessian-interval", args.hessian_interval)}
+    opt_kwargs = {option: value for option, (_, value) in flags.items() if value is not None}
+
+    def takes(name: str, option: str) -> bool:
+        options = optimizer_options(name)
+        return options is None or option in options
+
+    refused = [option for option in opt_kwargs if not takes(args.optimizer, option)]
+    if refused:
+        takers = [n for n in OPTIMIZERS if all(takes(n, o) for o in refused)]
+        raise ValueError(f"{' and '.join(flags[o][0] for o in refused)} {'is' if len(refused) == 1 else 'are'} not "
+                         f"a setting of --optimizer {args.optimizer}"
+                         + (f"; add --optimizer {' or '.join(takers)}" if takers else ""))
     if args.estimator is not None:
         overrides["estimator"] = args.estimator
     config = default_unlearn_config(args.method, args.optimizer, optimizer_kwargs=opt_kwargs, **overrides)
@@ -466,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_un.add_argument("--seed", type=int, default=None)
     p_un.add_argument("--rho", type=float, default=None, help="Sophia's clipping scale")
     p_un.add_argument("--hessian-interval", type=int, default=None, dest="hessian_interval")
-    p_un.add_argument("--estimator", default=None, help="Sophia's Hessian estimator: gnb (default), hutchinson")
+    _registry_argument(p_un, "--estimator", default=None, help="Sophia's Hessian estimator: {choices}",
+                       names=_registry("soulkit.unlearn.unlearner", "ESTIMATORS"),
+                       default_name=_field_default("soulkit.unlearn.unlearner", "UnlearnConfig", "estimator"))
     p_un.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p_un.add_argument("--gamma", type=float, default=None, help="retain-term weight")
     p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every",

@@ -105,13 +105,15 @@ def test_unlearn_help_lists_the_registries(capsys, monkeypatch):
     out = _help(["unlearn"], capsys, monkeypatch)
     assert f"unlearning objective: {listed(OBJECTIVES)}\n" in out
     assert f"optimizer: {listed(unlearner.OPTIMIZERS, 'sophia')}\n" in out
+    assert f"Sophia's Hessian estimator: {listed(unlearner.ESTIMATORS, 'gnb')}\n" in out
     assert f"benchmark scale when no --data is given: {listed(SCALES, 'small')}\n" in out
     assert f"forget split: {listed(AuthorBenchmark.SPLITS, 'forget05')} (or" in out
     # a new registry entry shows up without touching the CLI
     monkeypatch.setitem(OBJECTIVES, "brand_new_objective", next(iter(OBJECTIVES.values())))
     monkeypatch.setattr(unlearner, "OPTIMIZERS", (*unlearner.OPTIMIZERS, "brand_new_optimizer"))
+    monkeypatch.setattr(unlearner, "ESTIMATORS", (*unlearner.ESTIMATORS, "brand_new_estimator"))
     out = _help(["unlearn"], capsys, monkeypatch)
-    assert "brand_new_objective" in out and "brand_new_optimizer" in out
+    assert "brand_new_objective" in out and "brand_new_optimizer" in out and "brand_new_estimator" in out
     assert all(name in _help(["data"], capsys, monkeypatch) for name in SCALES)
 
 

@@ -14,10 +14,12 @@ from .adahessian import AdaHessian
 from .attention import differentiable_attention
 from .curvature import exact_hessian_diag, gnb_diag, gnvp, hutchinson_diag, hvp, module_loss_fn
 from .estimators import sampled_label_loss
+from .factory import OPTIMIZERS, make_optimizer
 from .sophia import Sophia
 
 __all__ = [
     "AdaHessian",
+    "OPTIMIZERS",
     "Sophia",
     "differentiable_attention",
     "exact_hessian_diag",
@@ -25,6 +27,7 @@ __all__ = [
     "gnvp",
     "hutchinson_diag",
     "hvp",
+    "make_optimizer",
     "module_loss_fn",
     "sampled_label_loss",
 ]

@@ -40,17 +40,21 @@ import torch
 from .._io import atomic_write_text
 from ..optim import Sophia
 from ..optim.curvature import differentiable_attention
+from ..optim.factory import make_optimizer
 from ..optim.lm_targets import causal_lm_targets
 from .checkpoint import INFO_FILE, has_checkpoint, load_checkpoint, save_checkpoint
 from .models import save_model
 from .objectives import Objective, frozen_reference
 from .qa import QA, QADataset, batched, collate_qa, pad_token_id
 
-__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "make_optimizer"]
+__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS"]
 
+#: The optimizers of :data:`soulkit.optim.OPTIMIZERS` this loop drives. AdaHessian is not among
+#: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
 OPTIMIZERS = ("adamw", "sophia")
+#: Sophia's Hessian-diagonal estimators in this loop (``UnlearnConfig.estimator``).
+ESTIMATORS = ("gnb", "hutchinson")
 _SCHEDULES = ("constant", "linear", "cosine")
-_ESTIMATORS = ("gnb", "hutchinson")
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,8 @@ class UnlearnConfig:
             raise ValueError(f"UnlearnConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"UnlearnConfig.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        if self.estimator not in _ESTIMATORS:
-            raise ValueError(f"UnlearnConfig.estimator must be one of {_ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"UnlearnConfig.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"UnlearnConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
         if not self.weight_decay >= 0:  # NaN fails too
@@ -115,16 +119,6 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def make_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0, seed: int = 0,
-                   **kwargs: Any) -> torch.optim.Optimizer:
-    """``"adamw"`` (torch.optim.AdamW) or ``"sophia"`` (:class:`soulkit.optim.Sophia`, SOUL)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    if name == "sophia":
-        return Sophia(params, lr=lr, weight_decay=weight_decay, seed=seed, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 @dataclass

@@ -80,8 +80,12 @@ def _hash_dir(d: Path) -> dict[str, str]:
     [
         (["--method", "forget-harder"], "unknown method 'forget-harder'"),
         (["--method", "ga", "--optimizer", "sgd"], "unknown optimizer 'sgd'"),
-        (["--method", "ga", "--optimizer", "adamw", "--rho", "0.05"], "--rho and --hessian-interval"),
+        (["--method", "ga", "--optimizer", "adamw", "--rho", "0.05"],
+         "--rho is not a setting of --optimizer adamw; add --optimizer sophia"),
         (["--method", "ga", "--optimizer", "adamw", "--hessian-interval", "5"], "add --optimizer sophia"),
+        (["--method", "ga", "--optimizer", "adamw", "--rho", "0.05", "--hessian-interval", "5"],
+         "--rho and --hessian-interval are not a setting of --optimizer adamw; add --optimizer sophia"),
+        (["--method", "ga", "--estimator", "exact"], "UnlearnConfig.estimator must be one of ('gnb', 'hutchinson')"),
         (["--method", "ga", "--split", "forget200"], "forget200"),
         (["--method", "ga", "--split", "retain90"], "retain90"),
         (["--method", "ga", "--gamma", "0.5"], "gamma"),
