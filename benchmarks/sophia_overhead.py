@@ -21,7 +21,8 @@ estimate from the step's logits once per window, as with ``hessian_update_interv
 
 Reported: median window time per arm; overhead = Sophia window / AdamW window - 1; the extra time
 of Sophia's refresh step and of its plain steps (medians of per-position step times), each relative
-to AdamW's median step.
+to AdamW's median step. Timing: ``benchmarks/_timing.py`` (windows in rotating rounds, each step
+timed within its window).
 
     python benchmarks/sophia_overhead.py [--windows 12] [--k 10] [--threads 1]
 Writes benchmarks/results/sophia_overhead.{md,json}.
@@ -36,7 +37,7 @@ import math
 import os
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
+from _timing import medians, paired_ratio, time_result, time_rounds  # noqa: E402
 
 from soulkit.demos.lm.config import OptimizerSpec, TrainConfig  # noqa: E402
 from soulkit.demos.lm.corpus import load_text_bytes, token_batch, train_offsets  # noqa: E402
@@ -120,30 +122,33 @@ def main(argv=None) -> int:
         micro[name] = 2
 
     step_times = {name: [[] for _ in range(args.k)] for name in arms}
-    window_times = {name: [] for name in arms}
     refresh_pos = {}
-    for w in range(args.windows + 1):  # window 0 warms up (the compiled Sophia step compiles there)
-        names = list(arms)
-        order = names[w % len(names):] + names[: w % len(names)]  # rotate, so no arm always runs last
-        for name in order:
-            model, opt, spec = arms[name]
-            t_window = 0.0
-            for i in range(args.k):
-                b = token_batch(train, offsets[w * args.k + i], config.seq_len)
-                t0 = time.perf_counter()
-                if name in micro:
-                    refreshed = _micro_step(model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip, micro[name])
-                else:
-                    _, refreshed = train_step(model, opt, None, spec, b[:, :-1], b[:, 1:], config.grad_clip)
-                dt = time.perf_counter() - t0
-                t_window += dt
-                if refreshed:
-                    refresh_pos[name] = i
-                if w > 0:
-                    step_times[name][i].append(dt)
+    windows_done = dict.fromkeys(arms, 0)  # window 0 warms up (the compiled Sophia step compiles there)
+
+    def window(name: str) -> None:
+        """One window of k steps of arm ``name``, each step timed on its own."""
+        model, opt, spec = arms[name]
+        w = windows_done[name]
+        windows_done[name] += 1
+        for i in range(args.k):
+            b = token_batch(train, offsets[w * args.k + i], config.seq_len)
+            if name in micro:
+                step = partial(_micro_step, model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip, micro[name])
+            else:
+                step = partial(_train_step, model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip)
+            refreshed, dt = time_result(step)
+            if refreshed:
+                refresh_pos[name] = i
             if w > 0:
-                window_times[name].append(t_window)
-        print(f"window {w}: " + ", ".join(f"{n} {window_times[n][-1]:.2f} s" for n in arms if w > 0), flush=True)
+                step_times[name][i].append(dt)
+
+    def progress(i: int, times) -> None:
+        print(f"window {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in arms), flush=True)
+
+    # interleaved window by window, the arm order rotating so that no arm always runs last; no cold-cache
+    # buffer (whole training steps)
+    window_times = time_rounds({name: partial(window, name) for name in arms}, reps=args.windows, warmup=1,
+                               cold_cache=False, rotate=True, after_round=progress)
 
     # lr = 0 must have left every model where it started (otherwise the comparison is not controlled)
     for name, (model, _, _) in arms.items():
@@ -151,8 +156,8 @@ def main(argv=None) -> int:
             if not torch.equal(p, q):
                 raise RuntimeError(f"{name}: parameter {pn} changed although lr = 0")
 
-    med_window = {n: statistics.median(v) for n, v in window_times.items()}
-    med_step = {n: statistics.median([t for pos in v for t in pos]) for n, v in step_times.items()}
+    med_window = medians(window_times)
+    med_step = medians({n: [t for pos in v for t in pos] for n, v in step_times.items()})
     pos = refresh_pos.get("sophia")
     sophia_refresh = statistics.median(step_times["sophia"][pos]) if pos is not None else None
     sophia_plain = statistics.median([t for i, v in enumerate(step_times["sophia"]) if i != pos for t in v])
@@ -167,10 +172,10 @@ def main(argv=None) -> int:
         "window_times_s": window_times,
         # paired: each Sophia window against the AdamW window run right next to it, so that the machine's
         # slow drifts (steal time on a shared VM) cancel; the median of those ratios
-        "overhead_vs_adamw": paired(window_times["sophia"], window_times["adamw"]),
-        "overhead_vs_adamw_fused": paired(window_times["sophia"], window_times["adamw-fused"]),
-        "adamw_fused_vs_adamw": paired(window_times["adamw-fused"], window_times["adamw"]),
-        "micro_overhead_vs_adamw_micro": paired(window_times["sophia-2micro-1refresh"], window_times["adamw-2micro"]),
+        "overhead_vs_adamw": paired(window_times, "sophia", "adamw"),
+        "overhead_vs_adamw_fused": paired(window_times, "sophia", "adamw-fused"),
+        "adamw_fused_vs_adamw": paired(window_times, "adamw-fused", "adamw"),
+        "micro_overhead_vs_adamw_micro": paired(window_times, "sophia-2micro-1refresh", "adamw-2micro"),
         "sophia_refresh_step_extra_vs_adamw_step": (sophia_refresh / adamw_plain - 1) if sophia_refresh else None,
         "sophia_plain_step_extra_vs_adamw_step": sophia_plain / adamw_plain - 1,
     }
@@ -194,8 +199,14 @@ def _micro_step(model, opt, spec, inputs, targets, grad_clip: float, n_micro: in
     return refresh
 
 
-def paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b)) - 1
+def _train_step(model, opt, spec, inputs, targets, grad_clip: float) -> bool:
+    """The demo's training step; whether Sophia refreshed its estimate in it."""
+    return train_step(model, opt, None, spec, inputs, targets, grad_clip)[1]
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Paired median of arm ``a``'s windows over arm ``b``'s of the same round, minus 1."""
+    return paired_ratio(times, a, b) - 1
 
 
 def where_it_comes_from(res: dict, k: int) -> str:
