@@ -60,6 +60,7 @@ sys.path.insert(0, str(HERE.parent))
 import influence_lds as lds_bench  # noqa: E402
 import influence_loo as loo_bench  # noqa: E402
 from _machine import machine_info, machine_line  # noqa: E402
+from _timing import time_result, time_rounds  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.influence import CGSolver, InfluenceAnalyzer, LissaSolver, lds  # noqa: E402
@@ -454,16 +455,12 @@ REPEATS = 3  # --quick: 1
 
 def timed(fn: Callable):
     """(result, median seconds, runs, warnings): REPEATS runs when the first takes under 2 s."""
-    times = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t = time.perf_counter()
-        res = fn()
-        times.append(time.perf_counter() - t)
-        while times[0] < 2.0 and len(times) < REPEATS:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+        res, first = time_result(fn)
+        times = [first]
+        if first < 2.0 and REPEATS > 1:  # no cold-cache buffer: whole fits, not a memory-bound kernel
+            times += time_rounds({"run": fn}, reps=REPEATS - 1, warmup=0, cold_cache=False)["run"]
     msgs = sorted({str(w.message).splitlines()[0][:160] for w in caught
                    if not issubclass(w.category, (DeprecationWarning, FutureWarning))})  # fmt: skip
     return res, float(np.median(times)), len(times), msgs
