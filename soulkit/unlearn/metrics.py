@@ -11,8 +11,8 @@ raise ``ValueError`` naming the argument.
   :func:`model_utility` (harmonic mean of 9 values).
 * membership inference scores per sequence, all oriented so that **higher = more member-like**:
   :func:`mia_loss_score`, :func:`mia_zlib_score`, :func:`mia_min_k_score`,
-  :func:`mia_min_k_plus_plus_score` (:data:`MIA_ATTACKS` names them); :func:`mia_auc`
-  (``sklearn.metrics.roc_auc_score``), :func:`privleak`.
+  :func:`mia_min_k_plus_plus_score` (:data:`MIA_ATTACKS` names them); :func:`mia_auc` (the
+  Mann-Whitney U statistic, from ``scipy.stats.rankdata``), :func:`privleak`.
 * :func:`extraction_strength` from teacher-forced greedy correctness.
 
 :func:`soulkit.unlearn.evaluate.evaluate_model` computes all of them for a model.
@@ -30,7 +30,6 @@ import torch
 from rouge_score import rouge_scorer
 from scipy import stats
 from scipy.special import logsumexp
-from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "MIA_ATTACKS",
@@ -267,12 +266,15 @@ def mia_min_k_plus_plus_score(logprob: Any, mean: Any, std: Any, mask: Any | Non
 def mia_auc(member_scores: Any, nonmember_scores: Any) -> float:
     """ROC AUC of telling members (label 1) from non-members (label 0) by score (higher = member).
 
-    0.5 = chance; 1 = members always score higher.
+    0.5 = chance; 1 = members always score higher. The fraction of (member, non-member) pairs the
+    score orders right, a tie counting 1/2: the Mann-Whitney U statistic over ``n_members *
+    n_nonmembers``, which equals ``sklearn.metrics.roc_auc_score`` (without needing scikit-learn).
     """
     a = _array(member_scores, "member_scores", 1)
     b = _array(nonmember_scores, "nonmember_scores", 1)
-    y = np.concatenate([np.ones(a.size), np.zeros(b.size)])
-    return float(roc_auc_score(y, np.concatenate([a, b])))
+    ranks = stats.rankdata(np.concatenate([a, b]))  # tied scores share their average rank
+    u = ranks[: a.size].sum() - a.size * (a.size + 1) / 2.0
+    return float(u / (a.size * b.size))
 
 
 def privleak(auc: float, auc_retain: float) -> float:

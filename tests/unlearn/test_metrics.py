@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -139,6 +141,47 @@ def test_mia_auc_and_privleak_sign():
         privleak(0.6, 1.0)
     with pytest.raises(ValueError, match="auc must be"):
         privleak(1.2, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mia_auc_equals_sklearn_roc_auc_with_ties(seed):
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
+    rng = np.random.default_rng(seed)
+    n_members, n_nonmembers = rng.integers(5, 40, size=2)
+    # scores on a coarse grid, so that members and non-members tie often (within and across the groups);
+    # odd seeds move some of them off the grid
+    a = rng.integers(0, 6, n_members) * 0.25 + 0.5
+    b = rng.integers(0, 6, n_nonmembers) * 0.25
+    if seed % 2:
+        a[rng.random(n_members) < 0.3] += rng.normal(size=1)
+    assert np.isin(a, b).any(), "the inputs are meant to have ties across the groups"
+    want = roc_auc_score(np.r_[np.ones(a.size), np.zeros(b.size)], np.r_[a, b])
+    assert mia_auc(a, b) == pytest.approx(want, abs=1e-12)
+    assert mia_auc(torch.tensor(a), b.tolist()) == pytest.approx(want, abs=1e-12)
+
+
+def test_mia_auc_counts_ties_as_half_and_checks_its_input():
+    # pairs: (2 vs 1) right, (2 vs 2) tie, (1 vs 1) tie, (1 vs 2) wrong -> (1 + 0.5 + 0.5 + 0) / 4
+    assert mia_auc([2.0, 1.0], [1.0, 2.0]) == 0.5
+    assert mia_auc([2.0, 2.0, 1.0], [1.0]) == pytest.approx((1 + 1 + 0.5) / 3)
+    assert mia_auc([5.0], [1.0, 2.0, 5.0, 7.0]) == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    with pytest.raises(ValueError, match="nonmember_scores is empty"):
+        mia_auc([1.0], [])
+    with pytest.raises(ValueError, match="member_scores contains NaN"):
+        mia_auc([1.0, float("nan")], [0.0])
+
+
+def test_metrics_need_no_scikit_learn():
+    """The unlearn extra does not install scikit-learn: its metrics and evaluation must not import it."""
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"  # what an uninstalled package looks like to imports
+        "import soulkit.unlearn, soulkit.unlearn.evaluate\n"
+        "from soulkit.unlearn.metrics import mia_auc\n"
+        "print(mia_auc([3.0, 1.0], [2.0, 0.0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0.75"
 
 
 def test_extraction_strength_cases():
