@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
+from _timing import time_result  # noqa: E402
 
 from soulkit.influence import (  # noqa: E402
     ArnoldiSolver,
@@ -200,13 +201,13 @@ def run_dataset(name: str, args) -> dict:
         for loo in ("first_order", "newton"):
             if sname == "identity" and loo == "newton":
                 continue
-            t = time.perf_counter()
-            an = InfluenceAnalyzer(
-                model, LOSS, solver=solver, l2=L2, loo=loo, batch_size=1024, progress=False
-            )
-            an.fit(train)
-            s = an.scores(train, test).numpy()
-            elapsed = time.perf_counter() - t
+
+            def solve(solver=solver, loo=loo):
+                an = InfluenceAnalyzer(model, LOSS, solver=solver, l2=L2, loo=loo, batch_size=1024, progress=False)
+                an.fit(train)
+                return an, an.scores(train, test).numpy()
+
+            (an, s), elapsed = time_result(solve)
             if sname == "exact" and loo == "first_order":
                 t_exact = elapsed
             st = stats_of(s, actual)
