@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
+from _timing import time_result  # noqa: E402
 
 from soulkit.influence import (  # noqa: E402
     ArnoldiSolver,
@@ -162,23 +163,24 @@ def run_l2(l2: float, masks: np.ndarray, args, xtr, ytr, xte, yte) -> dict:
     )  # warm-up
     rows, t_exact = {}, None
     for name, kw in configs().items():
-        t = time.perf_counter()
-        row: dict = {}
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                an = InfluenceAnalyzer(full, LOSS, l2=l2, batch_size=n, progress=False, **kw).fit(train_ds)
-                sc = an.scores(train_ds, test_ds).numpy()
-            res = lds(sc, masks, actual)
-            row = {"lds": res.lds, "lds_per_query_median": float(np.median(res.per_query))}
-            row["warnings"] = [
-                str(w.message).splitlines()[0] for w in caught if issubclass(w.category, ConvergenceWarning)
-            ]
-            info = {k: v for k, v in an.solver.info.items() if k != "eigenvalues"}
-            row["solver_info"] = info
-        except Exception as err:  # noqa: BLE001 - recorded in the results, not hidden
-            row = {"lds": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
-        elapsed = time.perf_counter() - t
+
+        def solve(kw: dict = kw) -> dict:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    an = InfluenceAnalyzer(full, LOSS, l2=l2, batch_size=n, progress=False, **kw).fit(train_ds)
+                    sc = an.scores(train_ds, test_ds).numpy()
+                res = lds(sc, masks, actual)
+                row = {"lds": res.lds, "lds_per_query_median": float(np.median(res.per_query))}
+                row["warnings"] = [
+                    str(w.message).splitlines()[0] for w in caught if issubclass(w.category, ConvergenceWarning)
+                ]
+                row["solver_info"] = {k: v for k, v in an.solver.info.items() if k != "eigenvalues"}
+                return row
+            except Exception as err:  # noqa: BLE001 - recorded in the results, not hidden
+                return {"lds": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+
+        row, elapsed = time_result(solve)
         if name == "exact (GN)":
             t_exact = elapsed
         row["time_vs_exact_gn"] = elapsed / t_exact if t_exact else None
@@ -187,17 +189,19 @@ def run_l2(l2: float, masks: np.ndarray, args, xtr, ytr, xte, yte) -> dict:
         print(f"[l2={l2:g}] {name:28s} {shown} ({elapsed:.1f}s)", flush=True)
 
     # ensemble: scores averaged over 3 independently trained full models (exact GN)
-    t = time.perf_counter()
-    ens = []
-    for seed in range(3):
-        m = full if seed == 0 else train(xtr, ytr, seed, l2, args.hidden)[0]
-        an = InfluenceAnalyzer(
-            m, LOSS, solver="exact", curvature="gauss_newton", l2=l2, batch_size=n, progress=False
-        )
-        ens.append(an.fit(train_ds).scores(train_ds, test_ds).numpy())
-    res = lds(np.mean(ens, 0), masks, actual)
+    def ensemble():
+        ens = []
+        for seed in range(3):
+            m = full if seed == 0 else train(xtr, ytr, seed, l2, args.hidden)[0]
+            an = InfluenceAnalyzer(
+                m, LOSS, solver="exact", curvature="gauss_newton", l2=l2, batch_size=n, progress=False
+            )
+            ens.append(an.fit(train_ds).scores(train_ds, test_ds).numpy())
+        return lds(np.mean(ens, 0), masks, actual)
+
+    res, elapsed = time_result(ensemble)
     rows["exact (GN), 3-model ensemble"] = {"lds": res.lds, "lds_per_query_median": float(np.median(res.per_query)),
-                                            "time_vs_exact_gn": (time.perf_counter() - t) / t_exact}  # fmt: skip
+                                            "time_vs_exact_gn": elapsed / t_exact}  # fmt: skip
     print(f"[l2={l2:g}] {'exact (GN), 3-model ensemble':28s} LDS {res.lds:.3f}", flush=True)
     return {
         "l2": l2,
@@ -255,7 +259,9 @@ def write(report: dict) -> None:
         md += [f"## l2 = {run['l2']:g}", "",
                f"Test accuracy {run['test_accuracy']:.3f}; full model max |grad| {run['full_model_max_abs_grad']:.1e}, "
                f"subset models {run['subset_models_max_abs_grad']:.1e}; retraining {run['retrain_seconds'] / 60:.1f} min. "
-               f"Seed-to-seed Spearman of single retrains across subsets: {run['seed_to_seed_spearman']:.3f}.", "",
+               "Seed-to-seed Spearman of single retrains across subsets: "
+               + (f"{run['seed_to_seed_spearman']:.3f}." if run["seed_to_seed_spearman"] is not None else "- (one seed)."),
+               "",
                "| solver | LDS | LDS median over queries | time vs exact (GN) | notes |", "|---|---:|---:|---:|---|"]  # fmt: skip
         for name, row in run["solvers"].items():
             if row.get("lds") is None:
