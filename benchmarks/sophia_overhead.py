@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         for i in range(args.k):
             b = token_batch(train, offsets[w * args.k + i], config.seq_len)
             if name in micro:
-                step = partial(_micro_step, model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip, micro[name])
+                step = partial(_train_step, model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip, micro[name])
             else:
                 step = partial(_train_step, model, opt, spec, b[:, :-1], b[:, 1:], config.grad_clip)
             refreshed, dt = time_result(step)
@@ -183,25 +183,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _micro_step(model, opt, spec, inputs, targets, grad_clip: float, n_micro: int) -> bool:
-    """One step as ``n_micro`` accumulated micro-batches; Sophia's refresh uses the first one's logits only."""
-    refresh = spec.kind == "sophia" and opt.hessian_due()
-    for j, (x, y) in enumerate(zip(inputs.chunk(n_micro), targets.chunk(n_micro))):
-        logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / n_micro
-        if refresh and j == 0:
-            opt.accumulate_gnb(logits, labels=y)
-        loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return refresh
-
-
-def _train_step(model, opt, spec, inputs, targets, grad_clip: float) -> bool:
-    """The demo's training step; whether Sophia refreshed its estimate in it."""
-    return train_step(model, opt, None, spec, inputs, targets, grad_clip)[1]
+def _train_step(model, opt, spec, inputs, targets, grad_clip: float, micro_batches: int = 1) -> bool:
+    """The demo's training step (as ``micro_batches`` accumulated micro-batches); whether Sophia refreshed."""
+    return train_step(model, opt, None, spec, inputs, targets, grad_clip, micro_batches)[1]
 
 
 def paired(times: dict[str, list[float]], a: str, b: str) -> float:

@@ -90,21 +90,31 @@ def train_step(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     grad_clip: float,
+    micro_batches: int = 1,
 ) -> tuple[float, bool]:
-    """One training step; Sophia refreshes its Hessian estimate (GNB, from this forward's logits) when due."""
-    logits = model(inputs).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """One training step; Sophia refreshes its Hessian estimate (GNB, from this forward's logits) when due.
+
+    ``micro_batches > 1`` splits the batch and accumulates gradients; the refresh then uses the first
+    micro-batch's logits only (half or less of the extra backward). Returns (mean loss, refreshed).
+    """
     refresh = spec.kind == "sophia" and opt.hessian_due()
-    if refresh:
-        opt.accumulate_gnb(logits, labels=targets)
-    loss.backward()
+    total = 0.0
+    for j, (x, y) in enumerate(zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))):
+        logits = model(x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if micro_batches > 1:
+            loss = loss / micro_batches
+        if refresh and j == 0:
+            opt.accumulate_gnb(logits, labels=y)
+        loss.backward()
+        total += loss.item()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if sched is not None:
         sched.step()
-    return loss.item(), refresh
+    return total, refresh
 
 
 def train_arms(

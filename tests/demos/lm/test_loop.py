@@ -44,3 +44,29 @@ def test_bad_arms_are_refused_before_training():
         train_arms(cfg, [])
     with pytest.raises(ValueError, match="labels must be unique"):
         train_arms(cfg, [OptimizerSpec("adamw", 1e-3), OptimizerSpec("adamw", 2e-3)])
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient_and_refresh_from_the_first():
+    import copy
+
+    import torch
+
+    from soulkit.demos.lm.loop import train_step
+    from soulkit.demos.lm.model import build_model
+    from soulkit.optim import Sophia
+
+    torch.manual_seed(0)
+    config = TrainConfig(model="llama", hidden_size=16, num_layers=1, num_heads=2, seq_len=8, batch_size=4)
+    model = build_model(config, seed=0).double()
+    batch = torch.randint(0, 256, (4, 9))
+    models = [model, copy.deepcopy(model)]
+    grads = []
+    for m, micro in zip(models, (1, 2)):
+        opt = Sophia(m.parameters(), lr=0.0, weight_decay=0.0, hessian_update_interval=10)
+        seen = []
+        opt.accumulate_gnb = lambda logits, labels, seen=seen: seen.append(labels.shape[0])  # noqa: B023
+        opt.step = lambda: grads.append([p.grad.clone() for p in m.parameters()])  # noqa: B023
+        loss, refreshed = train_step(m, opt, None, OptimizerSpec("sophia", lr=1e-3), batch[:, :-1], batch[:, 1:], 0.0, micro)
+        assert refreshed and seen == [4 // micro] and math.isfinite(loss)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
