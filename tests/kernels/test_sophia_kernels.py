@@ -179,17 +179,6 @@ def test_compiled_rejects_non_contiguous_before_updating_anything():
             assert torch.equal(x, y), "a tensor was updated before the error"
 
 
-def test_auto_dispatch_picks_a_path_by_device_and_size(monkeypatch):
-    from soulkit.kernels import dispatch as mod
-
-    assert mod.resolve_implementation(torch.device("cpu"), "auto", numel=10) == "foreach"
-    from soulkit.kernels._common import compile_available
-
-    big = mod.resolve_implementation(torch.device("cpu"), "auto", numel=mod.COMPILE_MIN_NUMEL)
-    assert big == ("compiled" if compile_available() else "foreach")
-    assert mod.resolve_implementation(torch.device("cpu"), "reference") == "reference"
-
-
 def test_compiled_survives_more_configurations_than_dynamos_recompile_limit():
     # dynamo allows 8 recompiles per code object and fails hard under fullgraph=True; one process meets
     # maximize x win counting (refresh steps) x m bias correction x fused refresh x dtypes, so each

@@ -1,5 +1,5 @@
 """Curvature primitives: HVP/GNVP against explicit Hessians and Jacobians, diagonal estimators against
-the exact diagonal, attention switching on tiny transformers models, and bad input."""
+the exact diagonal, on tiny transformers models too, and bad input (attention switching: test_attention.py)."""
 
 from __future__ import annotations
 
@@ -207,22 +207,6 @@ def test_hvp_tiny_transformers_all_params_modes_agree_and_match_finite_differenc
     assert torch.linalg.vector_norm(got - want) <= rel * torch.linalg.vector_norm(want)
 
 
-def test_fused_sdpa_really_lacks_second_derivatives_on_this_torch():
-    """Documents why curvature pins SDPA to the math backend; skipped if a future torch adds it."""
-    model = tiny_llama()
-    params = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
-    loss = lm_loss_fn(model)(params)
-    g = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-    try:
-        torch.autograd.grad(
-            [x for x in g if x is not None and x.requires_grad][0].sum(), list(params.values())
-        )
-    except RuntimeError as err:
-        assert "not implemented" in str(err)
-    else:
-        pytest.skip("this torch has a double backward for the default CPU SDPA kernel")
-
-
 def test_module_loss_fn_holds_missing_params_fixed():
     model, loss_fn, params = mlp_problem()
     sub = {"2.bias": params["2.bias"]}
@@ -321,45 +305,6 @@ def test_gradient_without_graph_warns():
         hvp(
             lambda p: Cube.apply(p["x"]).sum(), params, {"x": torch.ones(2, dtype=DT)}, mode="double_backward"
         )
-
-
-# --------------------------------------------------------------------------- attention switching
-
-
-def test_differentiable_attention_switches_non_differentiable_implementation_and_restores():
-    model = tiny_llama(attn="eager")
-    # pretend the model was loaded with flash attention (not installable here); the context must switch it
-    model.config._attn_implementation_internal = "flash_attention_2"
-    with pytest.warns(UserWarning, match="soulkit: curvature uses the math attention path"):
-        with differentiable_attention(model):
-            assert model.config._attn_implementation == "eager"
-            assert model.model.config._attn_implementation == "eager"
-            params = {k: p for k, p in list(model.named_parameters())[:3]}
-            out = hvp(lm_loss_fn(model), params, rand_like_dict(params, 0))
-            assert all(torch.isfinite(t).all() for t in out.values())
-    assert model.config._attn_implementation == "flash_attention_2"
-    # restored on error too, and warned only once per process
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(KeyError):
-            with differentiable_attention(model):
-                assert model.config._attn_implementation == "eager"
-                raise KeyError("boom")
-    assert model.config._attn_implementation == "flash_attention_2"
-
-
-def test_differentiable_attention_leaves_sdpa_and_plain_modules_alone():
-    model = tiny_llama()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with differentiable_attention(model):
-            assert model.config._attn_implementation == "sdpa"
-        with differentiable_attention(nn.Linear(2, 2)):
-            pass
-    assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(TypeError, match="model"):
-        with differentiable_attention("llama"):
-            pass
 
 
 # --------------------------------------------------------------------------- gnvp
