@@ -51,7 +51,7 @@ from soulkit.demos.lm.config import OptimizerSpec, TrainConfig  # noqa: E402
 from soulkit.demos.lm.corpus import load_text_bytes, token_batch, train_offsets  # noqa: E402
 from soulkit.demos.lm.loop import train_step  # noqa: E402
 from soulkit.demos.lm.model import build_model  # noqa: E402
-from soulkit.demos.lm.optimizer import make_optimizer  # noqa: E402
+from soulkit.demos.lm.optimizer import arm_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     for name, spec in specs.items():
         m = copy.deepcopy(base)
         m.train()
-        opt = make_optimizer(spec, m)
+        opt = arm_optimizer(spec, m)
         for g in opt.param_groups:  # OptimizerSpec wants lr > 0; the measurement wants the model to stay put
             g["lr"] = 0.0
         arms[name] = (m, opt, spec)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for name, spec in (("adamw-2micro", specs["adamw"]), ("sophia-2micro-1refresh", specs["sophia"])):
         m = copy.deepcopy(base)
         m.train()
-        opt = make_optimizer(spec, m)
+        opt = arm_optimizer(spec, m)
         for g in opt.param_groups:
             g["lr"] = 0.0
         arms[name] = (m, opt, spec)

@@ -247,7 +247,7 @@ def hvp(
         v: direction, with exactly the keys, shapes, dtypes and devices of ``params``.
         mode: ``"double_backward"`` (``autograd.grad`` with ``create_graph`` then a second grad),
             ``"forward_over_reverse"`` (``torch.func.jvp`` over ``torch.func.grad``), or ``"auto"``:
-            double backward (faster on the measured CPU, see module docstring), retried with
+            double backward (the faster mode in benchmarks/results/hvp.md), retried with
             forward-over-reverse if an op lacks a double backward (warning once per process).
             Note: with torch 2.13, ``F.mse_loss`` fails under forward-over-reverse ("ZeroTensors are
             immutable", a torch bug); ``"auto"`` is unaffected, an explicit mode raises a clear error.

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DIAGONAL_ESTIMATORS",
     "derive_seed",
     "hutchinson",
     "rademacher_like",
@@ -29,6 +30,9 @@ __all__ = [
     "seeded_generator",
     "state_dtype",
 ]
+
+#: The Hessian-diagonal estimators by name, as the unlearning code and the CLI offer them.
+DIAGONAL_ESTIMATORS = ("gnb", "hutchinson")
 
 _MASK64 = (1 << 64) - 1
 #: First part of the seed of a label-sampling draw (parameter indices, the first part of a probe's

@@ -24,14 +24,12 @@ from typing import Any
 
 import torch
 
-from ..optim.curvature import differentiable_attention, gnb_diag, hutchinson_diag, module_loss_fn
+from ..optim import differentiable_attention, gnb_diag, hutchinson_diag, module_loss_fn
+from ..optim.estimators import DIAGONAL_ESTIMATORS
 from ..optim.lm_targets import causal_lm_targets
 from .qa import QA, QADataset, answer_logprobs, pad_token_id, qa_batches
 
 __all__ = ["newton_unlearn"]
-
-_ESTIMATORS = ("gnb", "hutchinson")
-
 
 def _batches(records: Sequence[QA], tokenizer, batch_size: int, max_length: int):
     ds = QADataset(records, tokenizer, max_length=max_length)
@@ -48,8 +46,8 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
     or ``"hutchinson"``. Returns ``(new_model, info)`` with the step's norm and the curvature's
     statistics. ``model`` is not modified.
     """
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator must be 'gnb' or 'hutchinson', got {estimator!r}")
+    if estimator not in DIAGONAL_ESTIMATORS:
+        raise ValueError(f"estimator must be {' or '.join(map(repr, DIAGONAL_ESTIMATORS))}, got {estimator!r}")
     if not forget:
         raise ValueError("the forget set is empty")
     if not retain:

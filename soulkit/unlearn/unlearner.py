@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
-from ..optim import Sophia
-from ..optim.curvature import differentiable_attention
+from ..optim import Sophia, differentiable_attention
+from ..optim.estimators import DIAGONAL_ESTIMATORS
 from ..optim.factory import make_optimizer
 from ..optim.lm_targets import causal_lm_targets
 from .checkpoint import INFO_FILE, has_checkpoint, load_checkpoint, save_checkpoint
@@ -53,7 +53,7 @@ __all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMAT
 #: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
 OPTIMIZERS = ("adamw", "sophia")
 #: Sophia's Hessian-diagonal estimators in this loop (``UnlearnConfig.estimator``).
-ESTIMATORS = ("gnb", "hutchinson")
+ESTIMATORS = DIAGONAL_ESTIMATORS
 _SCHEDULES = ("constant", "linear", "cosine")
 
 

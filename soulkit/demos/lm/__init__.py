@@ -8,7 +8,7 @@ the AdamW arm's final loss, and the step-time overhead of each arm measured in t
 - :mod:`.config`: :class:`TrainConfig` (everything a run depends on), :class:`OptimizerSpec` (one arm);
 - :mod:`.corpus`: the train/validation byte streams (:func:`load_text_bytes`) and their batches;
 - :mod:`.model`: the byte-level LM (:func:`build_model`);
-- :mod:`.optimizer`: AdamW or Sophia for an arm (:func:`make_optimizer`);
+- :mod:`.optimizer`: AdamW or Sophia for an arm (:func:`arm_optimizer`);
 - :mod:`.loop`: the lockstep training loop (:func:`train_arms`);
 - :mod:`.report`: summary rows, table, plot and files (:class:`TrainResult`);
 - :mod:`.run`: all of the above in one call (:func:`run_training_demo`, behind ``soulkit train``).
@@ -28,7 +28,7 @@ from .config import MODEL_KINDS, OPTIMIZER_KINDS, OptimizerSpec, TrainConfig
 from .corpus import load_text_bytes
 from .loop import ArmResult, train_arms
 from .model import build_model
-from .optimizer import make_optimizer
+from .optimizer import arm_optimizer
 from .report import TrainResult, format_table, plot_curves, summarize, write_outputs
 from .run import run_training_demo
 
@@ -42,7 +42,7 @@ __all__ = [
     "build_model",
     "format_table",
     "load_text_bytes",
-    "make_optimizer",
+    "arm_optimizer",
     "plot_curves",
     "run_training_demo",
     "summarize",

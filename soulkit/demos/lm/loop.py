@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import OptimizerSpec, TrainConfig
 from .corpus import load_text_bytes, token_batch, train_offsets, val_batches
 from .model import build_model
-from .optimizer import make_optimizer
+from .optimizer import arm_optimizer
 
 __all__ = ["ArmResult", "lr_lambda", "train_arms", "train_step"]
 
@@ -145,7 +145,7 @@ def train_arms(
     for spec in specs:
         m = copy.deepcopy(base)
         m.train()
-        o = make_optimizer(spec, m, seed=config.seed)
+        o = arm_optimizer(spec, m, seed=config.seed)
         models.append(m)
         opts.append(o)
         scheds.append(torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(config)))
@@ -166,7 +166,7 @@ def train_arms(
         for spec, m, r in zip(specs, models, results):
             if config.timing_warmup_steps:
                 wm = copy.deepcopy(m)
-                wo = make_optimizer(spec, wm, seed=config.seed)
+                wo = arm_optimizer(spec, wm, seed=config.seed)
                 t0 = time.perf_counter()
                 for _ in range(config.timing_warmup_steps):
                     train_step(wm, wo, None, spec, warm[:, :-1], warm[:, 1:], config.grad_clip)
