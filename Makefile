@@ -33,6 +33,7 @@ demo: $(STAMP)
 # every CPU benchmark behind the README's Results except the unlearning and peer ones (~1.5 h on 2 cores)
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/step.py
 	$(PY) benchmarks/projection.py
 	$(PY) benchmarks/hvp.py
 	$(PY) benchmarks/influence_loo.py
