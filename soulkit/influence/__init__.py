@@ -9,6 +9,10 @@
   Gauss-Newton block); its options are the fields of :class:`InfluenceConfig`.
 - :class:`OutputLoss` -- a loss written as ``loss_on_output(output_fn(model, batch), batch)``, which
   Gauss-Newton curvature and Newton-corrected leave-one-out need.
+- Transformer LMs: ``solver="kfac"`` / ``"ekfac"`` (and ``"identity"`` with ``modules=``) take the
+  factored route (:mod:`.factored`, :mod:`.kfac`, :mod:`.modules`): K-FAC / EK-FAC curvature from module
+  hooks, scores per sequence or per training token (``scores(train, queries, per_token=True)``),
+  low-rank queries (``query_rank``), factors saved as safetensors (``save_factors``/``load_factors``).
 - Solvers (:mod:`.solvers`): :class:`ExactSolver`, :class:`CGSolver`, :class:`LissaSolver`,
   :class:`ArnoldiSolver`, :class:`DiagonalSolver`, :class:`IdentitySolver` (names in :data:`SOLVERS`);
   :class:`ConvergenceError`, :class:`ConvergenceWarning`.

@@ -9,7 +9,7 @@ Non-tensor leaves (strings, ints) are passed through untouched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ Batch = Any
 def as_loader(data: Any, *, name: str, batch_size: int) -> Iterable[Batch]:
     """A ``DataLoader`` over ``data`` in a fixed order (positions index the scores).
 
-    ``Dataset`` -> ``DataLoader(data, batch_size, shuffle=False)``; a ``DataLoader`` is used as is,
+    ``Dataset`` (or a list of dict examples) -> ``DataLoader(data, batch_size, shuffle=False)``; a
+    ``DataLoader`` is used as is,
     after checking that it neither shuffles nor drops the last batch.
     """
     if isinstance(data, DataLoader):
@@ -57,6 +58,8 @@ def as_loader(data: Any, *, name: str, batch_size: int) -> Iterable[Batch]:
             if size == 0:
                 raise ValueError(f"{name} is empty (0 examples)")
         return DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, list) and data and all(isinstance(x, Mapping) for x in data):
+        return DataLoader(data, batch_size=batch_size, shuffle=False)  # a list of dict examples (HF style)
     raise TypeError(
         f"{name} must be a torch.utils.data.Dataset or DataLoader, got {type(data).__name__} "
         "(wrap tensors with torch.utils.data.TensorDataset)"

@@ -50,8 +50,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._data import Batch, DataSource, slice_batch
+from .factored import FISHERS, LIKELIHOODS, FactoredInfluence, factored_method
 from .gradients import BoundLoss, OutputLoss
 from .hessian import CURVATURES, ENGINES, CurvatureOperator
+from .kfac import FACTOR_METHODS
 from .solvers import Solver, make_solver
 
 __all__ = ["InfluenceAnalyzer", "InfluenceConfig"]
@@ -68,6 +70,9 @@ class InfluenceConfig:
         solver: ``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``, ``"diagonal"``, ``"identity"`` or a
             configured :class:`~soulkit.influence.solvers.Solver` (e.g. ``CGSolver(tol=1e-10)``). A name
             gives every analyzer built from this config its own solver; an instance is used as is.
+            ``"kfac"`` and ``"ekfac"`` (and ``"identity"`` together with ``modules``) take the factored
+            route for transformer LMs (:mod:`.factored`): curvature from module hooks, no per-example
+            parameter vectors; it needs an :class:`~soulkit.influence.OutputLoss` whose outputs are logits.
         l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
         damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
         curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
@@ -83,6 +88,19 @@ class InfluenceConfig:
         hvp_mode: passed to :func:`soulkit.optim.hvp`.
         solve_chunk: right-hand sides per ``solve`` call.
         progress: tqdm bars (``None``: only on a terminal).
+        modules: factored route: names or types of the tracked linear modules (default every
+            ``nn.Linear``/``Conv1D`` except the LM head and embedding-tied weights).
+        fisher: factored route: ``"true"`` (pseudo-gradients sampled from the model, the Gauss-Newton in
+            expectation) or ``"empirical"`` (the training labels' gradients).
+        likelihood: factored route, ``fisher="true"``: ``"categorical"`` (softmax over the last dimension)
+            or ``"gaussian"`` (squared error).
+        fisher_samples: factored route: pseudo-gradient draws per sequence (each an extra backward).
+        query_rank: factored route: keep each preconditioned query gradient as a rank-``r`` product per
+            module (``None``: exact).
+        seed: factored route: seeds the pseudo-gradient draws.
+
+    On the factored route, when ``l2`` and ``damping`` are both 0 each module is damped by
+    :data:`~soulkit.influence.kfac.DEFAULT_RELATIVE_DAMPING` times its mean curvature eigenvalue.
     """
 
     solver: str | Solver = "cg"
@@ -99,6 +117,12 @@ class InfluenceConfig:
     hvp_mode: Literal["auto", "forward_over_reverse", "double_backward"] = "auto"
     solve_chunk: int = 256
     progress: bool | None = None
+    modules: Sequence[str | type] | None = None
+    fisher: Literal["true", "empirical"] = "true"
+    likelihood: Literal["categorical", "gaussian"] = "categorical"
+    fisher_samples: int = 1
+    query_rank: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("l2", "damping"):
@@ -126,7 +150,17 @@ class InfluenceConfig:
             raise ValueError(f"max_memory_mb must be a finite number > 0, got {m!r}")
         if self.dtype not in (None, torch.float32, torch.float64):
             raise TypeError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
-        make_solver(self.solver)  # an unknown name or a wrong type fails here, not at fit
+        if self.fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be an integer >= 1, got {self.fisher_samples!r}")
+        if self.query_rank is not None and (isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int)
+                                            or self.query_rank < 1):
+            raise ValueError(f"query_rank must be an integer >= 1 or None, got {self.query_rank!r}")
+        if not (isinstance(self.solver, str) and self.solver in FACTOR_METHODS):
+            make_solver(self.solver)  # an unknown name or a wrong type fails here, not at fit
 
     @classmethod
     def from_options(cls, config: InfluenceConfig | None = None, **options: Any) -> InfluenceConfig:
@@ -179,6 +213,18 @@ class InfluenceAnalyzer:
             raise TypeError(
                 f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
             )
+        self.model, self.loss_fn = model, loss_fn
+        self.factored: FactoredInfluence | None = None
+        method = factored_method(cfg.solver, cfg.modules)
+        if method is not None:
+            if cfg.loo != "first_order":
+                raise ValueError(f"solver={method!r} computes first-order influence; use loo='first_order'")
+            self.factored = FactoredInfluence(
+                model, loss_fn, method=method, modules=cfg.modules, l2=cfg.l2, damping=cfg.damping,
+                fisher=cfg.fisher, likelihood=cfg.likelihood, fisher_samples=cfg.fisher_samples,
+                query_rank=cfg.query_rank, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+            )
+            return
         needs = [
             what
             for what, on in (
@@ -192,7 +238,6 @@ class InfluenceAnalyzer:
                 f"{' and '.join(needs)} need loss_fn to be an OutputLoss(output_fn, loss_on_output): the "
                 "per-example Gauss-Newton block J^T Lambda J is taken w.r.t. the model outputs"
             )
-        self.model, self.loss_fn = model, loss_fn
         self.solver: Solver = make_solver(cfg.solver)
         self.bound = BoundLoss(model, loss_fn, params=cfg.params, dtype=cfg.dtype)
         self.operator: CurvatureOperator | None = None
@@ -239,6 +284,9 @@ class InfluenceAnalyzer:
                 bar.update(b)
 
     def _require_fit(self) -> CurvatureOperator:
+        if self.factored is not None:
+            raise RuntimeError(f"solver={self.factored.method!r} offers fit, scores (per_token too) and "
+                               "save_factors/load_factors; this method needs a per-example solver")
         if self.operator is None:
             raise RuntimeError("InfluenceAnalyzer: call fit(train) before scores/self_scores/inverse_hvp")
         return self.operator
@@ -257,6 +305,9 @@ class InfluenceAnalyzer:
         ``train``: the ``Dataset``/unshuffled ``DataLoader`` the model was trained on (all ``n`` examples).
         The attributed parameters are copied here: later scores refer to the model as it was at ``fit``.
         """
+        if self.factored is not None:
+            self.factored.fit(train)
+            return self
         cfg = self.config
         self.bound = BoundLoss(self.model, self.loss_fn, params=cfg.params, dtype=cfg.dtype)  # fresh snapshot
         self.operator, self._train_obj, self._newton_cache = None, None, None
@@ -286,20 +337,31 @@ class InfluenceAnalyzer:
 
     def query_gradients(self, queries: Any) -> Tensor:
         """Per-example gradients ``[m, p]`` of the query losses."""
+        if self.factored is not None:
+            raise RuntimeError("the factored route never forms [examples, parameters] gradients; use scores()")
         source = self._source(queries, "queries", cache=False)
         return torch.cat([g for g, _, _ in self._grads(source, "queries")])
 
     def train_gradients(self, train: Any) -> Tensor:
         """Per-example gradients ``[n, p]`` of the training losses (memory ``n * p``)."""
+        if self.factored is not None:
+            raise RuntimeError("the factored route never forms [examples, parameters] gradients; use scores()")
         source = self._source(train, "train", cache=True)
         return torch.cat([g for g, _, _ in self._grads(source, "train")])
 
-    def scores(self, train: Any, queries: Any) -> Tensor:
+    def scores(self, train: Any, queries: Any, *, per_token: bool = False) -> Tensor:
         """``[n_queries, n_train]``: predicted ``loss_i(theta without j) - loss_i(theta)``.
 
         ``(1/n) g_i^T A^{-1} g_j`` (``loo="first_order"``) or ``(1/n) g_i^T (A - H_j/n)^{-1} g_j``
         (``loo="newton"``). Queries are solved (``m`` solves), training gradients streamed.
+        ``per_token=True`` (factored route only): ``[n_queries, n_train, T]``, one score per position of
+        the training batches (0 on padding), summing over ``T`` to the sequence's score.
         """
+        if self.factored is not None:
+            return self.factored.scores(train, queries, per_token=per_token)
+        if per_token:
+            raise ValueError("per_token scores need the factored route: solver='kfac'/'ekfac', or 'identity' "
+                             "with modules=[...]")
         self._require_fit()
         n = self.n_train
         assert n is not None
@@ -327,6 +389,20 @@ class InfluenceAnalyzer:
                     bar.update(b)
         self._check_count(j)
         return out
+
+    def save_factors(self, directory: Any) -> None:
+        """Factored route: write the fitted K-FAC/EK-FAC factors (safetensors + JSON) into ``directory``."""
+        if self.factored is None:
+            raise RuntimeError("save_factors needs solver='kfac' or 'ekfac'")
+        self.factored.save_factors(directory)
+
+    def load_factors(self, directory: Any, train: Any) -> InfluenceAnalyzer:
+        """Factored route: use factors saved by :meth:`save_factors` instead of :meth:`fit` (checked against
+        the tracked modules and the size of ``train``). Returns ``self``."""
+        if self.factored is None:
+            raise RuntimeError("load_factors needs solver='kfac' or 'ekfac'")
+        self.factored.load_factors(directory, train)
+        return self
 
     def self_scores(self, train: Any) -> Tensor:
         """``[n_train]``: predicted ``loss_j(theta without j) - loss_j(theta)`` for each training example."""

@@ -1,0 +1,399 @@
+"""Influence for transformer LMs: K-FAC / EK-FAC curvature from module hooks, factored scores.
+
+:class:`FactoredInfluence` is what :class:`~soulkit.influence.InfluenceAnalyzer` runs for
+``solver="kfac"``, ``"ekfac"`` (and ``"identity"`` with ``modules=``). It never flattens the
+parameters and never calls ``vmap``: the model runs as it is (SDPA/flash attention, padding masks,
+bf16 weights), forward hooks keep each tracked module's inputs ``a`` and one backward gives the
+gradients ``s`` at its outputs (:mod:`.modules`). A training sequence's gradient of a module is
+``G_j = sum_t s_t a_t^T``; a query's is preconditioned once (``Q_i = (F + lambda I)^{-1} G_i``,
+:mod:`.kfac`) and every score is a contraction
+
+    scores[i, j] = (1/n) sum_modules <Q_i, G_j> = (1/n) sum_modules sum_t s_{j,t}^T Q_i a_{j,t},
+
+so per-token scores (the terms of the inner sum) come at the same cost and sum to the sequence's.
+No ``[queries, parameters]`` or ``[train, parameters]`` tensor exists: ``Q_i`` is kept per module
+(optionally as a rank-``r`` product, ``query_rank``), training gradients only per batch and module.
+
+The loss is an :class:`~soulkit.influence.OutputLoss`: ``output_fn(model, batch)`` returns logits
+(classes on the last dimension) and ``loss_on_output(logits, batch)`` the per-sequence losses ``[B]``;
+the training objective is their mean plus ``(l2/2) ||theta||^2``, as everywhere in soulkit, so
+``scores[i, j] ~ loss_i(theta without j) - loss_i(theta)``.
+
+The Fisher behind the curvature (``fisher="true"``, the default) backpropagates *pseudo-gradients*
+``r~`` at the logits whose covariance is the loss's output Hessian: for ``likelihood="categorical"``
+labels drawn from the model's softmax (the sampler of Sophia's GNB), ``r~_t = sqrt(w_t) (p_t - e_y~)``,
+where ``w_t`` is the token's weight in the sequence loss (recovered from the loss's own gradient, so
+sums, means and masked prompts all work); for ``likelihood="gaussian"`` (squared error)
+``r~ = sqrt(w) * N(0, 1)``. In expectation this is exactly the Gauss-Newton matrix.
+``fisher="empirical"`` uses the training labels' gradients instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..optim.estimators import derive_seed, sample_from_logits
+from ._data import Batch, DataSource
+from .gradients import OutputLoss
+from .kfac import (
+    FACTOR_METHODS,
+    CovarianceAccumulator,
+    KFACFactors,
+    ModuleFactors,
+    add_correction,
+    correction_sums,
+    default_damping,
+    low_rank,
+    with_corrections,
+)
+from .modules import ModuleCapture, TrackedModule, per_example_gradients, tracked_modules
+
+__all__ = ["FACTORED_METHODS", "FISHERS", "LIKELIHOODS", "FactoredInfluence"]
+
+FACTORED_METHODS = ("kfac", "ekfac", "identity")
+FISHERS = ("true", "empirical")
+LIKELIHOODS = ("categorical", "gaussian")
+
+
+def _attention_mask(batch: Batch) -> Tensor | None:
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        return m if isinstance(m, Tensor) and m.dim() == 2 else None
+    return None
+
+
+def _categorical_weights(r: Tensor, p: Tensor) -> Tensor:
+    """``w`` ``[N]`` with ``r = w (p - e_y)`` row by row (``r`` the loss's gradient at the logits)."""
+    y = r.argmin(dim=-1)
+    others = p.scatter(-1, y.unsqueeze(-1), -1.0)  # p with the label's entry removed
+    v = others.argmax(dim=-1, keepdim=True)
+    w = (r.gather(-1, v) / p.gather(-1, v).clamp_min(torch.finfo(p.dtype).tiny)).squeeze(-1)
+    w = torch.where(r.abs().sum(-1) > 0, w, torch.zeros_like(w))
+    fit = w.unsqueeze(-1) * (p - torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype))
+    err = (r - fit).abs().sum(-1)
+    scale = r.abs().sum(-1)
+    if bool((err > 1e-3 * scale + 1e-12).any()) or bool((w < -1e-6 * scale).any()):
+        raise ValueError(
+            "fisher='true' with likelihood='categorical' needs each sequence's loss to be a weighted sum of "
+            "token cross-entropies of the logits (e.g. F.cross_entropy(..., reduction='none') with ignore_index, "
+            "summed or averaged per sequence); this loss is not (label smoothing? a different loss?). Pass "
+            "fisher='empirical', or likelihood='gaussian' for a squared error"
+        )
+    return w.clamp_min(0.0)
+
+
+class FactoredInfluence:
+    """K-FAC / EK-FAC / gradient-dot-product influence over tracked linear modules (see the module docstring).
+
+    Args:
+        model: a trained ``nn.Module`` (never modified; put it in eval mode). Its weights may be bf16.
+        loss: an :class:`OutputLoss` (``output_fn`` -> logits, ``loss_on_output`` -> ``[B]``).
+        method: ``"kfac"``, ``"ekfac"`` or ``"identity"`` (gradient dot products, no curvature).
+        modules: names or types of the modules to track (default: every ``nn.Linear``/``Conv1D``
+            except the LM head and embedding-tied weights).
+        l2, damping: ``(F + (l2 + damping) I)`` is inverted. When both are 0, each module gets
+            :data:`~soulkit.influence.kfac.DEFAULT_RELATIVE_DAMPING` times its mean eigenvalue.
+        fisher: ``"true"`` (pseudo-gradients sampled from the model) or ``"empirical"``.
+        likelihood: ``"categorical"`` (softmax over the last dimension) or ``"gaussian"``.
+        fisher_samples: pseudo-gradient draws per sequence (each one extra backward, no forward).
+        query_rank: keep each preconditioned query gradient as a rank-``r`` product (``None``: exact).
+        batch_size: batch size when a ``Dataset`` is given.
+        seed: seeds the label draws (``derive_seed(seed, pass, batch, draw)``).
+        progress: tqdm bars (``None``: only on a terminal).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: OutputLoss,
+        *,
+        method: str = "ekfac",
+        modules: Any = None,
+        l2: float = 0.0,
+        damping: float = 0.0,
+        fisher: str = "true",
+        likelihood: str = "categorical",
+        fisher_samples: int = 1,
+        query_rank: int | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(loss, OutputLoss):
+            raise TypeError(
+                "the factored route needs loss to be an OutputLoss(logits_fn, loss_on_logits): the Fisher is "
+                "sampled at the logits"
+            )
+        if method not in FACTORED_METHODS:
+            raise ValueError(f"method must be one of {FACTORED_METHODS}, got {method!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        for name, v, low in (("fisher_samples", fisher_samples, 1), ("batch_size", batch_size, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
+                                       or query_rank < 1):
+            raise ValueError(f"query_rank must be an integer >= 1 or None, got {query_rank!r}")
+        for name, v in (("l2", l2), ("damping", damping)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.model, self.loss = model, loss
+        self.method, self.fisher, self.likelihood = method, fisher, likelihood
+        self.fisher_samples, self.query_rank = fisher_samples, query_rank
+        self.l2, self.damping = float(l2), float(damping)
+        self.batch_size, self.seed, self.progress = batch_size, int(seed), progress
+        self.tracked: list[TrackedModule] = tracked_modules(model, modules)
+        self.factors: KFACFactors | None = None
+        self.n_train: int | None = None
+        self._train_obj: Any = None
+        self._device = next(model.parameters()).device
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def dims(self) -> dict[str, tuple[int, int]]:
+        return {tm.name: (tm.out_features, tm.in_dim) for tm in self.tracked}
+
+    def _source(self, data: Any, name: str) -> DataSource:
+        return DataSource(data, name=name, batch_size=self.batch_size, dtype=None, device=self._device,
+                          cache_bytes=0)
+
+    def _bar(self, desc: str, total: int | None) -> tqdm:
+        p = self.progress
+        return tqdm(total=total, desc=desc, unit="seq", disable=None if p is None else not p, leave=False)
+
+    def _check_positions(self, batch: Batch, name: str) -> None:
+        cfg = getattr(self.model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if not limit:
+            return
+        for leaf in pytree.tree_leaves(batch):
+            if isinstance(leaf, Tensor) and leaf.dim() == 2 and not leaf.is_floating_point() and leaf.shape[1] > limit:
+                raise ValueError(f"{name} holds sequences of {leaf.shape[1]} positions but the model has "
+                                 f"{limit} (max_position_embeddings): truncate them")
+
+    def _forward(self, capture: ModuleCapture, batch: Batch, b: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the model with hooks; return ``(logits, fp32 logits leaf, r = d sum(losses) / d logits)``.
+
+        For the Gaussian Fisher ``r`` keeps its graph (a function of the leaf) for output-Hessian products.
+        """
+        self._check_positions(batch, name)
+        capture.clear()
+        with torch.enable_grad():
+            logits = self.loss.output_fn(self.model, batch)
+            if not isinstance(logits, Tensor) or not logits.is_floating_point():
+                raise TypeError(f"output_fn must return a floating-point tensor of logits, got {type(logits).__name__}")
+            if logits.shape[0] != b:
+                raise ValueError(f"output_fn returned {logits.shape[0]} rows for a batch of {b} sequences")
+            leaf = logits.detach().float().requires_grad_(True)
+            losses = self.loss.loss_on_output(leaf, batch)
+            if not isinstance(losses, Tensor) or losses.shape != (b,):
+                raise ValueError(
+                    f"loss_on_output must return one loss per sequence, shape ({b},), got "
+                    f"{getattr(losses, 'shape', type(losses).__name__)}: reduce over tokens, not over the batch"
+                )
+            if not bool(torch.isfinite(losses).all()):
+                raise FloatingPointError(f"{name}: a loss is NaN or Inf")
+            create = self.fisher == "true" and self.likelihood == "gaussian"
+            (r,) = torch.autograd.grad(losses.sum(), leaf, create_graph=create)
+        return logits, leaf, r
+
+    def _pseudo_gradients(self, leaf: Tensor, r: Tensor, generator: torch.Generator) -> Tensor:
+        """Output-gradient draws whose covariance is the loss's output Hessian (see the module docstring)."""
+        if self.fisher == "empirical":
+            return r.detach()
+        if self.likelihood == "categorical":
+            flat_r = r.reshape(-1, r.shape[-1])
+            with torch.no_grad():
+                p = torch.softmax(leaf.detach().reshape(-1, r.shape[-1]), dim=-1)
+                w = _categorical_weights(flat_r, p)
+                y = sample_from_logits(leaf.detach().reshape(-1, r.shape[-1]), generator=generator)
+                out = p.clone()
+                out.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(out[:, :1]))
+                out.mul_(w.sqrt().unsqueeze(-1))
+            return out.reshape(r.shape)
+        # gaussian: w = diag of the output Hessian, from one product with ones (the loss-only graph)
+        rg = r
+        (lam,) = torch.autograd.grad(rg, leaf, grad_outputs=torch.ones_like(rg), retain_graph=True)
+        u = torch.randn(rg.shape, generator=generator, device=rg.device, dtype=rg.dtype)
+        (lam_u,) = torch.autograd.grad(rg, leaf, grad_outputs=u, retain_graph=True)
+        if not torch.allclose(lam_u, lam * u, rtol=1e-4, atol=1e-8) or bool((lam < 0).any()):
+            raise ValueError("likelihood='gaussian' needs a squared-error loss (a constant, diagonal output "
+                             "Hessian); this one is not: pass fisher='empirical'")
+        eps = torch.randn(rg.shape, generator=generator, device=rg.device, dtype=rg.dtype)
+        return (lam.sqrt() * eps).detach()
+
+    def _generator(self, *parts: int) -> torch.Generator:
+        gen = torch.Generator(device=self._device)
+        gen.manual_seed(derive_seed(self.seed, *parts))
+        return gen
+
+    def _passes(self, source: DataSource, desc: str) -> Iterator[tuple[int, Batch, int, ModuleCapture]]:
+        with self._bar(desc, total=source.n if source._n is not None else None) as bar, \
+                ModuleCapture(self.tracked) as capture:
+            for k, (batch, b) in enumerate(source):
+                yield k, batch, b, capture
+                capture.clear()
+                bar.update(b)
+
+    def _token_mask(self, batch: Batch, a: Tensor) -> Tensor | None:
+        mask = _attention_mask(batch)
+        if mask is None or mask.shape != a.shape[:2]:
+            return None
+        return mask.to(device=a.device, dtype=torch.bool)
+
+    # ---- fitting ----------------------------------------------------------------------------
+
+    def fit(self, train: Any) -> FactoredInfluence:
+        """Fit the factors on ``train`` (the data the model was trained on): one pass for the covariances
+        (K-FAC), a second for EK-FAC's eigenvalues; ``identity`` only counts the examples."""
+        self.factors, self._train_obj = None, None
+        source = self._source(train, "train")
+        if self.method == "identity":
+            self.n_train = source.n
+            self._train_obj = train
+            return self
+        acc = CovarianceAccumulator(self.dims, self._device)
+        for k, batch, b, cap in self._passes(source, "K-FAC covariances"):
+            logits, leaf, r = self._forward(cap, batch, b, "train")
+            for name, a in cap.inputs().items():
+                mask = self._token_mask(batch, a)
+                acc.add_inputs(name, a, mask)
+            first = next(iter(cap.inputs().values()))
+            m = self._token_mask(batch, first)
+            acc.tokens += int(m.sum()) if m is not None else first.shape[0] * first.shape[1]
+            acc.sequences += b
+            for draw in range(self.fisher_samples):
+                rt = self._pseudo_gradients(leaf, r, self._generator(1, k, draw))
+                s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
+                for name, sm in s.items():
+                    acc.add_output_grads(name, sm, 1.0 / self.fisher_samples)
+        factors = acc.factors()
+        n = acc.sequences
+        if self.method == "ekfac":
+            sums = correction_sums(self.dims, self._device)
+            for k, batch, b, cap in self._passes(source, "EK-FAC eigenvalues"):
+                logits, leaf, r = self._forward(cap, batch, b, "train")
+                a = cap.inputs()
+                for draw in range(self.fisher_samples):
+                    rt = self._pseudo_gradients(leaf, r, self._generator(2, k, draw))
+                    s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
+                    for name in a:
+                        add_correction(sums[name], factors[name], a[name], s[name], 1.0 / self.fisher_samples)
+            factors = with_corrections(factors, sums, n)
+        self.factors = KFACFactors(factors, self.method, {
+            "sequences": n, "tokens": acc.tokens, "fisher": self.fisher, "likelihood": self.likelihood,
+            "fisher_samples": self.fisher_samples,
+        })
+        self.n_train, self._train_obj = n, train
+        return self
+
+    def save_factors(self, directory: Any) -> None:
+        """Write the fitted factors (:meth:`KFACFactors.save`)."""
+        if self.factors is None:
+            raise RuntimeError("nothing to save: fit(train) with solver 'kfac' or 'ekfac' first")
+        self.factors.save(directory)
+
+    def load_factors(self, directory: Any, train: Any) -> FactoredInfluence:
+        """Use factors saved by :meth:`save_factors` (checked against the tracked modules) for ``train``."""
+        factors = KFACFactors.load(directory, device=self._device)
+        factors.check_matches(self.dims)
+        if self.method == "ekfac" and factors.method != "ekfac":
+            raise ValueError("these factors were fitted with 'kfac'; EK-FAC needs its eigenvalue pass: refit")
+        n = int(factors.meta.get("sequences", 0))
+        source = self._source(train, "train")
+        if source.n != n:
+            raise ValueError(f"the factors were fitted on {n} sequences but train has {source.n}")
+        self.factors, self.n_train, self._train_obj = factors, n, train
+        return self
+
+    # ---- scoring ----------------------------------------------------------------------------
+
+    def _damping(self, f: ModuleFactors) -> float:
+        lam = self.l2 + self.damping
+        return lam if lam > 0 else default_damping(f, self.method)
+
+    def _batch_gradients(self, cap: ModuleCapture, batch: Batch, b: int, name: str
+                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        logits, _, r = self._forward(cap, batch, b, name)
+        s = cap.output_grads(logits, r.detach().to(logits.dtype))
+        return cap.inputs(), s
+
+    def query_gradients(self, queries: Any) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
+        """Per module, the preconditioned query gradients ``Q`` ``[m, out, in]`` (or ``(U, V)`` with
+        ``query_rank``)."""
+        if self.n_train is None:
+            raise RuntimeError("call fit(train) before scoring")
+        parts: dict[str, list[Tensor]] = {tm.name: [] for tm in self.tracked}
+        source = self._source(queries, "queries")
+        for _, batch, b, cap in self._passes(source, "query gradients"):
+            a, s = self._batch_gradients(cap, batch, b, "queries")
+            for name in parts:
+                G = per_example_gradients(a[name], s[name])
+                if self.factors is not None:
+                    f = self.factors.modules[name]
+                    G = f.precondition(G, self.method, self._damping(f))
+                parts[name].append(G)
+        out: dict[str, Any] = {}
+        for name, gs in parts.items():
+            Q = torch.cat(gs)
+            out[name] = low_rank(Q, self.query_rank) if self.query_rank is not None else Q
+        return out
+
+    def scores(self, train: Any, queries: Any, *, per_token: bool = False) -> Tensor:
+        """``[m, n]`` scores (``per_token=True``: ``[m, n, T]``, one per training position, 0 on padding,
+        summing over ``T`` to the sequence's score), in loss units."""
+        if self.n_train is None:
+            raise RuntimeError("call fit(train) before scoring")
+        Q = self.query_gradients(queries)
+        m = next(iter(Q.values()))[0].shape[0] if self.query_rank else next(iter(Q.values())).shape[0]
+        n = self.n_train
+        rows: list[Tensor] = []
+        seen = 0
+        source = self._source(train, "train")
+        for _, batch, b, cap in self._passes(source, "scores (train)"):
+            a, s = self._batch_gradients(cap, batch, b, "train")
+            T = next(iter(a.values())).shape[1]
+            block = torch.zeros(m, b, T if per_token else 1, dtype=torch.float32, device=self._device)
+            for name, q in Q.items():
+                am, sm = a[name], s[name]
+                if am.shape[1] != T:
+                    raise ValueError(f"module {name!r} sees {am.shape[1]} positions where others see {T}: "
+                                     "per-token scores need modules that run once per position")
+                if self.query_rank is not None:
+                    U, V = q
+                    contrib = (torch.einsum("bto,mor->mbtr", sm, U) * torch.einsum("bti,mir->mbtr", am, V)).sum(-1)
+                    if not per_token:
+                        contrib = contrib.sum(-1, keepdim=True)
+                elif per_token:
+                    contrib = torch.einsum("bto,moi,bti->mbt", sm, q, am)
+                else:
+                    contrib = torch.einsum("moi,boi->mb", q, per_example_gradients(am, sm)).unsqueeze(-1)
+                block += contrib
+            rows.append(block / n)
+            seen += b
+        if seen != n:
+            raise ValueError(f"train has {seen} sequences but the analyzer was fitted on {n}: pass the training set "
+                             "given to fit")
+        if not per_token:
+            return torch.cat([r.squeeze(-1) for r in rows], dim=1)
+        width = max(r.shape[-1] for r in rows)
+        return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows], dim=1)
+
+
+def factored_method(solver: Any, modules: Any) -> str | None:
+    """The factored method an analyzer's options ask for, or ``None`` for the per-example (vmap) route."""
+    if isinstance(solver, str) and (solver in FACTOR_METHODS or (solver == "identity" and modules is not None)):
+        return solver
+    return None
