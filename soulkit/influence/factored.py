@@ -31,6 +31,7 @@ sums, means and masked prompts all work); for ``likelihood="gaussian"`` (squared
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -257,8 +258,11 @@ class FactoredInfluence:
 
     def fit(self, train: Any) -> FactoredInfluence:
         """Fit the factors on ``train`` (the data the model was trained on): one pass for the covariances
-        (K-FAC), a second for EK-FAC's eigenvalues; ``identity`` only counts the examples."""
+        (K-FAC), a second for EK-FAC's eigenvalues; ``identity`` only counts the examples. The seconds
+        each phase took are left in :attr:`fit_seconds`."""
         self.factors, self._train_obj = None, None
+        self.fit_seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
         source = self._source(train, "train")
         if self.method == "identity":
             self.n_train = source.n
@@ -279,8 +283,12 @@ class FactoredInfluence:
                 s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
                 for name, sm in s.items():
                     acc.add_output_grads(name, sm, 1.0 / self.fisher_samples)
+        self.fit_seconds["covariances"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         factors = acc.factors()
+        self.fit_seconds["eigendecompositions"] = time.perf_counter() - t0
         n = acc.sequences
+        t0 = time.perf_counter()
         if self.method == "ekfac":
             sums = correction_sums(self.dims, self._device)
             for k, batch, b, cap in self._passes(source, "EK-FAC eigenvalues"):
@@ -292,6 +300,7 @@ class FactoredInfluence:
                     for name in a:
                         add_correction(sums[name], factors[name], a[name], s[name], 1.0 / self.fisher_samples)
             factors = with_corrections(factors, sums, n)
+            self.fit_seconds["ekfac-eigenvalues"] = time.perf_counter() - t0
         self.factors = KFACFactors(factors, self.method, {
             "sequences": n, "tokens": acc.tokens, "fisher": self.fisher, "likelihood": self.likelihood,
             "fisher_samples": self.fisher_samples,

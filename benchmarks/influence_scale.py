@@ -1,0 +1,165 @@
+"""Factored influence at GPT-2-small shapes on this machine: time per phase and peak memory.
+
+An unmodified transformers ``GPT2LMHeadModel`` with GPT-2 small's configuration (124M parameters,
+12 layers, 768 wide, vocabulary 50,257; random weights: the cost does not depend on training),
+random token sequences. ``InfluenceAnalyzer(..., solver="ekfac")`` tracks its 48 ``Conv1D``
+modules (85M parameters; embeddings and the tied LM head are left out, as by default). Phases:
+
+* ``covariances``: the K-FAC pass over the training sequences (forward, one backward to the
+  modules' outputs with sampled labels, input/output-gradient covariances);
+* ``eigendecompositions``: 96 symmetric eigendecompositions in float64;
+* ``ekfac-eigenvalues``: the second pass refitting the eigenvalues;
+* ``query-gradients``: the queries' gradients, preconditioned per module;
+* ``train-scores``: the pass over the training sequences contracting their gradients with the queries,
+  run with all queries and again with one, so its cost splits into a per-batch part and a part
+  proportional to the number of queries.
+
+Peak memory is the process's maximum resident set (``ru_maxrss``) after each phase (after the whole
+fit for the fit's three phases, which the analyzer times itself: ``fit_seconds``). The projection
+to larger runs scales each phase linearly in what it iterates over (sequences, queries); the
+eigendecompositions do not grow. With exact query gradients the preconditioned queries take
+``queries x 85M x 4 B``; ``--query-rank r`` keeps each as a rank-r product instead.
+
+    python benchmarks/influence_scale.py                     # 256 sequences x 128 tokens, 16 queries
+    python benchmarks/influence_scale.py --sequences 32 --queries 4 --tag smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info, machine_line  # noqa: E402
+
+from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
+from soulkit.influence import InfluenceAnalyzer, OutputLoss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"]).logits[:, :-1]
+
+
+def _loss(logits, batch):
+    return F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none").sum(1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequences", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--query-rank", type=int, default=None)
+    ap.add_argument("--project-sequences", type=int, default=10_000)
+    ap.add_argument("--project-queries", type=int, default=100)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=args.layers)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.sequences + args.queries, args.seq_len), generator=g)
+    train = [{"input_ids": ids[i]} for i in range(args.sequences)]
+    queries = [{"input_ids": ids[args.sequences + i]} for i in range(args.queries)]
+    an = InfluenceAnalyzer(model, OutputLoss(_logits, _loss), solver="ekfac", l2=0.0, damping=0.0,
+                           batch_size=args.batch_size, query_rank=args.query_rank, progress=True)
+    fi = an.factored
+    tracked = sum(t.numel for t in fi.tracked)
+    phases: dict[str, dict[str, float]] = {}
+    base_rss = _rss_gib()
+
+    def phase(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        phases[name] = {"seconds": time.perf_counter() - t0, "peak_rss_gib": _rss_gib()}
+        print(f"{name}: {phases[name]['seconds']:.1f} s, peak RSS {phases[name]['peak_rss_gib']:.2f} GiB", flush=True)
+        return out
+
+    t0 = time.perf_counter()
+    an.fit(train)
+    rss = _rss_gib()
+    for k, sec in fi.fit_seconds.items():  # the fit's phases, timed by the analyzer itself
+        phases[k] = {"seconds": sec, "peak_rss_gib": rss}
+        print(f"{k}: {sec:.1f} s", flush=True)
+    print(f"fit: {time.perf_counter() - t0:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
+    Q = phase("query-gradients", lambda: fi.query_gradients(queries))
+    q_bytes = sum((q[0].numel() + q[1].numel()) * 4 if isinstance(q, tuple) else q.numel() * 4 for q in Q.values())
+    del Q
+    scores = phase("train-scores", lambda: an.scores(train, queries))
+    phases["train-scores"]["seconds"] -= phases["query-gradients"]["seconds"]  # scores() recomputes the queries
+    one = phase("train-scores-1query", lambda: an.scores(train, queries[:1]))
+    phases["train-scores-1query"]["seconds"] -= phases["query-gradients"]["seconds"] / args.queries
+    assert torch.isfinite(scores).all() and torch.allclose(one[0], scores[0], rtol=1e-3, atol=1e-6 * scores.abs().max())
+
+    # projection: linear in what each phase iterates over
+    S, M = args.project_sequences / args.sequences, args.project_queries / args.queries
+    per_query = max(0.0, (phases["train-scores"]["seconds"] - phases["train-scores-1query"]["seconds"])
+                    / max(args.queries - 1, 1))
+    per_batch_part = phases["train-scores"]["seconds"] - per_query * args.queries
+    projected = {
+        "covariances": phases["covariances"]["seconds"] * S,
+        "eigendecompositions": phases["eigendecompositions"]["seconds"],
+        "ekfac-eigenvalues": phases["ekfac-eigenvalues"]["seconds"] * S,
+        "query-gradients": phases["query-gradients"]["seconds"] * M,
+        "train-scores": (per_batch_part + per_query * args.project_queries) * S,
+    }
+    exact_q_gib = args.project_queries * tracked * 4 / 2**30
+    payload = {
+        "machine": info, "config": vars(args), "parameters": n_params, "tracked_parameters": tracked,
+        "phases": phases, "base_rss_gib": base_rss, "preconditioned_queries_gib": q_bytes / 2**30,
+        "projection": {"sequences": args.project_sequences, "queries": args.project_queries, "seconds": projected,
+                       "total_hours": sum(projected.values()) / 3600, "exact_query_gradients_gib": exact_q_gib},
+    }
+    stem = RESULTS / ("influence_scale" + (f"_{args.tag}" if args.tag else ""))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stem.with_suffix(".json"), payload)
+    lines = [
+        "# Factored influence (EK-FAC) at GPT-2-small shapes", "",
+        f"Machine: {machine_line(info)}. `GPT2LMHeadModel` with GPT-2 small's configuration ({n_params / 1e6:.1f}M "
+        f"parameters, {args.layers} layers, random weights), {args.sequences} training and {args.queries} query "
+        f"sequences of {args.seq_len} random tokens, batch {args.batch_size}; {len(fi.tracked)} tracked Conv1D "
+        f"modules ({tracked / 1e6:.1f}M parameters); query rank: {args.query_rank or 'exact'}. Times are wall clock "
+        "on a shared 2-core VM (indicative); peak RSS is the process maximum after the phase.", "",
+        "| phase | seconds | peak RSS (GiB) |", "|---|---:|---:|",
+    ]
+    for k, v in phases.items():
+        lines.append(f"| {k} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} |")
+    lines += [
+        "", f"Preconditioned query gradients held: {q_bytes / 2**30:.2f} GiB for {args.queries} queries.", "",
+        f"**Projection to {args.project_sequences:,} sequences x {args.project_queries} queries** (each phase "
+        "linear in what it iterates over; the train-scores pass split into a per-batch part and a per-query part "
+        "from its runs with all queries and with one):", "",
+        "| phase | projected seconds |", "|---|---:|",
+    ]
+    for k, v in projected.items():
+        lines.append(f"| {k} | {v:,.0f} |")
+    lines += ["", f"Total {sum(projected.values()) / 3600:.1f} h on this machine. Exact preconditioned query gradients "
+              f"for {args.project_queries} queries would take {exact_q_gib:.1f} GiB; `query_rank` keeps each query "
+              "as a rank-r product per module instead."]
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
