@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..optim.estimators import derive_seed, sample_from_logits
 from ._data import Batch, DataSource
-from .gradients import OutputLoss
+from .gradients import OutputLoss, _categorical_weights
 from .kfac import (
     FACTOR_METHODS,
     CovarianceAccumulator,
@@ -68,26 +68,6 @@ def _attention_mask(batch: Batch) -> Tensor | None:
         m = batch.get("attention_mask")
         return m if isinstance(m, Tensor) and m.dim() == 2 else None
     return None
-
-
-def _categorical_weights(r: Tensor, p: Tensor) -> Tensor:
-    """``w`` ``[N]`` with ``r = w (p - e_y)`` row by row (``r`` the loss's gradient at the logits)."""
-    y = r.argmin(dim=-1)
-    others = p.scatter(-1, y.unsqueeze(-1), -1.0)  # p with the label's entry removed
-    v = others.argmax(dim=-1, keepdim=True)
-    w = (r.gather(-1, v) / p.gather(-1, v).clamp_min(torch.finfo(p.dtype).tiny)).squeeze(-1)
-    w = torch.where(r.abs().sum(-1) > 0, w, torch.zeros_like(w))
-    fit = w.unsqueeze(-1) * (p - torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype))
-    err = (r - fit).abs().sum(-1)
-    scale = r.abs().sum(-1)
-    if bool((err > 1e-3 * scale + 1e-12).any()) or bool((w < -1e-6 * scale).any()):
-        raise ValueError(
-            "fisher='true' with likelihood='categorical' needs each sequence's loss to be a weighted sum of "
-            "token cross-entropies of the logits (e.g. F.cross_entropy(..., reduction='none') with ignore_index, "
-            "summed or averaged per sequence); this loss is not (label smoothing? a different loss?). Pass "
-            "fisher='empirical', or likelihood='gaussian' for a squared error"
-        )
-    return w.clamp_min(0.0)
 
 
 class FactoredInfluence:
@@ -241,7 +221,11 @@ class FactoredInfluence:
         return gen
 
     def _passes(self, source: DataSource, desc: str) -> Iterator[tuple[int, Batch, int, ModuleCapture]]:
-        with self._bar(desc, total=source.n if source._n is not None else None) as bar, \
+        try:
+            total = source._n if source._n is not None else len(source.loader.dataset)
+        except TypeError:  # an iterable dataset: no length
+            total = None
+        with self._bar(desc, total=total) as bar, \
                 ModuleCapture(self.tracked) as capture:
             for k, (batch, b) in enumerate(source):
                 yield k, batch, b, capture
