@@ -40,9 +40,11 @@ __all__ = [
     "BoundLoss",
     "OutputLoss",
     "ParamSpace",
+    "categorical_fit",
     "flatten_tensors",
     "iter_per_example_grads",
     "per_example_grads",
+    "softmax_output_hessian",
     "unflatten_tensor",
 ]
 
@@ -436,8 +438,13 @@ class BoundLoss:
     def output_derivatives(self, batch: Batch, b: int, *, check: bool = False) -> tuple[Tensor, Tensor]:
         """``r = d loss_j / d out_j`` ``[b, k]`` and ``Lambda = d^2 loss_j / d out_j^2`` ``[b, k, k]``.
 
-        ``Lambda`` is read off with ``k`` Hessian-vector products of the summed loss w.r.t. the
-        outputs (block diagonal because each loss depends only on its own output row).
+        When ``loss_on_output`` is a (weighted) softmax cross-entropy over the last dimension of the
+        outputs -- every position's gradient row is ``w (p - e_y)`` with ``p`` the softmax of that row's
+        logits, and one Hessian-vector product with a random probe agrees with the closed form --
+        ``Lambda`` is ``w (diag(p) - p p^T)`` per position (block diagonal over positions): two
+        backward passes in all (:func:`softmax_output_hessian`). Otherwise ``Lambda`` is read off with
+        ``k`` Hessian-vector products of the summed loss w.r.t. the outputs, one per output dimension
+        (block diagonal over examples because each loss depends only on its own output row).
         """
         assert self.output_loss is not None
         with torch.no_grad():
@@ -464,17 +471,110 @@ class BoundLoss:
                     raise ValueError(
                         "loss_on_output is not per-example: the loss of example 0 depends on the outputs of other examples"
                     )
-            lam = torch.zeros(b, k, k, dtype=o.dtype, device=o.device)
-            if r.requires_grad:
-                for c in range(k):
-                    (col,) = torch.autograd.grad(r[:, c].sum(), o, retain_graph=c < k - 1, allow_unused=True)
-                    if col is not None:
-                        lam[:, c, :] = col
-        lam = 0.5 * (lam + lam.transpose(1, 2))
+            lam = softmax_output_hessian(o, r, tuple(out0.shape)) if r.requires_grad else None
+            if lam is None:
+                lam = torch.zeros(b, k, k, dtype=o.dtype, device=o.device)
+                if r.requires_grad:
+                    for c in range(k):
+                        (col,) = torch.autograd.grad(r[:, c].sum(), o, retain_graph=c < k - 1, allow_unused=True)
+                        if col is not None:
+                            lam[:, c, :] = col
+                lam = 0.5 * (lam + lam.transpose(1, 2))
         r = r.detach()
         if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(lam).all())):
             raise FloatingPointError("derivatives of loss_on_output w.r.t. the outputs contain NaN/Inf")
         return r, lam
+
+
+# --------------------------------------------------------------------------------------------
+# softmax cross-entropy: the output Hessian in closed form
+# --------------------------------------------------------------------------------------------
+
+
+def categorical_fit(r: Tensor, p: Tensor) -> tuple[Tensor, bool]:
+    """Weights ``w`` ``[N]`` with ``r = w (p - e_y)`` row by row, and whether that form fits every row.
+
+    ``r`` ``[N, C]`` is a loss's gradient w.r.t. logits whose softmax is ``p`` ``[N, C]``. For a weighted
+    sum of softmax cross-entropies (``F.cross_entropy(..., reduction="none")`` summed or averaged per
+    sequence, ``ignore_index`` masks included) each row is exactly ``w (p - e_y)``: the label ``y`` is
+    the row's most negative entry and ``w`` is read off another class's entry (the most probable one,
+    for precision). Rows of zeros (masked positions) get ``w = 0``. The fit fails (``False``) on label
+    smoothing, soft targets, temperatures, or any other loss; the returned ``w`` is then meaningless.
+    """
+    y = r.argmin(dim=-1)
+    others = p.scatter(-1, y.unsqueeze(-1), -1.0)  # p with the label's entry removed
+    v = others.argmax(dim=-1, keepdim=True)
+    w = (r.gather(-1, v) / p.gather(-1, v).clamp_min(torch.finfo(p.dtype).tiny)).squeeze(-1)
+    w = torch.where(r.abs().sum(-1) > 0, w, torch.zeros_like(w))
+    fit = w.unsqueeze(-1) * (p - torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype))
+    err = (r - fit).abs().sum(-1)
+    scale = r.abs().sum(-1)
+    ok = not (bool((err > 1e-3 * scale + 1e-12).any()) or bool((w < -1e-6 * scale).any()))
+    return w.clamp_min(0.0), ok
+
+
+def _categorical_weights(r: Tensor, p: Tensor) -> Tensor:
+    """``w`` ``[N]`` with ``r = w (p - e_y)`` row by row (``r`` the loss's gradient at the logits).
+
+    :func:`categorical_fit`, raising when the loss is not a weighted token cross-entropy (the factored
+    route's true Fisher with ``likelihood="categorical"`` needs it).
+    """
+    w, ok = categorical_fit(r, p)
+    if not ok:
+        raise ValueError(
+            "fisher='true' with likelihood='categorical' needs each sequence's loss to be a weighted sum of "
+            "token cross-entropies of the logits (e.g. F.cross_entropy(..., reduction='none') with ignore_index, "
+            "summed or averaged per sequence); this loss is not (label smoothing? a different loss?). Pass "
+            "fisher='empirical', or likelihood='gaussian' for a squared error"
+        )
+    return w
+
+
+def softmax_output_hessian(o: Tensor, r: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """``Lambda`` ``[b, k, k]`` in closed form if the loss is a softmax cross-entropy over ``shape[-1]``, else ``None``.
+
+    Args:
+        o: the outputs ``[b, k]`` (a leaf that requires grad; ``k`` = outputs per example).
+        r: ``d (sum of losses) / d o`` ``[b, k]``, built with ``create_graph=True``.
+        shape: the outputs' own shape ``[b, ..., C]`` (classes on the last dimension).
+
+    Two tests, both required: the gradient rows fit ``w (p - e_y)`` (:func:`categorical_fit`), and one
+    Hessian-vector product of the loss with a seeded Gaussian probe ``u`` equals
+    ``w (p * u - p (p . u))`` at every position to working precision (so a loss whose gradient merely
+    looks like a cross-entropy's at this point, e.g. one with an extra quadratic term, is not taken for
+    one). Then ``Lambda`` is ``w (diag(p) - p p^T)`` on each position's ``C x C`` diagonal block and 0
+    elsewhere -- the same matrix as ``k`` backward passes give, at the cost of one.
+    """
+    if len(shape) < 2 or shape[-1] < 2 or o.dim() != 2:
+        return None
+    b, k = o.shape
+    c = shape[-1]
+    if k % c:
+        return None
+    t = k // c
+    with torch.no_grad():
+        p = torch.softmax(o.detach().reshape(b * t, c), dim=-1)
+        w, ok = categorical_fit(r.detach().reshape(b * t, c), p)
+    if not ok:
+        return None
+    gen = torch.Generator(device=o.device).manual_seed(0)
+    u = torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)
+    (hu,) = torch.autograd.grad(r, o, grad_outputs=u, retain_graph=True, allow_unused=True)
+    if hu is None:
+        return None
+    P, W = p.reshape(b, t, c), w.reshape(b, t, 1)
+    U = u.reshape(b, t, c)
+    want = W * (P * U - P * (P * U).sum(-1, keepdim=True))
+    got = hu.detach().reshape(b, t, c)
+    tol = 1e-4 if o.dtype == torch.float32 else 1e-9
+    err = (got - want).abs().amax(dim=(1, 2))
+    scale = torch.maximum(want.abs().amax(dim=(1, 2)), got.abs().amax(dim=(1, 2)))
+    if bool((err > tol * scale + torch.finfo(o.dtype).tiny).any()):
+        return None
+    blocks = W.unsqueeze(-1) * (torch.diag_embed(P) - P.unsqueeze(-1) * P.unsqueeze(-2))  # [b, t, c, c]
+    lam = torch.zeros(b, t, c, t, c, dtype=o.dtype, device=o.device)
+    lam.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
+    return lam.reshape(b, k, k)
 
 
 # --------------------------------------------------------------------------------------------
