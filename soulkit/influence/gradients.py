@@ -50,6 +50,7 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _PREFIX = "model."
+_NONFINITE_OUTPUT_DERIVATIVES = "derivatives of loss_on_output w.r.t. the outputs contain NaN/Inf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +472,10 @@ class BoundLoss:
                     raise ValueError(
                         "loss_on_output is not per-example: the loss of example 0 depends on the outputs of other examples"
                     )
+            if not bool(torch.isfinite(r).all()):
+                raise FloatingPointError(_NONFINITE_OUTPUT_DERIVATIVES)
+            # closed form: its blocks are checked for NaN/Inf before they are written (checking the dense
+            # [b, k, k] result would cost more than building it)
             lam = softmax_output_hessian(o, r, tuple(out0.shape)) if r.requires_grad else None
             if lam is None:
                 lam = torch.zeros(b, k, k, dtype=o.dtype, device=o.device)
@@ -480,10 +485,9 @@ class BoundLoss:
                         if col is not None:
                             lam[:, c, :] = col
                 lam = 0.5 * (lam + lam.transpose(1, 2))
-        r = r.detach()
-        if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(lam).all())):
-            raise FloatingPointError("derivatives of loss_on_output w.r.t. the outputs contain NaN/Inf")
-        return r, lam
+                if not bool(torch.isfinite(lam).all()):
+                    raise FloatingPointError(_NONFINITE_OUTPUT_DERIVATIVES)
+        return r.detach(), lam
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,6 +576,8 @@ def softmax_output_hessian(o: Tensor, r: Tensor, shape: tuple[int, ...]) -> Tens
     if bool((err > tol * scale + torch.finfo(o.dtype).tiny).any()):
         return None
     blocks = W.unsqueeze(-1) * (torch.diag_embed(P) - P.unsqueeze(-1) * P.unsqueeze(-2))  # [b, t, c, c]
+    if not bool(torch.isfinite(blocks).all()):
+        raise FloatingPointError(_NONFINITE_OUTPUT_DERIVATIVES)
     lam = torch.zeros(b, t, c, t, c, dtype=o.dtype, device=o.device)
     lam.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
     return lam.reshape(b, k, k)

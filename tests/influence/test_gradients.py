@@ -257,3 +257,126 @@ def test_projected_gradients_preserve_inner_products():
     assert ((approx - gram).abs() <= 5 * (2 / k) ** 0.5 * norms[:, None] * norms[None, :]).all()
     with pytest.raises(ValueError, match="k must"):
         projected_per_example_grads(model, loss, data, 0)
+
+
+# --------------------------------------------------------------------------- closed-form output Hessian
+
+
+class _TokenLogits(nn.Module):
+    """[B, T, d] features -> [B, T, C] logits (a stand-in for an LM head)."""
+
+    def __init__(self, d=4, c=7, dtype=torch.float64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = nn.Linear(d, c).to(dtype)
+        with torch.no_grad():
+            self.head.weight.mul_(3.0)  # spread the softmax: some confident, some flat positions
+
+
+def _token_batch(b=3, t=5, d=4, c=7, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (b, t), generator=g)
+    y[0, :2] = -100  # a masked prompt
+    w = torch.rand(b, generator=g, dtype=dtype) + 0.5
+    return x, y, w
+
+
+def _token_ce(z, y):
+    return F.cross_entropy(z.transpose(1, 2), y, reduction="none", ignore_index=-100)  # [B, T]
+
+
+def _per_dimension(bound, batch, b, monkeypatch):
+    """The per-output-dimension route (what every loss got before the closed form)."""
+    import soulkit.influence.gradients as gradients
+
+    with monkeypatch.context() as m:
+        m.setattr(gradients, "softmax_output_hessian", lambda *a: None)
+        return bound.output_derivatives(batch, b)
+
+
+_TOKEN_LOSSES = {
+    "sum": lambda z, bt: _token_ce(z, bt[1]).sum(1),
+    "mean_over_unmasked": lambda z, bt: _token_ce(z, bt[1]).sum(1) / (bt[1] >= 0).sum(1),
+    "weighted": lambda z, bt: bt[2] * _token_ce(z, bt[1]).mean(1),
+}
+
+
+@pytest.mark.parametrize("reduce", list(_TOKEN_LOSSES))
+def test_cross_entropy_output_hessian_is_the_closed_form_of_the_per_dimension_one(reduce, monkeypatch):
+    model = _TokenLogits()
+    x, y, w = _token_batch()
+    loss = OutputLoss(lambda m, bt: m.head(bt[0]), _TOKEN_LOSSES[reduce])
+    bound = BoundLoss(model, loss)
+    r, lam = bound.output_derivatives((x, y, w), 3, check=True)
+    r_ref, lam_ref = _per_dimension(bound, (x, y, w), 3, monkeypatch)
+    assert lam.shape == (3, 35, 35)
+    torch.testing.assert_close(r, r_ref, rtol=0, atol=0)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-12, atol=1e-13)
+    # block diagonal over positions, each block w (diag(p) - p p^T); masked positions are 0
+    blocks = lam.reshape(3, 5, 7, 5, 7)
+    assert blocks[0, 0].abs().max() == 0 and blocks[1, 0, :, 1].abs().max() == 0
+
+
+def test_cross_entropy_on_class_vectors_and_float32():
+    model = mlp(torch.float32)
+    x, y = data(dtype=torch.float32)
+    loss = OutputLoss(lambda m, b: m(b[0]), lambda z, b: F.cross_entropy(z, b[1], reduction="none"))
+    bound = BoundLoss(model, loss)
+    r, lam = bound.output_derivatives((x, y), 11)
+    p = torch.softmax(model(x), -1).detach()
+    torch.testing.assert_close(lam, torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    torch.testing.assert_close(r, p - F.one_hot(y, 3).float())
+
+
+def _count_backward(monkeypatch):
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+def test_closed_form_takes_two_backward_passes_not_one_per_dimension(monkeypatch):
+    model = _TokenLogits(c=11)
+    x, y, w = _token_batch(t=9, c=11)
+    bound = BoundLoss(model, OutputLoss(lambda m, bt: m.head(bt[0]), _TOKEN_LOSSES["sum"]))
+    calls = _count_backward(monkeypatch)
+    bound.output_derivatives((x, y, w), 3)
+    assert len(calls) == 2  # the gradient, and one probe that checks the closed form (k = 99 outputs)
+    calls.clear()
+    mse = OutputLoss(lambda m, bt: m.head(bt[0]), lambda z, bt: 0.5 * (z**2).sum((1, 2)))
+    BoundLoss(model, mse).output_derivatives((x, y, w), 3)
+    assert len(calls) == 1 + 99  # not a cross-entropy: one backward per output dimension, as before
+
+
+@pytest.mark.parametrize("kind", ["mse", "label_smoothing", "soft_targets", "temperature", "ce_plus_quadratic"])
+def test_losses_that_are_not_a_plain_cross_entropy_keep_the_exact_per_dimension_hessian(kind, monkeypatch):
+    model = _TokenLogits()
+    x, y, w = _token_batch()
+    y = y.clamp_min(0)
+    with torch.no_grad():
+        z0 = model.head(x)
+    q = torch.softmax(torch.randn(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), -1)
+    fns = {
+        "mse": lambda z, bt: 0.5 * ((z - 1.0) ** 2).sum((1, 2)),
+        "label_smoothing": lambda z, bt: F.cross_entropy(
+            z.transpose(1, 2), bt[1], reduction="none", label_smoothing=0.1).sum(1),
+        "soft_targets": lambda z, bt: -(q * torch.log_softmax(z, -1)).sum((1, 2)),
+        "temperature": lambda z, bt: _token_ce(z / 2.0, bt[1]).sum(1),
+        # the gradient at z0 is exactly the cross-entropy's; the Hessian is not (+ I): only the probe sees it
+        "ce_plus_quadratic": lambda z, bt: _token_ce(z, bt[1]).sum(1) + 0.5 * ((z - z0) ** 2).sum((1, 2)),
+    }
+    bound = BoundLoss(model, OutputLoss(lambda m, bt: m.head(bt[0]), fns[kind]))
+    r, lam = bound.output_derivatives((x, y, w), 3)
+    _, lam_ref = _per_dimension(bound, (x, y, w), 3, monkeypatch)
+    torch.testing.assert_close(lam, lam_ref, rtol=0, atol=0)
+    # and that is the true output Hessian of each example's loss
+    z = z0[1].detach()
+    h = torch.autograd.functional.hessian(lambda zz: fns[kind](zz.reshape(1, 5, 7).expand(3, 5, 7), (x, y, w))[1],
+                                          z.reshape(-1))
+    torch.testing.assert_close(lam[1], h, rtol=1e-10, atol=1e-12)
