@@ -177,7 +177,8 @@ class FactoredInfluence:
                 raise TypeError(f"output_fn must return a floating-point tensor of logits, got {type(logits).__name__}")
             if logits.shape[0] != b:
                 raise ValueError(f"output_fn returned {logits.shape[0]} rows for a batch of {b} sequences")
-            leaf = logits.detach().float().requires_grad_(True)
+            leaf = logits.detach()
+            leaf = (leaf if leaf.dtype == torch.float64 else leaf.float()).requires_grad_(True)
             losses = self.loss.loss_on_output(leaf, batch)
             if not isinstance(losses, Tensor) or losses.shape != (b,):
                 raise ValueError(

@@ -188,7 +188,8 @@ def sampled_label_loss(
         raise ValueError("no terms left for the sampled-label loss (all positions masked)")
     with torch.no_grad():
         sampled = sample_from_logits(flat.detach(), generator=generator)
-    loss_sum = F.cross_entropy(flat.float(), sampled, reduction="sum")
+    # half-precision logits are lifted to float32; float64 ones keep their precision
+    loss_sum = F.cross_entropy(flat if flat.dtype == torch.float64 else flat.float(), sampled, reduction="sum")
     return loss_sum, int(n_terms)
 
 

@@ -111,8 +111,8 @@ def gnb_reference(sampled: dict[int, torch.Tensor]) -> tuple[torch.nn.Module, ob
         logits = model(x)
         if opt.hessian_due():
             yhat = sampled[step]
-            # the estimators compute the sampled-label loss in float32; do the same so both runs agree
-            loss_sum = F.cross_entropy(logits.float(), yhat, reduction="sum")
+            # float64 logits: the estimators keep float64 for the sampled-label loss, as here
+            loss_sum = F.cross_entropy(logits, yhat, reduction="sum")
             grads = torch.autograd.grad(loss_sum, params, retain_graph=True)
             opt.update_hessian([g.square() / yhat.numel() for g in grads])
         F.cross_entropy(logits, y).backward()

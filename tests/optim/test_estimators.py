@@ -133,3 +133,15 @@ def test_sample_from_logits_never_returns_a_massless_class_when_u_rounds_up(monk
     # force u == total mass (the rounding case): the draw must fall back to the last class with mass
     monkeypatch.setattr(estimators.torch, "rand", lambda *a, **k: torch.ones(1, 1, dtype=k.get("dtype")))
     assert estimators.sample_from_logits(logits).tolist() == [1]
+
+
+def test_sampled_label_loss_keeps_float64_and_lifts_half_precision():
+    torch.manual_seed(0)
+    z64 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    loss, n = sampled_label_loss(z64, generator=torch.Generator().manual_seed(1))
+    assert loss.dtype == torch.float64 and n == 5
+    labels = sample_from_logits(z64.detach(), generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.cross_entropy(z64, labels, reduction="sum")
+    assert loss.item() == want.item()  # bit for bit: no detour through float32
+    zb = z64.detach().to(torch.bfloat16).requires_grad_(True)
+    assert sampled_label_loss(zb, generator=torch.Generator().manual_seed(1))[0].dtype == torch.float32
