@@ -34,13 +34,16 @@ from soulkit.optim import differentiable_attention, exact_hessian_diag, gnb_diag
 from ._data import DataSource
 from .gradients import BoundLoss
 
-__all__ = ["CurvatureOperator", "Curvature", "Engine"]
+__all__ = ["DEFAULT_MAX_BACKWARD", "CurvatureOperator", "Curvature", "Engine"]
 
 Curvature = Literal["hessian", "gauss_newton"]
 Engine = Literal["auto", "batched", "loop"]
 CURVATURES = ("hessian", "gauss_newton")
 ENGINES = ("auto", "batched", "loop")
 DIAGONAL_METHODS = ("exact", "hutchinson", "gnb")
+#: Backward passes the exact diagonal may take before :meth:`CurvatureOperator.diagonal` refuses
+#: (as :func:`soulkit.optim.exact_hessian_diag` refuses above 20,000 parameter elements).
+DEFAULT_MAX_BACKWARD = 20_000
 
 
 class CurvatureOperator:
@@ -298,7 +301,12 @@ class CurvatureOperator:
         return 0.5 * (H + H.T)
 
     def diagonal(
-        self, method: str = "exact", *, n_samples: int = 100, generator: torch.Generator | None = None
+        self,
+        method: str = "exact",
+        *,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        max_backward: int | None = DEFAULT_MAX_BACKWARD,
     ) -> Tensor:
         """Estimate of the diagonal of the data part ``(1/n) sum_j C_j`` (``[p]``, no ``l2``/damping).
 
@@ -307,9 +315,31 @@ class CurvatureOperator:
         ``"hutchinson"``: :func:`soulkit.optim.hutchinson_diag` with ``n_samples`` probes (Gauss-Newton:
         the same estimator over Gauss-Newton products); ``"gnb"``: :func:`soulkit.optim.gnb_diag`
         (Sophia's Gauss-Newton-Bartlett estimate; outputs must be softmax cross-entropy logits).
+
+        The exact diagonal costs one backward pass per parameter element and batch (Hessian) or per
+        output dimension and example (Gauss-Newton Jacobian rows), see :meth:`exact_diagonal_cost`;
+        when that exceeds ``max_backward`` (default :data:`DEFAULT_MAX_BACKWARD`; ``None``: no limit)
+        it raises ``ValueError`` before any work instead of running for minutes. The stochastic
+        methods cost ``n_samples`` products per batch whatever the model size.
         """
         if method not in DIAGONAL_METHODS:
             raise ValueError(f"diagonal method must be one of {DIAGONAL_METHODS}, got {method!r}")
+        if max_backward is not None and (
+            isinstance(max_backward, bool) or not isinstance(max_backward, int) or max_backward < 1
+        ):
+            raise ValueError(f"max_backward must be an integer >= 1 or None, got {max_backward!r}")
+        if method == "exact" and max_backward is not None:
+            cost, how = self.exact_diagonal_cost()
+            if cost > max_backward:
+                batches = self._n_batches()
+                raise ValueError(
+                    f"the exact {self.curvature} diagonal needs {cost:,} backward passes ({how}), above the budget "
+                    f"max_backward={max_backward:,}. Use an estimate: method='hutchinson' ({n_samples} "
+                    f"{'Gauss-Newton' if self.curvature == 'gauss_newton' else 'Hessian'}-vector products per batch, "
+                    f"{n_samples * batches:,} in all) or method='gnb' (Gauss-Newton, softmax outputs; {n_samples} "
+                    f"backward passes per batch), e.g. DiagonalSolver(method='hutchinson'); or raise the budget, "
+                    f"DiagonalSolver(max_backward={cost}) (max_backward=None: no limit)"
+                )
         space, params = self.bound.space, self.bound.params
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         if method == "hutchinson" and self.curvature == "gauss_newton":
@@ -349,6 +379,23 @@ class CurvatureOperator:
             )
         return out
 
+    def exact_diagonal_cost(self) -> tuple[int, str]:
+        """Backward passes the exact diagonal takes, and how they add up (no curvature is computed).
+
+        Hessian: ``p`` per batch (:func:`soulkit.optim.exact_hessian_diag`). Gauss-Newton: one
+        Jacobian row per output dimension and example, ``k * n`` (vmapped; the output Hessian adds
+        2 per batch for a softmax cross-entropy, ``k`` for other losses).
+        """
+        if self.curvature == "hessian":
+            batches = self._n_batches()
+            return self.dim * batches, f"{self.dim:,} parameters x {batches:,} batches"
+        batch, b = next(iter(self.source))
+        k = self._out_dim(batch, b)
+        return k * self.n, f"{k:,} outputs x {self.n:,} examples, one Jacobian row each"
+
+    def _n_batches(self) -> int:
+        return sum(1 for _ in self.source)
+
     def _out_dim(self, batch, b: int) -> int:
         with torch.no_grad():
             return int(self.bound.outputs(self.bound.params, batch)[0].numel())
@@ -372,6 +419,61 @@ class CurvatureOperator:
                 est = gnb_diag(logits, leaves, generator=generator, retain_graph=s < n_samples - 1)
                 acc.add_(self.bound.space.flatten(est))
         return acc / n_samples
+
+    def smallest_eigenvalue(
+        self, *, iters: int = 30, start: Tensor | None = None, seed: int = 0
+    ) -> tuple[float, float, int]:
+        """Lanczos estimate of the smallest eigenvalue of ``A``: ``(theta, residual, products)``.
+
+        ``iters`` products (capped at ``p``) build an orthonormal Krylov basis from ``start`` (or a
+        seeded random vector), fully re-orthogonalised; ``theta`` is the smallest Ritz value and
+        ``residual = ||A e - theta e||`` for its unit Ritz vector ``e``. By Rayleigh-Ritz ``theta``
+        approaches ``lambda_min(A)`` from above: ``lambda_min(A) <= theta <=`` the Rayleigh quotient of
+        ``start``. So ``-theta`` is a lower bound on the shift that makes ``A`` positive definite, exact
+        when the basis spans everything (``products == p``). When the Krylov space becomes invariant
+        (repeated eigenvalues, or a start vector that misses eigenvectors), the basis is continued with
+        a random vector orthogonal to it, as in :class:`~soulkit.influence.ArnoldiSolver`.
+        """
+        p = self.dim
+        m = max(1, min(int(iters), p))
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        if start is None or not bool(torch.isfinite(start).all()) or float(start.norm()) == 0.0:
+            start = torch.randn(p, generator=gen, dtype=self.dtype, device=self.device)
+        q = start.detach().to(dtype=self.dtype, device=self.device).reshape(p)
+        q = q / q.norm()
+        Q = torch.zeros(m, p, dtype=self.dtype, device=self.device)
+        AQ = torch.zeros_like(Q)
+        used = m
+        for j in range(m):
+            Q[j] = q
+            AQ[j] = self.matvec(q)
+            if j == m - 1:
+                break
+            w = AQ[j].clone()
+            for _ in range(2):
+                w -= Q[: j + 1].T @ (Q[: j + 1] @ w)
+            nrm = float(w.norm())
+            if nrm > 1e-10 * max(float(AQ[j].norm()), 1e-300):
+                q = w / nrm
+                continue
+            # the Krylov space is invariant (repeated eigenvalues, or start misses some eigenvectors):
+            # continue from a random vector orthogonal to it, so the smallest eigenvalue is not missed
+            for _ in range(10):
+                w = torch.randn(p, generator=gen, dtype=self.dtype, device=self.device)
+                for _ in range(2):
+                    w -= Q[: j + 1].T @ (Q[: j + 1] @ w)
+                if float(w.norm()) > 1e-8:
+                    break
+            else:
+                used = j + 1
+                break
+            q = w / w.norm()
+        Q, AQ = Q[:used], AQ[:used]
+        T = Q @ AQ.T
+        evals, U = torch.linalg.eigh(0.5 * (T + T.T))
+        theta = float(evals[0])
+        e, ae = U[:, 0] @ Q, U[:, 0] @ AQ
+        return theta, float((ae - theta * e).norm() / e.norm()), used
 
     def top_eigenvalue(self, *, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> float:
         """Largest-magnitude eigenvalue of ``A`` by power iteration (Rayleigh quotient)."""

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .hessian import DIAGONAL_METHODS, CurvatureOperator
+from .hessian import DEFAULT_MAX_BACKWARD, DIAGONAL_METHODS, CurvatureOperator
 
 __all__ = [
     "ArnoldiSolver",
@@ -86,10 +86,39 @@ def _check_on_fail(value: Any) -> None:
         raise ValueError(f"on_fail must be 'raise' or 'warn', got {value!r}")
 
 
-def _not_pd(what: str, smallest: float, largest: float) -> ValueError:
+def _round_up(x: float, digits: int = 3) -> str:
+    """``x`` rounded up to ``digits`` significant digits: the printed number is never below ``x``."""
+    if not math.isfinite(x) or x <= 0:
+        return f"{x:.{digits}g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    text = f"{math.ceil(x / step) * step:.{digits}g}"
+    while float(text) < x:
+        text = f"{float(text) + step:.{digits}g}"
+    return text
+
+
+def _not_pd(what: str, smallest: float, damping: float, *, exact: bool, margin: float | None = None) -> ValueError:
+    """The refusal of an indefinite ``A = H + (l2 + damping) I``, with damping advice that is honest about its kind.
+
+    ``what`` says how the curvature was found (shown in parentheses). ``smallest`` is the smallest
+    eigenvalue of ``A`` (``exact``) or an estimate of it from above (a Rayleigh quotient or Ritz value:
+    the true one may be lower). ``A`` is positive definite for a damping above ``damping - lambda_min``:
+    for an exact eigenvalue the advice is that bound (rounded up); for an estimate it is said to be a
+    lower bound, with a suggestion ``margin`` above it (default 10% of ``|smallest|``).
+    """
+    need = damping - smallest
+    if exact:
+        advice = f"set damping > {_round_up(need)} (now {damping:g}; the smallest eigenvalue is exact)"
+    else:
+        extra = 0.1 * abs(smallest) if margin is None else margin
+        advice = (
+            f"damping must be at least {_round_up(need)} (now {damping:g}), but that is only a lower bound: "
+            f"{smallest:.4g} estimates the smallest eigenvalue from above and the true one may be lower, so a "
+            f"damping near the bound can be refused again (with a new estimate); try damping = "
+            f"{_round_up(need + extra)}"
+        )
     return ValueError(
-        f"H + damping is not positive definite ({what}: smallest eigenvalue {smallest:.4g}, largest {largest:.4g}); "
-        f"add damping > {max(-smallest, 0.0):.3g} (or raise l2), or use curvature='gauss_newton' "
+        f"H + damping is not positive definite ({what}); {advice}, or raise l2, or use curvature='gauss_newton' "
         "(positive semi-definite for convex losses)"
     )
 
@@ -174,7 +203,7 @@ class ExactSolver(Solver):
         evals, evecs = torch.linalg.eigh(A)
         lo, hi = float(evals[0]), float(evals[-1])
         if lo <= 0:
-            raise _not_pd("exact", lo, hi)
+            raise _not_pd(f"exact: smallest eigenvalue {lo:.4g}, largest {hi:.4g}", lo, op.damping, exact=True)
         if lo <= hi * 10 * torch.finfo(A.dtype).eps:
             raise ValueError(
                 f"H + damping is singular to working precision (eigenvalues {lo:.3g} .. {hi:.3g}); add damping or l2"
@@ -201,8 +230,16 @@ class CGSolver(Solver):
         on_fail: ``"raise"`` a :class:`ConvergenceError` (default) or ``"warn"`` and return the iterate.
         progress: tqdm bar over iterations (``None``: only on a terminal).
 
+        advice_iters: when CG meets a direction of non-positive curvature (``A`` is not positive
+            definite), this many Lanczos products from that direction estimate the smallest eigenvalue of
+            ``A`` for the error's damping advice (0: advise from the one direction's curvature alone).
+
     ``info``: ``iterations``, ``relative_residual`` (largest over rows, recomputed as ``||v - A x||``
     at the end), ``converged``. Negative curvature met along a search direction raises ``ValueError``.
+    Its advice names the damping at which ``A`` would be positive definite if the estimated smallest
+    eigenvalue were the true one. A Lanczos estimate approaches the smallest eigenvalue from above, so
+    that damping is a lower bound, and the message says so (and suggests a damping with a margin), unless
+    the Krylov space covers all ``p`` dimensions (then the eigenvalue is exact).
     """
 
     name: ClassVar[str] = "cg"
@@ -210,14 +247,33 @@ class CGSolver(Solver):
     max_iter: int | None = None
     on_fail: OnFail = "raise"
     progress: bool | None = None
+    advice_iters: int = 30
 
     def __post_init__(self) -> None:
         _check_pos("tol", self.tol)
         _check_int("max_iter", self.max_iter, 1, none_ok=True)
         _check_on_fail(self.on_fail)
+        _check_int("advice_iters", self.advice_iters, 0)
 
     def _fit(self, op: CurvatureOperator) -> None:
         self.info = {"max_iter": self.max_iter or min(10 * op.dim, 10_000)}
+
+    def _indefinite(self, direction: Tensor, curvature: float, it: int) -> ValueError:
+        """The refusal when CG meets ``p^T A p <= 0``: Lanczos from that direction estimates ``lambda_min(A)``."""
+        op = self._op
+        assert op is not None
+        what = f"CG met a direction with curvature {curvature:.4g} at iteration {it}"
+        if self.advice_iters == 0:
+            return _not_pd(what, curvature, op.damping, exact=False)
+        theta, resid, used = op.smallest_eigenvalue(iters=self.advice_iters, start=direction)
+        theta = min(theta, curvature)
+        self.info.update({"eigenvalue_min_estimate": theta, "eigenvalue_min_residual": resid})
+        exact = used >= op.dim  # the Krylov space spans everything: theta is lambda_min itself
+        what += (
+            f"; {used} Lanczos products from that direction put the smallest eigenvalue of H + damping at "
+            f"{'' if exact else 'or below '}{theta:.4g}, Ritz residual {resid:.2g}"
+        )
+        return _not_pd(what, theta, op.damping, exact=exact, margin=resid + 0.1 * abs(theta))
 
     def _solve(self, V: Tensor) -> Tensor:
         op = self._op
@@ -246,10 +302,7 @@ class CGSolver(Solver):
                 pAp = (Pa * APa).sum(1)
                 if bool((pAp <= 0).any()):
                     j = int(torch.argmin(pAp))
-                    curv = float(pAp[j] / (Pa[j] @ Pa[j]))
-                    raise _not_pd(
-                        f"CG met a direction with curvature {curv:.4g} at iteration {it}", curv, float("nan")
-                    )
+                    raise self._indefinite(Pa[j], float(pAp[j] / (Pa[j] @ Pa[j])), it)
                 alpha = rs[idx] / pAp
                 X[idx] += alpha[:, None] * Pa
                 R[idx] -= alpha[:, None] * APa
@@ -328,7 +381,7 @@ class LissaSolver(Solver):
         if self.scale == "auto":
             lam = op.top_eigenvalue(iters=self.power_iters, seed=self.seed)
             if not math.isfinite(lam) or lam <= 0:
-                raise _not_pd("power iteration", lam, lam)
+                raise _not_pd(f"power iteration: top eigenvalue {lam:.4g}", lam, op.damping, exact=False)
             info["lambda_max_estimate"] = lam
             self._scale = self.safety * lam
         else:
@@ -496,7 +549,14 @@ class ArnoldiSolver(Solver):
         if not bool(torch.isfinite(lam).all()):
             raise FloatingPointError("NaN/Inf in the curvature: Arnoldi eigenvalues are not finite")
         if bool((lam <= 0).any()):
-            raise _not_pd(f"Arnoldi, rank {rank}", float(lam.min()), float(lam.max()))
+            # the smallest Ritz value of the whole Krylov space (kept or not): the closest estimate from above
+            lo = float(evals[0])
+            raise _not_pd(
+                f"Arnoldi, rank {rank}: smallest eigenvalue {lo:.4g}, largest {float(lam.max()):.4g}",
+                lo,
+                op.damping,
+                exact=n_iter == p,
+            )
         ritz = (op.matmat(E) - lam[:, None] * E).norm(dim=1) / lam.abs()
         self._lam, self._E = lam, E
         self.info = {
@@ -515,32 +575,44 @@ class DiagonalSolver(Solver):
     """``V / (diag(H) + damping)`` with a Hessian-diagonal estimate from :mod:`soulkit.optim`.
 
     Args:
-        method: ``"exact"`` (one backward per parameter element: small models), ``"hutchinson"``
-            (Rademacher probes) or ``"gnb"`` (Sophia's Gauss-Newton-Bartlett; softmax-logit outputs).
+        method: ``"exact"`` (one backward pass per parameter element and batch, or per output
+            dimension and example for Gauss-Newton: small models), ``"hutchinson"`` (Rademacher
+            probes) or ``"gnb"`` (Sophia's Gauss-Newton-Bartlett; softmax-logit outputs).
         n_samples: probes / label samples for the stochastic methods.
         seed: seeds the probes.
+        max_backward: budget of backward passes for ``method="exact"`` (default
+            :data:`~soulkit.influence.hessian.DEFAULT_MAX_BACKWARD` = 20,000; ``None``: no limit).
+            Above it ``fit`` refuses at once, naming the count and the alternatives, instead of
+            running for minutes.
 
-    Raises (in ``fit``) ``ValueError`` if an entry of ``diag(H) + damping`` is not positive.
+    Raises (in ``fit``) ``ValueError`` if an entry of ``diag(H) + damping`` is not positive, or if the
+    exact diagonal needs more than ``max_backward`` backward passes.
     """
 
     name: ClassVar[str] = "diagonal"
     method: str = "exact"
     n_samples: int = 100
     seed: int = 0
+    max_backward: int | None = DEFAULT_MAX_BACKWARD
 
     def __post_init__(self) -> None:
         if self.method not in DIAGONAL_METHODS:
             raise ValueError(f"method must be one of {DIAGONAL_METHODS}, got {self.method!r}")
         _check_int("n_samples", self.n_samples, 1)
+        _check_int("max_backward", self.max_backward, 1, none_ok=True)
 
     def _fit(self, op: CurvatureOperator) -> None:
         gen = torch.Generator(device=op.device).manual_seed(self.seed)
-        d = op.diagonal(self.method, n_samples=self.n_samples, generator=gen) + op.shift
+        d = op.diagonal(self.method, n_samples=self.n_samples, generator=gen, max_backward=self.max_backward)
+        d = d + op.shift
         if bool((d <= 0).any()):
             bad = int((d <= 0).sum())
+            smallest = float(d.min())
+            need = op.damping - smallest  # above this every entry of this diagonal is > 0
+            exact = self.method == "exact"
             raise ValueError(
-                f"diag(H) + damping has {bad} non-positive entries (smallest {float(d.min()):.4g}); add damping "
-                f"> {max(-float(d.min()), 0.0):.3g} or raise l2"
+                f"diag(H) + damping has {bad} non-positive entries (smallest {smallest:.4g}); set damping > "
+                f"{_round_up(need)} (now {op.damping:g}){'' if exact else ' for this estimate'} or raise l2"
             )
         self._d = d
         self.info = {"diagonal_min": float(d.min()), "diagonal_max": float(d.max())}

@@ -124,6 +124,53 @@ def test_top_eigenvalue_is_the_largest_of_the_dense_matrix():
     assert op.top_eigenvalue(iters=500, tol=1e-10) == pytest.approx(float(evals[-1]), rel=1e-4)
 
 
+def _indefinite_mlp(n=40):
+    """The 51-parameter MLP with its weights scaled by 3, untrained: an indefinite cross-entropy Hessian."""
+    model, ds, x, y = mlp_problem(n=n)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(3.0)
+    return model, ds
+
+
+def test_smallest_eigenvalue_by_lanczos_approaches_from_above():
+    model, ds = _indefinite_mlp()
+    op = make_op(model, CE, ds, damping=0.01)
+    evals = torch.linalg.eigvalsh(op.dense(progress=False))
+    assert float(evals[0]) < -0.1  # indefinite
+    theta, resid, used = op.smallest_eigenvalue(iters=60)  # the Krylov space spans all 51 dimensions
+    assert used == 51 and theta == pytest.approx(float(evals[0]), abs=1e-9) and resid < 1e-6
+    start = torch.randn(51, generator=torch.Generator().manual_seed(5), dtype=DT)
+    rayleigh = float(start @ op.matvec(start) / (start @ start))
+    for iters in (1, 3, 10):
+        theta, resid, used = op.smallest_eigenvalue(iters=iters, start=start)
+        assert used == iters and float(evals[0]) - 1e-12 <= theta <= rayleigh + 1e-12 and resid >= 0
+    assert op.smallest_eigenvalue(iters=1, start=start)[0] == pytest.approx(rayleigh, rel=1e-12)
+
+
+def test_exact_diagonal_is_refused_above_its_budget_of_backward_passes():
+    model, ds, *_ = mlp_problem(n=40)
+    op = make_op(model, CE, ds, batch_size=16)  # 3 batches
+    assert op.exact_diagonal_cost() == (153, "51 parameters x 3 batches")
+    with pytest.raises(ValueError) as err:
+        op.diagonal("exact", max_backward=152)
+    msg = str(err.value)
+    for part in ("needs 153 backward passes (51 parameters x 3 batches)", "max_backward=152",
+                 "method='hutchinson' (100 Hessian-vector products per batch, 300 in all)", "method='gnb'",
+                 "DiagonalSolver(max_backward=153)"):
+        assert part in msg, (part, msg)
+    full = op.diagonal("exact", max_backward=153)
+    torch.testing.assert_close(op.diagonal("exact", max_backward=None), full, rtol=0, atol=0)
+    op.diagonal("hutchinson", n_samples=2, max_backward=1)  # the stochastic methods have no such cost
+    gn = make_op(model, CE, ds, curvature="gauss_newton", batch_size=16)
+    assert gn.exact_diagonal_cost() == (120, "3 outputs x 40 examples, one Jacobian row each")
+    with pytest.raises(ValueError, match=r"exact gauss_newton diagonal needs 120 backward passes .* Gauss-Newton-vector"):
+        gn.diagonal("exact", max_backward=100)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_backward must be an integer >= 1 or None"):
+            op.diagonal("exact", max_backward=bad)
+
+
 def test_auto_engine_falls_back_to_the_loop_with_a_warning(monkeypatch):
     model, ds, *_ = mlp_problem(n=16)
     V = torch.randn(3, 51, generator=torch.Generator().manual_seed(4), dtype=DT)

@@ -3,6 +3,7 @@ curvature, and bad options. (The curvature operator itself: test_hessian.py.)"""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -169,6 +170,87 @@ def test_indefinite_curvature_is_refused(solver):
         make_solver(solver).fit(op).solve(torch.ones(3, dtype=DT))
 
 
+def _indefinite_mlp():
+    """The 51-parameter MLP, weights scaled by 3 and untrained: cross-entropy Hessian with lambda_min ~ -0.42."""
+    model, ds, *_ = mlp_problem(n=40)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(3.0)
+    return model, ds
+
+
+def _advice(msg, pattern):
+    found = re.search(pattern, msg)
+    assert found, msg
+    return float(found.group(1))
+
+
+def test_cg_damping_advice_is_a_lower_bound_that_says_so_and_its_suggestion_is_accepted():
+    model, ds = _indefinite_mlp()
+    lam_min = float(torch.linalg.eigvalsh(make_op(model, CE, ds).dense(progress=False))[0])
+    V = torch.randn(2, 51, generator=torch.Generator().manual_seed(1), dtype=DT)
+    # advice from the one direction CG met (the old advice): far below what is needed, and it says so
+    with pytest.raises(ValueError, match="not positive definite") as err:
+        CGSolver(advice_iters=0).fit(make_op(model, CE, ds, damping=0.05)).solve(V)
+    msg = str(err.value)
+    assert "only a lower bound" in msg and "now 0.05" in msg
+    assert 0.05 < _advice(msg, r"damping must be at least ([0-9.e+-]+)") < 0.2 < -lam_min
+    # Lanczos from that direction (30 products < p = 51): a lower bound close to the need, said to be one
+    with pytest.raises(ValueError, match="not positive definite") as err:
+        CGSolver().fit(make_op(model, CE, ds, damping=0.05)).solve(V)
+    msg = str(err.value)
+    assert "30 Lanczos products from that direction" in msg and "only a lower bound" in msg
+    at_least = _advice(msg, r"damping must be at least ([0-9.e+-]+)")
+    assert -lam_min - 1e-3 <= at_least <= -lam_min + 1e-3  # 3 significant digits, rounded up
+    # following the suggestion once is accepted
+    suggested = _advice(msg, r"try damping = ([0-9.e+-]+)")
+    solver = CGSolver(tol=1e-10).fit(make_op(model, CE, ds, damping=suggested))
+    X = solver.solve(V)
+    assert solver.info["converged"]
+    ref = ExactSolver().fit(make_op(model, CE, ds, damping=suggested)).solve(V)
+    assert _rel(X, ref) < 1e-7
+
+
+def test_exact_damping_advice_is_a_valid_bound():
+    model, ds = _indefinite_mlp()
+    V = torch.ones(51, dtype=DT)
+    for solver in (ExactSolver(), CGSolver(advice_iters=60), ArnoldiSolver(rank=51, n_iter=51)):
+        with pytest.raises(ValueError, match="not positive definite") as err:
+            solver.fit(make_op(model, CE, ds)).solve(V)
+        msg = str(err.value)
+        assert "the smallest eigenvalue is exact" in msg and "lower bound" not in msg, msg
+        bound = _advice(msg, r"set damping > ([0-9.e+-]+)")
+        ExactSolver().fit(make_op(model, CE, ds, damping=bound))  # the printed bound (rounded up) is accepted
+    # the exact diagonal, too
+    model, loss, ds = concave_problem()
+    with pytest.raises(ValueError, match="non-positive entries") as err:
+        DiagonalSolver().fit(make_op(model, loss, ds, damping=0.1))
+    bound = _advice(str(err.value), r"set damping > ([0-9.e+-]+) \(now 0.1\)")
+    DiagonalSolver().fit(make_op(model, loss, ds, damping=bound))
+
+
+def test_round_up_never_prints_below_the_value():
+    from soulkit.influence.solvers import _round_up
+
+    assert _round_up(0.012941) == "0.013" and _round_up(0.0129) == "0.0129" and _round_up(1.2345) == "1.24"
+    assert _round_up(999.5) == "1e+03" and _round_up(0.0) == "0"
+    g = torch.Generator().manual_seed(0)
+    for x in torch.rand(200, generator=g, dtype=DT) * 10.0 ** torch.randint(-6, 6, (200,), generator=g):
+        assert float(_round_up(float(x))) >= float(x)
+
+
+def test_diagonal_solver_refuses_the_exact_diagonal_above_its_budget():
+    model, ds, *_ = mlp_problem(n=40)
+    op = make_op(model, CE, ds, l2=0.1, batch_size=16)
+    with pytest.raises(ValueError, match=r"needs 153 backward passes \(51 parameters x 3 batches\), above the "
+                                         r"budget max_backward=100\. Use an estimate: method='hutchinson'"):
+        DiagonalSolver(max_backward=100).fit(op)
+    assert DiagonalSolver.max_backward == 20_000
+    ok = DiagonalSolver(max_backward=153).fit(op).solve(torch.ones(51, dtype=DT))
+    torch.testing.assert_close(ok, DiagonalSolver(max_backward=None).fit(op).solve(torch.ones(51, dtype=DT)))
+    DiagonalSolver(method="gnb", n_samples=4, max_backward=1).fit(op)  # estimates have no such cost
+
+
 def nan_curvature_problem():
     """loss = x.w + |w|^1.5 at w = 0: finite value and gradient, infinite/NaN second derivative."""
     model = nn.Linear(2, 1, bias=False).to(DT)
@@ -206,6 +288,8 @@ def test_bad_solver_options_and_names():
         (lambda: ArnoldiSolver(rank=10, n_iter=5), r"n_iter must be >= rank \(10\)"),
         (lambda: DiagonalSolver(method="adam"), "method must be one of"),
         (lambda: ExactSolver(max_dim=0), "max_dim must be an integer >= 1"),
+        (lambda: CGSolver(advice_iters=-1), "advice_iters must be an integer >= 0"),
+        (lambda: DiagonalSolver(max_backward=0), "max_backward must be an integer >= 1 or None"),
     ]:
         with pytest.raises(ValueError, match=match):
             bad()
