@@ -436,16 +436,11 @@ class BoundLoss:
             raise FloatingPointError("per-example Jacobians of output_fn contain NaN/Inf")
         return res
 
-    def output_derivatives(self, batch: Batch, b: int, *, check: bool = False) -> tuple[Tensor, Tensor]:
-        """``r = d loss_j / d out_j`` ``[b, k]`` and ``Lambda = d^2 loss_j / d out_j^2`` ``[b, k, k]``.
+    def _output_gradient(self, batch: Batch, b: int, *, check: bool) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+        """Outputs as a leaf ``o`` ``[b, k]``, their own shape, and ``r = d sum(losses) / d o`` with its graph.
 
-        When ``loss_on_output`` is a (weighted) softmax cross-entropy over the last dimension of the
-        outputs -- every position's gradient row is ``w (p - e_y)`` with ``p`` the softmax of that row's
-        logits, and one Hessian-vector product with a random probe agrees with the closed form --
-        ``Lambda`` is ``w (diag(p) - p p^T)`` per position (block diagonal over positions): two
-        backward passes in all (:func:`softmax_output_hessian`). Otherwise ``Lambda`` is read off with
-        ``k`` Hessian-vector products of the summed loss w.r.t. the outputs, one per output dimension
-        (block diagonal over examples because each loss depends only on its own output row).
+        ``r`` is ``None`` when the losses do not depend on the outputs. With ``check``, the loss of
+        example 0 must not depend on the other examples' outputs, and ``r`` must be finite.
         """
         assert self.output_loss is not None
         with torch.no_grad():
@@ -462,9 +457,7 @@ class BoundLoss:
                 shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
                 raise ValueError(f"loss_on_output must return per-example losses of shape [{b}], got {shape}")
             if not losses.requires_grad:
-                return torch.zeros(b, k, dtype=o.dtype, device=o.device), torch.zeros(
-                    b, k, k, dtype=o.dtype, device=o.device
-                )
+                return o, tuple(out0.shape), None
             (r,) = torch.autograd.grad(losses.sum(), o, create_graph=True)
             if check and b > 1:
                 (row,) = torch.autograd.grad(losses[0], o, retain_graph=True)
@@ -472,11 +465,35 @@ class BoundLoss:
                     raise ValueError(
                         "loss_on_output is not per-example: the loss of example 0 depends on the outputs of other examples"
                     )
-            if not bool(torch.isfinite(r).all()):
-                raise FloatingPointError(_NONFINITE_OUTPUT_DERIVATIVES)
+        if not bool(torch.isfinite(r).all()):
+            raise FloatingPointError(_NONFINITE_OUTPUT_DERIVATIVES)
+        return o, tuple(out0.shape), r
+
+    def check_outputs(self, batch: Batch, b: int) -> None:
+        """The checks of :meth:`output_derivatives` (shapes, per-example, finite gradient) without ``Lambda``."""
+        self._output_gradient(batch, b, check=True)
+
+    def output_derivatives(self, batch: Batch, b: int, *, check: bool = False) -> tuple[Tensor, Tensor]:
+        """``r = d loss_j / d out_j`` ``[b, k]`` and ``Lambda = d^2 loss_j / d out_j^2`` ``[b, k, k]``.
+
+        When ``loss_on_output`` is a (weighted) softmax cross-entropy over the last dimension of the
+        outputs -- every position's gradient row is ``w (p - e_y)`` with ``p`` the softmax of that row's
+        logits, and one Hessian-vector product with a random probe agrees with the closed form --
+        ``Lambda`` is ``w (diag(p) - p p^T)`` per position (block diagonal over positions): two
+        backward passes in all (:func:`softmax_output_hessian`). Otherwise ``Lambda`` is read off with
+        ``k`` Hessian-vector products of the summed loss w.r.t. the outputs, one per output dimension
+        (block diagonal over examples because each loss depends only on its own output row).
+        """
+        o, shape, r = self._output_gradient(batch, b, check=check)
+        k = o.shape[1]
+        if r is None:
+            return torch.zeros(b, k, dtype=o.dtype, device=o.device), torch.zeros(
+                b, k, k, dtype=o.dtype, device=o.device
+            )
+        with torch.enable_grad():
             # closed form: its blocks are checked for NaN/Inf before they are written (checking the dense
             # [b, k, k] result would cost more than building it)
-            lam = softmax_output_hessian(o, r, tuple(out0.shape)) if r.requires_grad else None
+            lam = softmax_output_hessian(o, r, shape) if r.requires_grad else None
             if lam is None:
                 lam = torch.zeros(b, k, k, dtype=o.dtype, device=o.device)
                 if r.requires_grad:

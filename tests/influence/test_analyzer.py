@@ -314,6 +314,20 @@ def test_output_loss_must_be_per_example(small):
         InfluenceAnalyzer(small["model"], bad, solver="exact", l2=0.1).fit(small["train"])
 
 
+def test_fit_checks_an_output_loss_without_building_its_output_hessian(small, monkeypatch):
+    from soulkit.influence.gradients import BoundLoss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("output_derivatives called: the [b, k, k] output Hessian is not needed for this")
+
+    want = InfluenceAnalyzer(small["model"], small["loss"], solver="exact", l2=0.05, progress=False).fit(
+        small["train"]).scores(small["train"], small["queries"])
+    monkeypatch.setattr(BoundLoss, "output_derivatives", refuse)
+    got = InfluenceAnalyzer(small["model"], small["loss"], solver="exact", l2=0.05, progress=False).fit(
+        small["train"]).scores(small["train"], small["queries"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_scores_refer_to_the_model_at_fit(small):
     model = copy.deepcopy(small["model"])
     an = InfluenceAnalyzer(model, small["loss"], solver="exact", l2=0.05, progress=False).fit(small["train"])
