@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._io import atomic_write_bytes, atomic_write_text
+from .._io import atomic_directory, atomic_write_bytes, atomic_write_text
 
 __all__ = ["FACTOR_METHODS", "KFACFactors", "ModuleFactors", "default_damping"]
 
@@ -37,6 +37,7 @@ FACTOR_METHODS = ("kfac", "ekfac")
 #: fraction of the mean eigenvalue of its curvature block (kronfluence's heuristic too).
 DEFAULT_RELATIVE_DAMPING = 0.1
 _FORMAT = "soulkit-kfac-v1"
+_FILES = ("factors.json", "factors.safetensors")
 
 
 @dataclass
@@ -143,21 +144,28 @@ class KFACFactors:
             raise ValueError(f"the factors of module {n!r} have shape {got} but the model's is {want}: another model")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` and ``factors.json`` into ``directory`` (each file atomically)."""
+        """Write ``factors.safetensors`` and ``factors.json`` as the directory ``directory``, swapped in
+        whole (an interruption leaves the old factors or the new ones). A directory holding other files
+        is refused rather than replaced."""
         from safetensors.torch import save
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        if d.exists():
+            other = sorted(p.name for p in d.iterdir() if p.name not in _FILES) if d.is_dir() else [d.name]
+            if other:
+                raise ValueError(f"{d} holds other files ({', '.join(other[:5])}); save factors into an empty "
+                                 "or a factor directory")
         tensors = {}
         for name, f in self.modules.items():
             for key in ("a_vecs", "a_vals", "s_vecs", "s_vals", "corrected"):
                 t = getattr(f, key)
                 if t is not None:
                     tensors[f"{name}/{key}"] = t.detach().cpu().contiguous()
-        atomic_write_bytes(d / "factors.safetensors", save(tensors))
         desc = {"format": _FORMAT, "method": self.method, "modules": {n: list(s) for n, s in self.shapes().items()},
                 "meta": self.meta}
-        atomic_write_text(d / "factors.json", json.dumps(desc, indent=2))
+        with atomic_directory(d) as tmp:
+            atomic_write_bytes(tmp / _FILES[1], save(tensors))
+            atomic_write_text(tmp / _FILES[0], json.dumps(desc, indent=2))
         return d
 
     @classmethod

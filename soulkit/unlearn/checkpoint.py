@@ -24,14 +24,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .._io import atomic_directory, atomic_write_bytes, atomic_write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "drop_tied_weights"]
 
@@ -62,12 +61,7 @@ def save_checkpoint(directory: str | os.PathLike, model, states: Mapping[str, Ma
         raise TypeError("states must be a dict of name -> state dict (e.g. {'optimizer': opt.state_dict()})")
     from safetensors.torch import save as safetensors_bytes
 
-    final = Path(directory)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(directory) as tmp:
         weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         drop_tied_weights(model, weights)
         atomic_write_bytes(tmp / MODEL_FILE, safetensors_bytes(weights))
@@ -75,13 +69,7 @@ def save_checkpoint(directory: str | os.PathLike, model, states: Mapping[str, Ma
         torch.save(dict(states), buf)
         atomic_write_bytes(tmp / STATES_FILE, buf.getvalue())
         atomic_write_json(tmp / INFO_FILE, dict(info))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    final = Path(directory)
     return final
 
 

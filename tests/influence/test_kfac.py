@@ -128,3 +128,27 @@ def test_saved_factors_round_trip_and_incomplete_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="method"):
         KFACFactors({"x": f}, "diag")
     assert ModuleFactors(f.a_vecs, f.a_vals, f.s_vecs, f.s_vals).shape == (3, 5)
+
+
+def test_saving_replaces_factors_whole_and_never_a_foreign_directory(tmp_path, monkeypatch):
+    a, s = _batch(6)
+    f = _fit(a, s)
+    KFACFactors({"m": f}, "kfac", {"sequences": 1}).save(tmp_path / "f")
+    before = (tmp_path / "f" / "factors.safetensors").read_bytes()
+    import soulkit.influence.kfac as K
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(K, "atomic_write_text", boom)  # dies after the tensors, before the description
+    with pytest.raises(OSError, match="disk full"):
+        KFACFactors({"m": f}, "kfac", {"sequences": 2}).save(tmp_path / "f")
+    monkeypatch.undo()
+    assert (tmp_path / "f" / "factors.safetensors").read_bytes() == before
+    assert KFACFactors.load(tmp_path / "f").meta == {"sequences": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"], "a temporary directory was left behind"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        KFACFactors({"m": f}, "kfac").save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
