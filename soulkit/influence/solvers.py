@@ -8,12 +8,14 @@ then ``solve(V)`` for a block ``V [m, p]`` (or one vector ``[p]``). After ``fit`
 =============  ==================================================================================
 ``exact``      explicit ``A = H + damping I`` from ``p`` products, eigendecomposition (small ``p``)
 ``cg``         conjugate gradients on all right-hand sides at once; tolerance, max iterations,
-               residual reported; non-convergence raises :class:`ConvergenceError` (or warns)
+               residual reported; non-convergence raises :class:`ConvergenceError` (or warns);
+               an indefinite ``A`` is refused with a Lanczos estimate of the damping it needs
 ``lissa``      ``r_t = v + r_{t-1} - A r_{t-1} / scale``, ``A^{-1} v ~ r_T / scale``; scale from a
                power-iteration estimate of ``lambda_max(A)`` (``scale="auto"``)
 ``arnoldi``    top-``rank`` eigenpairs of ``A`` from a Krylov space of ``n_iter`` products, inverted on
                that subspace (Schioppa et al. 2022); ``rank = p`` is exact
-``diagonal``   ``V / diag(A)`` with the exact, Hutchinson or GNB diagonal (:mod:`soulkit.optim`)
+``diagonal``   ``V / diag(A)`` with the exact, Hutchinson or GNB diagonal (:mod:`soulkit.optim`); the
+               exact one is refused above ``max_backward`` backward passes (default 20,000)
 ``identity``   ``V`` unchanged (gradient dot products, TracIn-style; not calibrated)
 =============  ==================================================================================
 
@@ -229,7 +231,6 @@ class CGSolver(Solver):
         max_iter: iteration cap (default ``min(10 * p, 10_000)``).
         on_fail: ``"raise"`` a :class:`ConvergenceError` (default) or ``"warn"`` and return the iterate.
         progress: tqdm bar over iterations (``None``: only on a terminal).
-
         advice_iters: when CG meets a direction of non-positive curvature (``A`` is not positive
             definite), this many Lanczos products from that direction estimate the smallest eigenvalue of
             ``A`` for the error's damping advice (0: advise from the one direction's curvature alone).

@@ -1,5 +1,6 @@
 """Per-example gradients: vmap equals a Python loop (chunked, float32/float64, dict batches, subsets),
-flat layout helpers, OutputLoss Jacobians/derivatives, and bad input."""
+flat layout helpers, OutputLoss Jacobians/derivatives (the softmax cross-entropy output Hessian in closed
+form), and bad input."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """CurvatureOperator (soulkit.influence.hessian) against dense float64 references: products by both
-engines, the explicit matrix, diagonals, the top eigenvalue; the loop fallback; bad input."""
+engines, the explicit matrix, diagonals (and the exact one's budget), the top and (Lanczos) smallest
+eigenvalues; the loop fallback; bad input."""
 
 from __future__ import annotations
 

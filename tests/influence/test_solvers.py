@@ -1,5 +1,6 @@
 """Every solver against the exact inverse; LiSSA's auto scale; convergence failures, indefinite and NaN
-curvature, and bad options. (The curvature operator itself: test_hessian.py.)"""
+curvature and the damping advice it gets (a valid bound, or said to be a lower bound), the exact
+diagonal's budget, and bad options. (The curvature operator itself: test_hessian.py.)"""
 
 from __future__ import annotations
 
