@@ -49,6 +49,9 @@ __all__ = [
     "answer_logits",
     "answer_logprobs",
     "answer_token_stats",
+    "answer_gradient_norms",
+    "context_limit",
+    "generation_budget",
     "greedy_answers",
 ]
 
@@ -331,13 +334,24 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return logp.sum(1), valid.sum(1)
 
 
+def _text_mask(valid: torch.Tensor, targets: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """``valid`` without each row's last answer position where that target is ``eos_token_id``."""
+    if eos_token_id is None:
+        return valid
+    last = valid & (valid.long().cumsum(1) == valid.long().sum(1, keepdim=True))
+    return valid & ~(last & (targets == eos_token_id))
+
+
 @torch.no_grad()
-def answer_token_stats(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def answer_token_stats(model, batch: dict[str, torch.Tensor], *, eos_token_id: int | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Per-token statistics of the answer tokens, for membership inference and extraction.
 
     Returns ``[B, T-1]`` tensors aligned with the shifted targets: ``logprob`` (log p of the target
     token), ``mean`` and ``std`` of log p under the model's own next-token distribution (Min-K%++),
-    ``correct`` (argmax equals the target), and the bool ``mask`` of answer positions.
+    ``correct`` (argmax equals the target), the bool ``mask`` of answer positions (answer tokens and the
+    final eos), and ``text_mask``: ``mask`` without the final prediction of ``eos_token_id`` (the
+    answer's text tokens; equal to ``mask`` when ``eos_token_id`` is ``None``).
     """
     logits, targets, valid = answer_logits(model, batch)
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -347,23 +361,87 @@ def answer_token_stats(model, batch: dict[str, torch.Tensor]) -> dict[str, torch
     var = (probs * logprobs.square()).sum(-1) - mu.square()
     correct = logits.argmax(-1) == targets
     return {"logprob": tok, "mean": mu, "std": var.clamp_min(0).sqrt(), "correct": correct & valid,
-            "mask": valid}
+            "mask": valid, "text_mask": _text_mask(valid, targets, eos_token_id)}
+
+
+def answer_gradient_norms(model, batch: dict[str, torch.Tensor], *, p: float = 2.0,
+                          eos_token_id: int | None = None) -> torch.Tensor:
+    """Per sequence, the p-norm of the gradient of its mean answer NLL with respect to each parameter
+    tensor: ``[B, P]`` float64 (the GradNorm attack's input, :func:`soulkit.unlearn.metrics.mia_gradnorm_score`).
+
+    One forward and backward pass per sequence (the batch's right padding cut off), over the answer's
+    text tokens (the final prediction of ``eos_token_id`` left out, as open-unlearning). ``P`` counts
+    the parameters that require grad and receive a gradient. Gradients come from ``torch.autograd.grad``:
+    no ``.grad`` is written, the model is not changed. ``p``: 1, 2 or ``inf``.
+    """
+    if p not in (1, 2, float("inf")):
+        raise ValueError(f"the GradNorm norm p must be 1, 2 or inf, got {p!r}")
+    params = [q for q in model.parameters() if q.requires_grad]
+    if not params:
+        raise ValueError("the GradNorm attack needs parameters that require grad; every parameter of this "
+                         "model is frozen (requires_grad=False)")
+    lengths = batch["attention_mask"].sum(1).tolist()
+    rows = []
+    with torch.enable_grad():
+        for i, n in enumerate(lengths):
+            one = {k: v[i:i + 1, :int(n)] for k, v in batch.items()}
+            logits, targets, valid = answer_logits(model, one)
+            mask = _text_mask(valid, targets, eos_token_id)
+            logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+            loss = -(logp * mask).sum() / mask.sum().clamp_min(1)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            norms = [torch.linalg.vector_norm(g.detach(), ord=p, dtype=torch.float64) for g in grads
+                     if g is not None]
+            rows.append(torch.stack(norms).cpu())
+    return torch.stack(rows)
+
+
+def context_limit(model) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings`` / ``n_positions`` of its
+    config), or ``None`` when the config names none."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _prompt_ids(tokenizer, question: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(format_prompt(question), add_special_tokens=False)["input_ids"]
+
+
+def generation_budget(model, tokenizer, questions: Sequence[str], max_new_tokens: int) -> int:
+    """The new tokens :func:`greedy_answers` generates at most for ``questions``: ``max_new_tokens``, cut
+    so that the longest prompt plus the generation fits the model's context (:func:`context_limit`);
+    the same for every question whatever the batching. Raises when a prompt alone fills the context."""
+    limit = context_limit(model)
+    if limit is None or not questions:
+        return max_new_tokens
+    longest = max(len(_prompt_ids(tokenizer, q)) for q in questions)
+    if longest >= limit:
+        raise ValueError(f"a prompt of {longest} tokens fills the model's context of {limit} positions; "
+                         "nothing can be generated")
+    return min(max_new_tokens, limit - longest)
 
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 48,
                    batch_size: int = 32) -> list[str]:
-    """Greedy answers to ``questions`` (prompt format of :func:`format_prompt`), decoded and stripped."""
+    """Greedy answers to ``questions`` (prompt format of :func:`format_prompt`), decoded and stripped:
+    at most ``max_new_tokens`` new tokens, fewer where the model's context would overflow
+    (:func:`generation_budget`); each answer is cut at its first eos."""
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    max_new_tokens = generation_budget(model, tokenizer, list(questions), max_new_tokens)
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         for chunk in batched(questions, batch_size):
-            enc = [bos + tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"] for q in chunk]
+            enc = [_prompt_ids(tokenizer, q) for q in chunk]
             width = max(len(e) for e in enc)
             ids = torch.full((len(enc), width), pad, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)

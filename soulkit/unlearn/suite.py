@@ -11,10 +11,11 @@ evaluations are cached as JSON beside the models, so each is computed once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from .._io import atomic_write_json
 from .data import AuthorBenchmark, generate_benchmark
-from .evaluate import EvalConfig, EvalSets, evaluate_model, score_answers
+from .evaluate import EvalConfig, EvalSets, conventions, evaluate_model, score_answers
 from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, model_meta
 from .objectives import make_objective
 from .unlearner import UnlearnConfig, Unlearner
@@ -41,22 +42,26 @@ class Scale:
     description: str = ""
 
 
+# Evaluation settings: the references' (EvalConfig's defaults: geometric truth ratio, up to 200 new tokens, every
+# question) except that the demo and small scales subsample each set (100 / 200 questions, seeded): every
+# question of the small scale's retain set (720-780) would double the cost of each of the ~150 evaluations of
+# benchmarks/unlearning.py. results.json's config records the choice.
 SCALES: dict[str, Scale] = {
     # the `make demo` story: the smallest scale, for a quick end-to-end run
     "demo": Scale(20, 10, TrainRecipe(model=ModelConfig(hidden_size=96, num_layers=3, num_heads=4),
                                       vocab_size=1024, pretrain_epochs=20, finetune_max_epochs=60,
                                       check_every=5, lr=3e-3),
-                  EvalConfig(max_eval_examples=100, max_new_tokens=32), "20 authors x 10 QA, 0.5M-param Llama"),
+                  EvalConfig(max_eval_examples=100), "20 authors x 10 QA, 0.5M-param Llama"),
     # the default of `soulkit unlearn` / `soulkit evaluate` and the unlearning benchmark
     "small": Scale(40, 20, TrainRecipe(model=ModelConfig(hidden_size=128, num_layers=4, num_heads=4),
                                        vocab_size=2048, pretrain_epochs=20, finetune_max_epochs=80,
                                        check_every=5, lr=3e-3),
-                   EvalConfig(max_eval_examples=200, max_new_tokens=40), "40 authors x 20 QA, 1.3M-param Llama"),
+                   EvalConfig(max_eval_examples=200), "40 authors x 20 QA, 1.3M-param Llama"),
     # TOFU's size: 200 authors x 20 QA
     "tofu": Scale(200, 20, TrainRecipe(model=ModelConfig(hidden_size=256, num_layers=6, num_heads=8),
                                        vocab_size=4096, pretrain_epochs=20, finetune_max_epochs=80,
                                        check_every=5, lr=2e-3),
-                  EvalConfig(max_eval_examples=400, max_new_tokens=48), "TOFU scale: 200 authors x 20 QA"),
+                  EvalConfig(), "TOFU scale: 200 authors x 20 QA"),
 }
 
 
@@ -106,9 +111,18 @@ class UnlearningSuite:
         return EvalSets(forget=forget, retain=retain, real_authors=self.benchmark.real_authors,
                         world_facts=self.benchmark.world_facts, holdout=self.benchmark.holdout or None)
 
+    def reference_path(self, split: str, seed: int = 1) -> Path:
+        """Where :meth:`reference` caches its evaluation: keyed by split, seed and every evaluation setting
+        that changes a number (so a changed setting, or a soulkit whose metric conventions changed, is
+        evaluated afresh instead of reusing numbers computed otherwise)."""
+        settings = {k: v for k, v in asdict(self.eval_config).items() if k not in ("show_progress", "batch_size")}
+        settings["conventions"] = conventions(self.eval_config)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self.zoo.root / f"eval-{split}-retrain-seed{seed}-{key}.json"
+
     def reference(self, split: str, seed: int = 1) -> dict[str, Any]:
         """Evaluation of the retrain of ``split`` with ``seed`` (computed once, cached as JSON)."""
-        path = self.zoo.root / f"eval-{split}-retrain-seed{seed}.json"
+        path = self.reference_path(split, seed)
         if path.is_file():
             return json.loads(path.read_text())
         model, tok = load_model(self.retrained_dir(split, seed))
@@ -164,6 +178,8 @@ class UnlearningSuite:
                         out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None).run()
         seconds = time.perf_counter() - t0
         results: dict[str, Any] = self.evaluate(run.model, tok, split) if evaluate else {"split": split}
+        if evaluate:  # "config" is the unlearning run's below; the evaluation's settings move here
+            results["eval_config"] = results.pop("config")
         win = [e["win_rate"] for e in run.log if "win_rate" in e]
         results.update(method=method, optimizer=optimizer, split=split, seed=config.seed, lr=config.lr,
                        steps=run.steps, stopped=run.stopped, unlearn_seconds=seconds,

@@ -13,6 +13,7 @@ import torch
 from soulkit.unlearn.evaluate import (
     EvalConfig,
     EvalSets,
+    conventions,
     evaluate_model,
     format_results,
     load_results,
@@ -21,15 +22,17 @@ from soulkit.unlearn.evaluate import (
 )
 from soulkit.unlearn.metrics import (
     MIA_ATTACKS,
+    answer_probability,
     forget_quality,
     forget_quality_statistic,
     model_utility,
     normalized_probability,
+    rouge_scores,
     truth_ratio,
     truth_ratio_score,
 )
 from soulkit.unlearn.models import ModelConfig, build_model
-from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa
+from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa, greedy_answers
 
 # ----------------------------------------------------------------------------------------------------
 # configuration
@@ -39,11 +42,35 @@ from soulkit.unlearn.qa import QA, QADataset, answer_logprobs, collate_qa
 @pytest.mark.parametrize("kwargs, field", [
     ({"batch_size": 0}, "batch_size"), ({"min_k": 0.0}, "min_k"), ({"min_k": 1.5}, "min_k"),
     ({"max_eval_examples": 0}, "max_eval_examples"), ({"max_new_tokens": -1}, "max_new_tokens"),
-    ({"seed": -1}, "seed"), ({"max_length": 0}, "max_length"),
+    ({"seed": -1}, "seed"), ({"max_length": 0}, "max_length"), ({"truth_ratio": "mean"}, "truth_ratio"),
+    ({"subset": "random"}, "subset"), ({"gradnorm_p": 3}, "gradnorm_p"), ({"gradnorm_p": True}, "gradnorm_p"),
 ])
 def test_eval_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=f"EvalConfig.{field}"):
         EvalConfig(**kwargs)
+
+
+def test_eval_config_bad_input_is_one_line_naming_the_option():
+    with pytest.raises(ValueError) as e:
+        EvalConfig(truth_ratio="harmonic")
+    assert str(e.value) == "EvalConfig.truth_ratio must be one of geometric, arithmetic, got 'harmonic'"
+    with pytest.raises(ValueError) as e:
+        EvalConfig(max_eval_examples=0)
+    assert str(e.value) == "EvalConfig.max_eval_examples must be None (all) or an int >= 1, got 0"
+
+
+def test_eval_config_defaults_are_the_references():
+    c = EvalConfig()
+    assert c.truth_ratio == "geometric"  # TOFU's code, open-unlearning
+    assert c.max_new_tokens == 200  # the references' generation length
+    assert c.max_eval_examples is None  # every question (open-unlearning)
+    assert c.gradnorm_p == 2 and c.min_k == 0.4
+    conv = conventions(c)
+    assert conv["truth_ratio"].startswith("geometric") and conv["questions"].startswith("all")
+    assert "final EOS prediction dropped" in conv["text_tokens"]
+    assert conventions(EvalConfig(max_eval_examples=300, subset="first"))["questions"].startswith("the first 300")
+    assert conventions(EvalConfig(truth_ratio="arithmetic"))["truth_ratio"].startswith("arithmetic")
+    assert conventions(EvalConfig(gradnorm_p=None))["gradnorm"] == "off"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,11 +158,22 @@ def results(model, tiny_tokenizer):
 
 def test_evaluate_model_fields_in_range(results):
     for s in ("forget", "retain", "real_authors", "world_facts"):
-        for m in ("probability", "rouge", "truth_ratio"):
+        for m in ("probability", "rouge", "truth_ratio", "rouge1_recall", "rougeL_f1"):
+            v = results[f"{s}_{m}"]
+            assert isinstance(v, float) and 0.0 <= v <= 1.0, (s, m, v)
+    for s in ("forget", "retain"):
+        for m in ("para_probability", "pert_probability", "para_rouge", "pert_rouge"):
             v = results[f"{s}_{m}"]
             assert isinstance(v, float) and 0.0 <= v <= 1.0, (s, m, v)
     assert 0.0 <= results["model_utility"] <= 1.0
-    assert 0.0 <= results["extraction_strength"] <= 1.0
+    for k in ("extraction_strength", "exact_memorization", "retain_extraction_strength",
+              "retain_exact_memorization"):
+        assert 0.0 <= results[k] <= 1.0, k
+    assert results["generation"] == {"max_new_tokens": 6, "context_limit": 96,
+                                     "new_token_budget": {s: 6 for s in ("forget", "retain", "real_authors",
+                                                                         "world_facts")}}
+    assert results["config"]["truth_ratio"] == "geometric"
+    assert results["config"]["conventions"] == conventions(CONFIG)
     assert results["forget_quality"] is None and results["ks_statistic"] is None
     assert results["forget_quality_ceiling"] is None and results["privleak"] is None
     assert set(results["mia_auc"]) == set(MIA_ATTACKS)
@@ -162,6 +200,16 @@ def test_evaluate_model_consistent_with_score_answers(model, tiny_tokenizer, res
                                rtol=1e-5)
     assert results["forget_truth_ratio"] == pytest.approx(truth_ratio_score(truth_ratio(para, pert), True),
                                                           rel=1e-5)
+    assert results["forget_para_probability"] == pytest.approx(np.mean(np.exp(-para)), rel=1e-5)
+    assert results["forget_pert_probability"] == pytest.approx(np.mean(answer_probability(pert)), rel=1e-5)
+    np.testing.assert_allclose(results["raw"]["forget_nll"], nll(FORGET, "answer"), rtol=1e-5)
+    gen = greedy_answers(model, tiny_tokenizer, [r.question for r in FORGET], max_new_tokens=6)
+    assert results["forget_rouge"] == pytest.approx(np.mean(rouge_scores(gen, [r.answer for r in FORGET])
+                                                            ["rougeL_recall"]))
+    assert results["forget_para_rouge"] == pytest.approx(np.mean(rouge_scores(
+        gen, [r.paraphrased_answer for r in FORGET])["rougeL_recall"]))
+    assert results["forget_pert_rouge"] == pytest.approx(np.mean([np.mean(rouge_scores(
+        gen, [r.perturbed_answer[i] for r in FORGET])["rougeL_recall"]) for i in range(3)]))
     wf, wf_pert = nll(WORLD_FACTS, "answer"), np.stack([nll(WORLD_FACTS, i) for i in range(3)], axis=1)
     assert results["world_facts_probability"] == pytest.approx(normalized_probability(wf, wf_pert).mean(),
                                                                rel=1e-5)
@@ -180,6 +228,7 @@ def test_reference_self_gives_perfect_forget_quality(model, tiny_tokenizer, resu
     assert again["forget_quality"] == 1.0 and again["ks_statistic"] == 0.0
     assert again["forget_quality_ceiling"] == 1.0 and again["ks_statistic_ceiling"] == 0.0
     assert again["privleak"] == {a: 0.0 for a in MIA_ATTACKS}
+    assert again["mia_auc"]["reference"] == 0.5  # the model against itself: every score 0, all ties
 
     far = copy.deepcopy(results)
     far["raw"]["forget_truth_stat"] = [t + 1e3 for t in far["raw"]["forget_truth_stat"]]
@@ -262,7 +311,9 @@ def test_memorised_model_scores_as_member(memorised, tiny_tokenizer, results):
     assert out["forget_rouge"] == 1.0  # greedy answers reproduce the memorised ones
     assert out["extraction_strength"] == 1.0
     # memorised forget answers vs never-seen holdout answers: every attack separates them
-    assert out["mia_auc"] == {a: 1.0 for a in MIA_ATTACKS}
+    assert out["mia_auc"] == {**{a: 1.0 for a in MIA_ATTACKS}, "reference": 1.0}
+    assert out["exact_memorization"] == 1.0 and out["forget_rouge1_recall"] == 1.0
+    assert out["forget_rougeL_f1"] == 1.0
     # against the untrained reference (AUC near 0.5) the forget set leaks: privleak strongly negative
     assert all(v < 1.0 for v in results["mia_auc"].values())
     assert out["privleak"] == {a: pytest.approx(-100.0) for a in MIA_ATTACKS}  # ((1-1) - (1-r)) / (1-r)
@@ -291,3 +342,41 @@ def test_sets_with_uneven_perturbed_counts_use_the_minimum(tiny_model, tiny_toke
     assert _check_set("world_facts", recs, need_paraphrase=False) == 3
     with pytest.raises(ValueError, match="paraphrased_answer"):
         _check_set("forget", recs, need_paraphrase=True)
+
+
+def test_truth_ratio_mode_changes_truth_ratios_and_utility_not_forget_quality(model, tiny_tokenizer, results):
+    cfg = EvalConfig(batch_size=3, max_new_tokens=6, show_progress=False, truth_ratio="arithmetic",
+                     gradnorm_p=None)
+    ari = evaluate_model(model, tiny_tokenizer, _sets(), config=cfg, reference=results)
+    para = score_answers(model, tiny_tokenizer, RETAIN, "paraphrased_answer")
+    pert = np.stack([score_answers(model, tiny_tokenizer, RETAIN, i) for i in range(3)], axis=1)
+    assert ari["retain_truth_ratio"] == pytest.approx(
+        truth_ratio_score(truth_ratio(para, pert, "arithmetic"), forget=False), rel=1e-5, abs=1e-9)
+    assert ari["raw"]["forget_truth_stat"] == pytest.approx(results["raw"]["forget_truth_stat"])
+    assert ari["forget_quality"] == 1.0  # T does not depend on the reported form
+    assert "gradnorm" not in ari["mia_auc"] and "gradnorm" not in ari["privleak"]
+    assert ari["config"]["conventions"]["truth_ratio"].startswith("arithmetic")
+
+
+def test_subsets_first_seeded_and_all(model, tiny_tokenizer):
+    first = EvalConfig(batch_size=4, max_new_tokens=2, max_eval_examples=2, subset="first", gradnorm_p=None,
+                       show_progress=False)
+    out = evaluate_model(model, tiny_tokenizer, _sets(), config=first)
+    assert out["n_examples"] == {"forget": 2, "retain": 2, "real_authors": 2, "world_facts": 2, "holdout": 2}
+    # the first two questions: the same forget fingerprint as evaluating those two alone
+    alone = evaluate_model(model, tiny_tokenizer, _sets(forget=FORGET[:2], holdout=HOLDOUT[:2]),
+                           config=EvalConfig(batch_size=4, max_new_tokens=2, gradnorm_p=None, show_progress=False))
+    assert alone["n_examples"]["retain"] == 4  # max_eval_examples None: all
+    assert out["raw"]["forget_fingerprint"] == alone["raw"]["forget_fingerprint"]
+    assert out["config"]["conventions"]["questions"].startswith("the first 2")
+
+
+def test_privleak_needs_a_reference_scored_by_the_same_conventions(model, tiny_tokenizer, results):
+    old = copy.deepcopy(results)
+    del old["config"]["conventions"]  # as an older soulkit wrote it (Min-K% with the EOS token)
+    for k in ("forget_nll", "holdout_nll"):
+        del old["raw"][k]
+    with pytest.warns(UserWarning, match="privleak is None: .*older soulkit"):
+        out = evaluate_model(model, tiny_tokenizer, _sets(), config=CONFIG, reference=old)
+    assert out["privleak"] is None and out["forget_quality"] == 1.0
+    assert "reference" not in out["mia_auc"]  # no reference NLLs to attack with

@@ -12,18 +12,25 @@ import pytest
 import torch
 
 from soulkit.unlearn.metrics import (
+    MIA_ATTACKS,
+    TRUTH_RATIO_MODES,
+    answer_probability,
+    exact_memorization,
     extraction_strength,
     forget_quality,
     forget_quality_statistic,
     mia_auc,
+    mia_gradnorm_score,
     mia_loss_score,
     mia_min_k_plus_plus_score,
     mia_min_k_score,
+    mia_reference_score,
     mia_zlib_score,
     model_utility,
     normalized_probability,
     privleak,
     rouge_l_recall,
+    rouge_scores,
     truth_ratio,
     truth_ratio_score,
 )
@@ -38,16 +45,73 @@ def test_rouge_l_recall_hand_cases():
         rouge_l_recall(["a", "b"], ["a"])
 
 
-def test_truth_ratio_two_perturbed_by_hand():
-    para = [1.0, 2.0]
-    pert = [[2.0, 3.0], [1.0, 1.0]]
-    # R = mean(exp(-l_pert)) / exp(-l_para): (e^-2 + e^-3)/2 / e^-1 = (e^-1 + e^-2)/2; e^-1 / e^-2 = e
-    np.testing.assert_allclose(truth_ratio(para, pert), [0.2516073622040275, math.e], rtol=1e-12)
-    # T = exp(mean(l_pert) - l_para): exp(2.5 - 1), exp(1 - 2) -- the geometric form, not 1/R
-    np.testing.assert_allclose(forget_quality_statistic(para, pert), [4.4816890703380645, math.exp(-1)],
-                               rtol=1e-12)
+def test_rouge_scores_by_hand():
+    got = rouge_scores(["the cat sat", "mat the on"], ["the cat sat on the mat", "the cat sat on the mat"])
+    # 1: unigrams the, cat, sat all in the 6-token reference -> R1 = 3/6; LCS 3 -> RL recall 3/6,
+    #    precision 3/3, F1 = 2 * 1/2 * 1 / (3/2) = 2/3
+    # 2: unigrams mat, the, on -> R1 = 3/6; LCS "the on" = 2 -> RL recall 2/6, precision 2/3,
+    #    F1 = 2 * 1/3 * 2/3 / (1/3 + 2/3) = 4/9
+    np.testing.assert_allclose(got["rouge1_recall"], [0.5, 0.5])
+    np.testing.assert_allclose(got["rougeL_recall"], [0.5, 1 / 3])
+    np.testing.assert_allclose(got["rougeL_f1"], [2 / 3, 4 / 9])
+    np.testing.assert_allclose(rouge_l_recall(["mat the on"], ["the cat sat on the mat"]), [1 / 3])
+    with pytest.raises(ValueError, match="at least one prediction"):
+        rouge_scores([], [])
+
+
+def test_answer_probability_of_one_or_several_answers():
+    np.testing.assert_allclose(answer_probability([0.0, math.log(2)]), [1.0, 0.5])
+    # per question the mean over its answers' probabilities: (1/2 + 1/4) / 2, (1 + 1/8) / 2
+    np.testing.assert_allclose(answer_probability([[math.log(2), math.log(4)], [0.0, math.log(8)]]),
+                               [0.375, 0.5625])
+    with pytest.raises(ValueError, match="NaN"):
+        answer_probability([float("nan")])
+
+
+# three perturbed answers of different lengths: the truth ratio compares mean per-token NLLs l(a).
+# token log-probs: paraphrase [-1, -2] -> l = 1.5; perturbed [-2, -2, -5] -> 3.0, [-0.5] -> 0.5,
+# [-1, -1, -1, -3] -> 1.5.  Second question: paraphrase [-3] -> 3.0; perturbed [-1, -1] -> 1.0,
+# [-2, -2, -2] -> 2.0, [-6, -2, -2, -2] -> 3.0
+PARA_TOKENS = [[-1.0, -2.0], [-3.0]]
+PERT_TOKENS = [[[-2.0, -2.0, -5.0], [-0.5], [-1.0, -1.0, -1.0, -3.0]],
+               [[-1.0, -1.0], [-2.0, -2.0, -2.0], [-6.0, -2.0, -2.0, -2.0]]]
+
+
+def _mean_nll(tokens):
+    return -sum(tokens) / len(tokens)
+
+
+def test_truth_ratio_three_perturbed_answers_of_different_lengths():
+    para = [_mean_nll(t) for t in PARA_TOKENS]
+    pert = [[_mean_nll(t) for t in q] for q in PERT_TOKENS]
+    assert para == [1.5, 3.0] and pert == [[3.0, 0.5, 1.5], [1.0, 2.0, 3.0]]
+    # geometric (TOFU's code, open-unlearning): R = exp(l_para - mean_p l_pert)
+    #   q1: exp(1.5 - 5/3) = exp(-1/6);  q2: exp(3 - 2) = e
+    geo = [math.exp(-1 / 6), math.e]
+    np.testing.assert_allclose(truth_ratio(para, pert), geo, rtol=1e-12)
+    np.testing.assert_allclose(truth_ratio(para, pert, "geometric"), geo, rtol=1e-12)
+    # arithmetic (the paper): R = mean_p exp(l_para - l_pert_p)
+    #   q1: (e^-1.5 + e^1 + e^0) / 3;  q2: (e^2 + e^1 + e^0) / 3
+    ari = [(math.exp(-1.5) + math.e + 1) / 3, (math.exp(2) + math.e + 1) / 3]
+    np.testing.assert_allclose(truth_ratio(para, pert, "arithmetic"), ari, rtol=1e-12)
+    assert (truth_ratio(para, pert, "arithmetic") >= truth_ratio(para, pert)).all()  # AM >= GM
+    # reported: forget mean(min(R, 1/R)), retain mean(max(0, 1 - R))
+    assert truth_ratio_score(truth_ratio(para, pert), forget=True) == pytest.approx(
+        (math.exp(-1 / 6) + 1 / math.e) / 2, rel=1e-12)
+    assert truth_ratio_score(truth_ratio(para, pert), forget=False) == pytest.approx(
+        (1 - math.exp(-1 / 6)) / 2, rel=1e-12)
+    assert truth_ratio_score(truth_ratio(para, pert, "arithmetic"), forget=False) == 0.0  # both R > 1
+    # forget quality's statistic is 1 / the geometric R, whatever the reported mode
+    np.testing.assert_allclose(forget_quality_statistic(para, pert), [math.exp(1 / 6), 1 / math.e], rtol=1e-12)
     # torch input works the same
-    np.testing.assert_allclose(truth_ratio(torch.tensor(para), torch.tensor(pert)), truth_ratio(para, pert))
+    np.testing.assert_allclose(truth_ratio(torch.tensor(para), torch.tensor(pert)), geo, rtol=1e-12)
+
+
+def test_truth_ratio_bad_input():
+    pert = [[2.0, 3.0], [1.0, 1.0]]
+    assert TRUTH_RATIO_MODES == ("geometric", "arithmetic")
+    with pytest.raises(ValueError, match="truth ratio mode must be one of geometric, arithmetic, got 'harmonic'"):
+        truth_ratio([1.0, 2.0], pert, "harmonic")
     with pytest.raises(ValueError, match="rows"):
         truth_ratio([1.0], pert)
     with pytest.raises(ValueError, match="NaN"):
@@ -117,6 +181,24 @@ def test_min_k_picks_the_lowest_tokens():
         mia_min_k_score(lp, mask, k=0.0)
 
 
+# an answer of 5 text tokens and its final EOS prediction (log p -4.0), then one padding position
+ANSWER_LP = [[-0.5, -2.0, -1.0, -0.1, -0.3, -4.0, 0.0]]
+WITH_EOS = [[True] * 6 + [False]]
+TEXT_ONLY = [[True] * 5 + [False, False]]
+
+
+def test_min_k_with_and_without_the_eos_prediction():
+    # with EOS: n = 6, floor(0.4 * 6) = 2 lowest: -4.0 (the EOS), -2.0 -> -3.0
+    np.testing.assert_allclose(mia_min_k_score(ANSWER_LP, WITH_EOS, k=0.4), [-3.0])
+    # open-unlearning's tokens, the default of evaluate_model: n = 5, floor(2.0) = 2 lowest: -2.0, -1.0 -> -1.5
+    np.testing.assert_allclose(mia_min_k_score(ANSWER_LP, TEXT_ONLY, k=0.4), [-1.5])
+    # Min-K%++ with mu = -1 and sigma = 0.5 everywhere: z = 2 * (lp + 1)
+    mu, sd = [[-1.0] * 7], [[0.5] * 7]
+    # with EOS: z = [1, -2, 0, 1.8, 1.4, -6] -> lowest 2: (-6 - 2) / 2 = -4;  text only: (-2 + 0) / 2 = -1
+    np.testing.assert_allclose(mia_min_k_plus_plus_score(ANSWER_LP, mu, sd, WITH_EOS, k=0.4), [-4.0])
+    np.testing.assert_allclose(mia_min_k_plus_plus_score(ANSWER_LP, mu, sd, TEXT_ONLY, k=0.4), [-1.0])
+
+
 def test_min_k_plus_plus_standardises_tokens():
     lp = [[-1.0, -3.0, -2.0, -4.0, -1.0]]
     mu = [[-2.0, -1.0, -2.0, -1.0, -1.0]]
@@ -125,8 +207,24 @@ def test_min_k_plus_plus_standardises_tokens():
     np.testing.assert_allclose(mia_min_k_plus_plus_score(lp, mu, sd, None, k=0.4), [-2.0])
     # sigma 0 with log p == mu gives 0, not NaN
     np.testing.assert_allclose(mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[0.0]], None, k=0.4), [0.0])
+    # sigma is floored at 1e-3 (variance 1e-6, open-unlearning's floor): 1e-4 / 1e-3 = 0.1, not 1e-4 / 1e-8
+    np.testing.assert_allclose(mia_min_k_plus_plus_score([[-1e-4]], [[-2e-4]], [[1e-5]], None), [0.1])
     with pytest.raises(ValueError, match="std must be >= 0"):
         mia_min_k_plus_plus_score([[0.0]], [[0.0]], [[-1.0]])
+
+
+def test_gradnorm_and_reference_scores_by_hand():
+    assert MIA_ATTACKS == ("loss", "zlib", "min_k", "min_k_plus_plus", "gradnorm")
+    # per sequence minus the mean over parameter tensors of the gradient norms: -(3 + 4) / 2, -(1 + 1 + 4) / 3
+    np.testing.assert_allclose(mia_gradnorm_score([[3.0, 4.0, 3.5], [1.0, 1.0, 4.0]]), [-3.5, -2.0])
+    with pytest.raises(ValueError, match="grad_norms must be >= 0"):
+        mia_gradnorm_score([[1.0, -1.0]])
+    # reference attack: l_ref - l; the evaluated model finds the first answer easier than the reference
+    np.testing.assert_allclose(mia_reference_score([1.0, 2.0], [1.5, 1.5]), [0.5, -0.5])
+    with pytest.raises(ValueError, match="nll has 2 entries but reference_nll has 1"):
+        mia_reference_score([1.0, 2.0], [1.5])
+    # members easier for the model than for the reference -> AUC 1
+    assert mia_auc(mia_reference_score([0.1, 0.2], [3.0, 3.0]), mia_reference_score([3.0, 2.9], [3.0, 3.0])) == 1.0
 
 
 def test_mia_auc_and_privleak_sign():
@@ -194,3 +292,36 @@ def test_extraction_strength_cases():
     c = torch.tensor([[0, 0, 1, 0, 1, 0]], dtype=torch.bool)
     m = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
     np.testing.assert_allclose(extraction_strength(c, m), [1 / 3])
+
+
+# teacher-forced correctness of a 4-token answer and its final EOS prediction (last column), prompt first
+PROMPT_AND_ANSWER = [
+    [0, 0, 1, 1, 1, 0, 1],  # the last text token is wrong (EOS right)
+    [0, 0, 1, 1, 1, 1, 0],  # the answer reproduced but not terminated (EOS wrong)
+    [0, 0, 0, 0, 0, 0, 0],  # nothing matches
+    [0, 0, 1, 1, 1, 1, 1],  # everything right
+]
+ANSWER_WITH_EOS = [[0, 0, 1, 1, 1, 1, 1]] * 4
+ANSWER_TEXT = [[0, 0, 1, 1, 1, 1, 0]] * 4
+
+
+def test_extraction_strength_last_token_wrong_unterminated_and_nothing():
+    c = np.array(PROMPT_AND_ANSWER, dtype=bool)
+    # text tokens (evaluate_model's default, as open-unlearning):
+    #   last text token wrong -> k = |y| = 4 -> 0 (the definition; open-unlearning's loop gives 1/4);
+    #   reproduced, not terminated -> every text token right -> k = 0 -> 1;  nothing -> k = 4 -> 0;  all -> 1
+    np.testing.assert_allclose(extraction_strength(c, np.array(ANSWER_TEXT, dtype=bool)), [0.0, 1.0, 0.0, 1.0])
+    # with the EOS prediction scored (|y| = 5): last text token wrong -> k = 4 -> 1/5; unterminated -> the EOS
+    # is wrong -> k = 5 -> 0; nothing -> 0; all -> 1
+    np.testing.assert_allclose(extraction_strength(c, np.array(ANSWER_WITH_EOS, dtype=bool)),
+                               [0.2, 0.0, 0.0, 1.0])
+
+
+def test_exact_memorization_by_hand():
+    c = np.array(PROMPT_AND_ANSWER, dtype=bool)
+    # text tokens: 3/4, 4/4, 0/4, 4/4; with the EOS prediction: 4/5, 4/5, 0/5, 5/5
+    np.testing.assert_allclose(exact_memorization(c, np.array(ANSWER_TEXT, dtype=bool)), [0.75, 1.0, 0.0, 1.0])
+    np.testing.assert_allclose(exact_memorization(c, np.array(ANSWER_WITH_EOS, dtype=bool)), [0.8, 0.8, 0.0, 1.0])
+    np.testing.assert_allclose(exact_memorization([[1, 0, 1]]), [2 / 3])
+    with pytest.raises(ValueError, match="no answer tokens"):
+        exact_memorization([[1, 1]], [[0, 0]])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,13 +16,16 @@ from soulkit.unlearn.qa import (
     IGNORE_INDEX,
     QA,
     QADataset,
+    answer_gradient_norms,
     answer_logits,
     answer_logprobs,
     answer_token_stats,
     batched,
     collate_qa,
+    context_limit,
     encode_qa,
     format_prompt,
+    generation_budget,
     greedy_answers,
     pad_token_id,
     qa_batches,
@@ -179,6 +184,77 @@ def test_answer_logprobs_and_token_stats_by_hand(tiny_model, tiny_tokenizer):
             assert float(stats["mean"][b, t - 1]) == pytest.approx(mu, abs=1e-5)
             assert bool(stats["correct"][b, t - 1]) == (int(logp[t - 1].argmax()) == int(row[t]))
     assert torch.equal(stats["mask"], answer_logits(tiny_model, batch)[2])
+
+
+def test_text_mask_drops_only_the_final_eos_prediction(tiny_model, tiny_tokenizer):
+    ds = QADataset(RECORDS[:3], tiny_tokenizer)
+    batch = collate_qa([ds[i] for i in range(3)], pad_id=pad_token_id(tiny_tokenizer))
+    eos = tiny_tokenizer.eos_token_id
+    st = answer_token_stats(tiny_model, batch, eos_token_id=eos)
+    _, targets, valid = answer_logits(tiny_model, batch)
+    for b in range(3):
+        pos = valid[b].nonzero().flatten().tolist()
+        assert targets[b, pos[-1]] == eos  # the answer ends with its eos
+        assert st["text_mask"][b].nonzero().flatten().tolist() == pos[:-1]
+    assert torch.equal(answer_token_stats(tiny_model, batch)["text_mask"], st["mask"])  # no eos id: all
+
+
+class _BiasLM(torch.nn.Module):
+    """logits = b + c at every position (b: [V], c: a scalar); ``unused`` gets no gradient."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.zeros(vocab))
+        self.c = torch.nn.Parameter(torch.zeros(()))
+        self.unused = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=(self.b + self.c).expand(*input_ids.shape, -1))
+
+
+def test_answer_gradient_norms_by_hand():
+    # V = 3, eos = 2. Row 0: prompt of 2 tokens, answer targets 0, 0, 1 and the eos; row 1 padded (pad 0):
+    # answer target 1 and the eos. The loss is the mean NLL of the text targets (eos left out);
+    # with b = c = 0 every softmax is [1/3, 1/3, 1/3], so d loss / d b = 1/3 - mean_t onehot(y_t):
+    #   row 0: mean onehot = [2/3, 1/3, 0] -> grad b = [-1/3, 0, 1/3]: 2-norm sqrt(2)/3, 1-norm 2/3, inf-norm 1/3
+    #   row 1: mean onehot = [0, 1, 0] -> grad b = [1/3, -2/3, 1/3]: 2-norm sqrt(6)/3, 1-norm 4/3, inf-norm 2/3
+    # d loss / d c = sum of grad b = 0 for both; `unused` has no gradient and is not counted
+    batch = {"input_ids": torch.tensor([[1, 1, 0, 0, 1, 2], [1, 1, 1, 2, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[-100, -100, 0, 0, 1, 2], [-100, -100, 1, 2, -100, -100]])}
+    model = _BiasLM(3)
+    for p, want in [(2, [[math.sqrt(2) / 3, 0.0], [math.sqrt(6) / 3, 0.0]]),
+                    (1, [[2 / 3, 0.0], [4 / 3, 0.0]]),
+                    (float("inf"), [[1 / 3, 0.0], [2 / 3, 0.0]])]:
+        got = answer_gradient_norms(model, batch, p=p, eos_token_id=2)
+        assert got.dtype == torch.float64 and got.shape == (2, 2)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-7, rtol=1e-6)
+    # with the eos scored (no eos id), row 0's targets are 0, 0, 1, 2: mean onehot [1/2, 1/4, 1/4]
+    # -> grad b = [-1/6, 1/12, 1/12], 2-norm sqrt(1/36 + 2/144) = sqrt(6)/12
+    got = answer_gradient_norms(model, batch, p=2)
+    assert float(got[0, 0]) == pytest.approx(math.sqrt(6) / 12, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad: nothing written to .grad
+    with pytest.raises(ValueError, match="p must be 1, 2 or inf"):
+        answer_gradient_norms(model, batch, p=3)
+    for q in model.parameters():
+        q.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        answer_gradient_norms(model, batch)
+
+
+def test_generation_fits_the_context(tiny_model, tiny_tokenizer):
+    questions = [r.question for r in RECORDS[:3]]
+    limit = context_limit(tiny_model)
+    assert limit == 96  # the tiny Llama's max_positions
+    longest = max(len(tiny_tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"])
+                  + (tiny_tokenizer.bos_token_id is not None) for q in questions)
+    assert generation_budget(tiny_model, tiny_tokenizer, questions, 200) == limit - longest
+    assert generation_budget(tiny_model, tiny_tokenizer, questions, 5) == 5
+    long_q = "Why? " * 200
+    with pytest.raises(ValueError, match="fills the model's context of 96 positions"):
+        generation_budget(tiny_model, tiny_tokenizer, [long_q], 10)
+    answers = greedy_answers(tiny_model, tiny_tokenizer, questions, max_new_tokens=200, batch_size=2)
+    assert len(answers) == 3  # 200 asked, cut to the context: no position overflow
 
 
 def test_greedy_answers_do_not_depend_on_the_batch_size(tiny_model, tiny_tokenizer):

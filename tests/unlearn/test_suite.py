@@ -4,6 +4,7 @@ models (no training): its evaluation sets, cached retrain references, tokenizer 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -26,6 +27,10 @@ def test_scales_are_well_formed():
         assert isinstance(s, Scale) and isinstance(s.recipe, TrainRecipe) and isinstance(s.eval, EvalConfig)
         assert s.n_authors >= 2 and s.qa_per_author >= 1 and s.description, name
     assert (SCALES["tofu"].n_authors, SCALES["tofu"].qa_per_author) == (200, 20)  # TOFU's size
+    # the references' evaluation settings; only the two smaller scales subsample their sets
+    assert SCALES["tofu"].eval == EvalConfig()
+    assert all(s.eval.max_new_tokens == 200 and s.eval.truth_ratio == "geometric" for s in SCALES.values())
+    assert (SCALES["demo"].eval.max_eval_examples, SCALES["small"].eval.max_eval_examples) == (100, 200)
 
 
 def test_default_unlearn_config():
@@ -99,7 +104,8 @@ def test_references_are_evaluated_once_and_cached(suite, monkeypatch):
     monkeypatch.setattr(suite_mod, "evaluate_model", counting)
     ref = suite.reference("forget10", seed=1)
     assert len(calls) == 1 and "reference" not in calls[0]
-    cached = suite.zoo.root / "eval-forget10-retrain-seed1.json"
+    cached = suite.reference_path("forget10", seed=1)
+    assert cached.parent == suite.zoo.root and cached.name.startswith("eval-forget10-retrain-seed1-")
     assert json.loads(cached.read_text()) == json.loads(json.dumps(ref))
     assert suite.reference("forget10", seed=1) == json.loads(cached.read_text()) and len(calls) == 1
 
@@ -108,6 +114,13 @@ def test_references_are_evaluated_once_and_cached(suite, monkeypatch):
     assert calls[-1]["reference"] == json.loads(cached.read_text())
     assert res["split"] == "forget10" and res["model_dir"] == str(suite.finetuned_dir())
     assert 0.0 <= res["forget_quality"] <= 1.0 and 0.0 <= res["forget_quality_ceiling"] <= 1.0
+    # another setting that changes numbers is another cache file (no reference computed otherwise is reused)
+    quiet = suite.reference_path("forget10", seed=1)
+    suite.eval_config = replace(EVAL, show_progress=True, batch_size=3)
+    assert suite.reference_path("forget10", seed=1) == quiet  # progress bars and batching change no number
+    suite.eval_config = replace(EVAL, truth_ratio="arithmetic")
+    assert suite.reference_path("forget10", seed=1) != quiet
+    suite.eval_config = EVAL
     without = suite.evaluate_dir(suite.finetuned_dir(), "forget10", with_ceiling=False)
     assert without["forget_quality_ceiling"] is None
     assert without["forget_quality"] == pytest.approx(res["forget_quality"])
@@ -126,7 +139,7 @@ def test_bad_split_or_objective_fails_before_any_work(suite):
         suite.unlearn("npo", "adamw", "forget")
     with pytest.raises(ValueError, match="unknown unlearning objective"):
         suite.unlearn("nope", "adamw", "forget10")
-    assert not (suite.zoo.root / "eval-forget10-retrain-seed1.json").exists()
+    assert not suite.reference_path("forget10", seed=1).exists()
 
 
 def test_unlearn_reports_the_run(suite, tmp_path):
@@ -143,6 +156,7 @@ def test_unlearn_reports_the_run(suite, tmp_path):
     assert [p["step"] for p in results["progress"]] == [1, 2]
     assert all(0.0 < p["forget_probability"] < 1.0 for p in results["progress"])
     assert 0.0 <= results["forget_quality"] <= 1.0
+    assert results["eval_config"]["conventions"]["truth_ratio"].startswith("geometric")  # the evaluation's
 
     quick, _ = suite.unlearn("graddiff", "adamw", "forget10", evaluate=False,
                              config=default_unlearn_config("graddiff", "adamw", steps=1, batch_size=2))
