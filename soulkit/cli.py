@@ -7,6 +7,10 @@
     soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
                     [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
 
+``evaluate`` and ``unlearn`` take the evaluation settings that change numbers: ``--truth-ratio
+geometric|arithmetic``, ``--eval-examples N|all``, ``--eval-subset seeded|first``, ``--max-new-tokens N``
+(defaults: the reference implementations', see :func:`soulkit.unlearn.evaluate.conventions`).
+
 The choices (optimizers, architectures, methods, estimators, scales, splits) are those of the library's
 registries, listed by ``soulkit COMMAND --help``; the help looks them up only when it is shown, so
 building the parser imports nothing heavy.
@@ -208,11 +212,62 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
-def _suite(args: argparse.Namespace):
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The evaluation settings that change numbers (defaults: the reference implementations')."""
+    p.add_argument("--truth-ratio", default=None, dest="truth_ratio",
+                   help="geometric (default: TOFU's code, open-unlearning) or arithmetic (the TOFU paper's form)")
+    p.add_argument("--eval-examples", default=None, dest="eval_examples",
+                   help="questions evaluated per set: 'all' (open-unlearning) or N (default: the scale's; "
+                        "'all' on QA files)")
+    p.add_argument("--eval-subset", default=None, dest="eval_subset",
+                   help="with --eval-examples N: 'seeded' (a seeded subsample, default) or 'first' (the first N, "
+                        "as TOFU's code takes the first 300)")
+    p.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens",
+                   help="greedy generation length for ROUGE (default 200, as the references; cut to the model's "
+                        "context)")
+
+
+def _eval_overrides(args: argparse.Namespace) -> dict:
+    """The EvalConfig fields set by the flags of :func:`_add_eval_args`, checked (one line naming the flag)."""
+    from .unlearn.evaluate import EVAL_SUBSETS
+    from .unlearn.metrics import TRUTH_RATIO_MODES
+
+    out: dict = {}
+    if args.truth_ratio is not None:
+        if args.truth_ratio not in TRUTH_RATIO_MODES:
+            raise ValueError(f"--truth-ratio must be one of {', '.join(TRUTH_RATIO_MODES)}, got {args.truth_ratio!r}")
+        out["truth_ratio"] = args.truth_ratio
+    if args.eval_examples is not None:
+        v = args.eval_examples.strip().lower()
+        if v == "all":
+            out["max_eval_examples"] = None
+        else:
+            try:
+                n = int(v)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"--eval-examples must be 'all' or an int >= 1, got {args.eval_examples!r}")
+            out["max_eval_examples"] = n
+    if args.eval_subset is not None:
+        if args.eval_subset not in EVAL_SUBSETS:
+            raise ValueError(f"--eval-subset must be one of {', '.join(EVAL_SUBSETS)}, got {args.eval_subset!r}")
+        out["subset"] = args.eval_subset
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be an int >= 1, got {args.max_new_tokens}")
+        out["max_new_tokens"] = args.max_new_tokens
+    return out
+
+
+def _suite(args: argparse.Namespace, eval_overrides: dict | None = None):
     from .unlearn.suite import UnlearningSuite
 
-    return UnlearningSuite.from_scale(args.scale, seed=args.data_seed, data_dir=args.data,
-                                      cache_dir=args.cache_dir, progress=not args.no_progress)
+    suite = UnlearningSuite.from_scale(args.scale, seed=args.data_seed, data_dir=args.data,
+                                       cache_dir=args.cache_dir, progress=not args.no_progress)
+    if eval_overrides:
+        suite.eval_config = dataclasses.replace(suite.eval_config, **eval_overrides)
+    return suite
 
 
 def _check_out(out: Path, overwrite: bool, owned: Sequence[str]) -> None:
@@ -250,14 +305,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ._io import atomic_write_json
     from .unlearn.evaluate import format_results
 
+    overrides = _eval_overrides(args)  # bad settings fail before anything slow
     _set_threads(args)
     files = {k: getattr(args, k) for k in ("forget", "retain", "real_authors", "world_facts", "holdout")}
     if any(v is not None for v in files.values()):
-        return _evaluate_files(args, files)
+        return _evaluate_files(args, files, overrides)
     if args.reference is not None:
         raise ValueError("--reference goes with QA files (--forget/--retain/--real-authors/--world-facts); "
                          "on the generated benchmark the retrain is the reference")
-    suite = _suite(args)
+    suite = _suite(args, overrides)
     suite.benchmark.split(args.split)  # validates the split name early
     if not Path(args.model_dir).is_dir():
         raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
@@ -270,7 +326,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None]) -> int:
+def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None], overrides: dict) -> int:
     """``soulkit evaluate`` on QA files (e.g. real TOFU ``*_perturbed.json``) and any local model."""
     import json
 
@@ -292,7 +348,7 @@ def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None]) -> 
     _check_out(out, args.overwrite, ["results.json"])
     sets = EvalSets(**{k: (read_jsonl(v) if v is not None else None) for k, v in files.items()})
     model, tok = load_model(args.model_dir)
-    config = EvalConfig(show_progress=not args.no_progress)
+    config = EvalConfig(show_progress=not args.no_progress, **overrides)
     results = evaluate_model(model, tok, sets, config=config, reference=reference)
     results["model_dir"] = str(args.model_dir)
     atomic_write_json(out / "results.json", results)
@@ -336,6 +392,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                          + (f"; add --optimizer {' or '.join(takers)}" if takers else ""))
     if args.estimator is not None:
         overrides["estimator"] = args.estimator
+    eval_overrides = _eval_overrides(args)
     config = default_unlearn_config(args.method, args.optimizer, optimizer_kwargs=opt_kwargs, **overrides)
     objective_kwargs = {}
     if args.beta is not None:
@@ -343,7 +400,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     if args.gamma is not None:
         objective_kwargs["gamma"] = args.gamma
     _set_threads(args)
-    suite = _suite(args)
+    suite = _suite(args, eval_overrides)
     suite.benchmark.split(args.split)  # validates the split name before anything slow
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
@@ -450,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("world-facts", "world-fact"), ("holdout", "holdout (non-member) ")]:
         p_eval.add_argument(f"--{name}", type=Path, default=None, dest=name.replace("-", "_"),
                             help=f"{what} QA file (JSONL, TOFU fields) instead of the generated benchmark")
+    _add_eval_args(p_eval)
     p_eval.add_argument("--reference", type=Path, default=None,
                         help="results.json of the retain model on the same files: forget quality and privleak "
                              "are computed against it")
@@ -481,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every",
                       help="every N steps record forget/retain answer probability (results.json: progress)")
     p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")
+    _add_eval_args(p_un)
     p_un.set_defaults(func=_cmd_unlearn)
     return parser
 

@@ -89,6 +89,12 @@ def _hash_dir(d: Path) -> dict[str, str]:
         (["--method", "ga", "--split", "forget200"], "forget200"),
         (["--method", "ga", "--split", "retain90"], "retain90"),
         (["--method", "ga", "--gamma", "0.5"], "gamma"),
+        (["--method", "ga", "--truth-ratio", "harmonic"],
+         "--truth-ratio must be one of geometric, arithmetic, got 'harmonic'"),
+        (["--method", "ga", "--eval-examples", "0"], "--eval-examples must be 'all' or an int >= 1, got '0'"),
+        (["--method", "ga", "--eval-examples", "some"], "--eval-examples must be 'all' or an int >= 1, got 'some'"),
+        (["--method", "ga", "--eval-subset", "random"], "--eval-subset must be one of seeded, first, got 'random'"),
+        (["--method", "ga", "--max-new-tokens", "0"], "--max-new-tokens must be an int >= 1, got 0"),
     ],
 )
 def test_unlearn_argument_errors(extra, needle, tmp_path, cache, capsys):
@@ -285,12 +291,36 @@ def test_evaluate_on_qa_files_with_a_reference(tmp_path, capsys):
     assert main(["evaluate", str(model_dir), "--forget", str(tmp_path / "forget.jsonl"), "--out",
                  str(tmp_path / "x")]) != 0
     assert "--retain" in _one_line_error(capsys)
+    # QA files default to the references' settings; the flags change them and results.json says so
+    assert ref["config"]["max_eval_examples"] is None and ref["config"]["max_new_tokens"] == 200
+    assert ref["config"]["truth_ratio"] == "geometric" and ref["n_examples"]["forget"] == len(forget)
+    assert ref["config"]["conventions"]["questions"].startswith("all questions")
+    assert main(["evaluate", str(model_dir), *argv, "--out", str(tmp_path / "ari"), "--no-progress",
+                 "--truth-ratio", "arithmetic", "--eval-examples", "2", "--eval-subset", "first",
+                 "--max-new-tokens", "3"]) == 0
+    ari = json.loads((tmp_path / "ari" / "results.json").read_text())
+    assert (ari["config"]["truth_ratio"], ari["config"]["max_eval_examples"], ari["config"]["subset"],
+            ari["config"]["max_new_tokens"]) == ("arithmetic", 2, "first", 3)
+    assert ari["n_examples"] == {"forget": 2, "retain": 2, "real_authors": 2, "world_facts": 2, "holdout": 2}
+    for argv_bad, needle in [(["--truth-ratio", "mean"], "--truth-ratio must be one of geometric, arithmetic"),
+                             (["--eval-examples", "-1"], "--eval-examples must be 'all' or an int >= 1")]:
+        capsys.readouterr()
+        assert main(["evaluate", str(model_dir), *argv, "--out", str(tmp_path / "bad"), *argv_bad]) == 1
+        assert needle in _one_line_error(capsys)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_unlearn_eval_every_records_progress(tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert main(["unlearn", "--method", "npo", "--optimizer", "adamw", "--split", "forget10", *_bench(cache),
-                 "--out", str(out), "--steps", "2", "--eval-every", "1"]) == 0
+                 "--out", str(out), "--steps", "2", "--eval-every", "1", "--eval-examples", "2",
+                 "--eval-subset", "first"]) == 0
     progress = json.loads((out / "results.json").read_text())["progress"]
+    res = json.loads((out / "results.json").read_text())
+    # the evaluation flags reach the evaluation (and its retrain references, else forget quality would refuse
+    # a reference evaluated on other questions)
+    assert (res["eval_config"]["max_eval_examples"], res["eval_config"]["subset"]) == (2, "first")
+    assert res["eval_config"]["conventions"]["questions"].startswith("the first 2")
+    assert set(res["n_examples"].values()) == {2} and res["forget_quality"] is not None
     assert [p["step"] for p in progress] == [1, 2]  # every step; the last one is the final evaluation
     assert all(0.0 < p["forget_probability"] <= 1.0 and 0.0 < p["retain_probability"] <= 1.0 for p in progress)
