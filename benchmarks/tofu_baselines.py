@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _machine import machine_info, machine_line  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
+from soulkit.unlearn.evaluate import conventions  # noqa: E402
 from soulkit.unlearn.models import model_meta  # noqa: E402
 from soulkit.unlearn.suite import SCALES, UnlearningSuite  # noqa: E402
 
@@ -37,7 +39,7 @@ SPLITS = ("forget01", "forget05", "forget10")
 COLUMNS = [("forget_quality", "FQ", ".2e"), ("ks_statistic", "KS", ".3f"), ("model_utility", "MU", ".3f"),
            ("forget_rouge", "forget ROUGE", ".3f"), ("retain_rouge", "retain ROUGE", ".3f"),
            ("forget_probability", "forget prob", ".3f"), ("forget_truth_ratio", "forget TR", ".3f"),
-           ("extraction_strength", "ES", ".3f")]
+           ("extraction_strength", "ES", ".3f"), ("exact_memorization", "EM", ".3f")]
 
 
 def _fmt(v, spec: str) -> str:
@@ -48,15 +50,18 @@ def markdown(rows: list[dict], info: dict, scale: str, stage_seconds: dict, tota
     lines = [f"# TOFU-style baselines (scale `{scale}`: {SCALES[scale].description})", "",
              f"Machine: {machine_line(info)}. Command: `python benchmarks/tofu_baselines.py --scale {scale}`.", "",
              "FQ = forget quality (KS-test p-value of forget-set truth-ratio statistics vs retrain seed 1); "
-             "MU = model utility; ES = extraction strength; MIA = LOSS-attack AUC forget vs holdout. "
-             "retrain-seed1 is the reference (FQ 1 by construction); retrain-seed2 is the realistic ceiling.", ""]
-    head = "| split | model | " + " | ".join(c[1] for c in COLUMNS) + " | MIA AUC | privleak |"
-    lines += [head, "|" + "---|" * (len(COLUMNS) + 4)]
+             "MU = model utility; TR = truth ratio; ES = extraction strength; EM = exact memorization; "
+             "MIA = AUC forget vs holdout of the LOSS and Min-K% attacks, privleak of LOSS. retrain-seed1 is the "
+             "reference (FQ 1 by construction); retrain-seed2 is the realistic ceiling.", "",
+             "Evaluation conventions (results.json `config.conventions`): "
+             + "; ".join(f"{k}: {v}" for k, v in conventions(SCALES[scale].eval).items()) + ".", ""]
+    head = "| split | model | " + " | ".join(c[1] for c in COLUMNS) + " | MIA AUC LOSS | MIA AUC Min-K | privleak |"
+    lines += [head, "|" + "---|" * (len(COLUMNS) + 5)]
     for r in rows:
-        auc = (r.get("mia_auc") or {}).get("loss")
+        auc = r.get("mia_auc") or {}
         pl = (r.get("privleak") or {}).get("loss")
         lines.append(f"| {r['split']} | {r['model']} | " + " | ".join(_fmt(r.get(k), s) for k, _, s in COLUMNS)
-                     + f" | {_fmt(auc, '.3f')} | {_fmt(pl, '.1f')} |")
+                     + f" | {_fmt(auc.get('loss'), '.3f')} | {_fmt(auc.get('min_k'), '.3f')} | {_fmt(pl, '.1f')} |")
     lines += ["", "Stage wall times (training, seconds): "
               + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items()) + f"; whole run {total:.0f} s.", ""]
     return "\n".join(lines)
@@ -97,7 +102,8 @@ def main() -> None:
     run = {"machine": info, "scale": args.scale, "n_authors": len(suite.benchmark.authors),
            "n_qa": len(suite.benchmark.qa), "recipe": ft_meta.get("recipe"), "finetune_epochs":
            ft_meta["train"]["epochs"], "finetune_rouge_checks": ft_meta.get("rouge_checks"),
-           "stage_seconds": stage_seconds, "total_seconds": total}
+           "stage_seconds": stage_seconds, "total_seconds": total,
+           "eval_config": {**asdict(suite.eval_config), "conventions": conventions(suite.eval_config)}}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "tofu_baselines.json", rows)
     atomic_write_json(args.out / "tofu_baselines_run.json", run)

@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from _machine import machine_info, machine_line  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.demos.unlearn_tofu import plot_tradeoff  # noqa: E402
+from soulkit.unlearn.evaluate import conventions  # noqa: E402
 from soulkit.unlearn.models import load_model  # noqa: E402
 from soulkit.unlearn.newton import newton_unlearn  # noqa: E402
 from soulkit.unlearn.suite import UnlearningSuite, default_unlearn_config  # noqa: E402
@@ -49,7 +51,7 @@ OPTIMIZERS = ("adamw", "sophia")
 SPLITS = ("forget01", "forget05", "forget10")
 KEEP = ("forget_quality", "ks_statistic", "forget_quality_ceiling", "model_utility", "forget_rouge", "retain_rouge",
         "forget_probability", "retain_probability", "forget_truth_ratio", "real_authors_rouge", "world_facts_rouge",
-        "mia_auc", "privleak", "extraction_strength", "unlearn_seconds", "steps", "stopped", "mean_win_rate",
+        "mia_auc", "privleak", "extraction_strength", "exact_memorization", "unlearn_seconds", "steps", "stopped", "mean_win_rate",
         "final_loss")
 
 
@@ -184,9 +186,12 @@ def main() -> None:
         r["machine"] = machine_line(info)
         r["scale"] = args.scale
     atomic_write_json(args.out / f"{stem}.json", rows)
+    eval_config = {**asdict(suite.eval_config), "conventions": conventions(suite.eval_config)}
     atomic_write_json(args.out / f"{stem}_sweep.json", {"machine": info, "selection_split": sweep_split,
-                                                          "finetuned_utility": mu_ft, "rows": sweep_rows})
-    md = markdown(rows, sweep_rows, chosen, best, info, args, time.perf_counter() - t_start, mu_ft)
+                                                          "finetuned_utility": mu_ft, "eval_config": eval_config,
+                                                          "rows": sweep_rows})
+    md = markdown(rows, sweep_rows, chosen, best, info, args, time.perf_counter() - t_start, mu_ft,
+                  eval_config["conventions"])
     atomic_write_text(args.out / f"{stem}.md", md)
     plot_rows = _aggregate(rows, splits[-1] if "forget05" not in splits else "forget05")
     plot_tradeoff(plot_rows, args.out / f"{stem}.png",
@@ -248,13 +253,15 @@ def _f(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(rows, sweep_rows, chosen, best, info, args, total, mu_ft) -> str:
+def markdown(rows, sweep_rows, chosen, best, info, args, total, mu_ft, conv) -> str:
     lines = [f"# Unlearning: objectives x {{AdamW, Sophia (SOUL)}} (scale `{args.scale}`)", "",
              f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning.py "
              f"{' '.join(sys.argv[1:])}`; whole run {total / 60:.0f} min (cached models reused).", "",
              "Forget quality (FQ) = KS-test p-value of forget-set truth-ratio statistics against retrain seed 1; "
              "MU = model utility (finetuned: " f"{mu_ft:.3f} on the selection split). Each unlearning row is one "
              "seed; settings chosen by the sweep below.", "",
+             "Evaluation conventions (`unlearning_sweep.json` `eval_config`): "
+             + "; ".join(f"{k}: {v}" for k, v in conv.items()) + ".", "",
              "| split | method | optimizer | seed | lr | rho | FQ | KS | MU | forget ROUGE | retain ROUGE | "
              "win rate | s |", "|" + "---|" * 13]
     for r in rows:
