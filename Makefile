@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.soulkit-installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench bench-unlearn bench-influence-peers lint format clean
+.PHONY: setup test test-package test-all demo bench bench-unlearn bench-influence-peers lint format clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the built wheel in fresh venvs, one per extra (base, unlearn, influence), each extra's commands run outside
+# the checkout; reuses this venv's torch by links, so only the extras' own packages are downloaded
+test-package: $(STAMP)
+	$(PY) tests/packaging/check_wheel.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
