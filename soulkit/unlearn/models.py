@@ -297,20 +297,41 @@ class ModelZoo:
         self._tokenizer = None
 
     # -- tokenizer
+    def _once(self, name: str, build: Callable[[Path], Path]) -> Path:
+        """``root/name``, built by ``build(path)`` unless it exists. Processes sharing the cache build it
+        once: a file lock serialises the builders, and one that waited finds the first one's result.
+        Under the lock, temporary directories left by a killed builder are removed (its training
+        checkpoint is kept and resumed)."""
+        from filelock import FileLock
+
+        d = self.root / name
+        if d.is_dir():
+            return d
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f".{name}.lock")):
+            if d.is_dir():  # built by the process this one waited for
+                return d
+            for stale in self.root.glob(f".{name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            return build(d)
+
     def tokenizer(self):
         """The benchmark's tokenizer (trained on every text of the benchmark once, then loaded)."""
         from transformers import AutoTokenizer
 
         if self._tokenizer is None:
-            d = self.root / "tokenizer"
-            if not d.is_dir():
-                tok = train_tokenizer(self._texts(), vocab_size=self.recipe.vocab_size)
-                tmp = self.root / f".tokenizer.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tok.save_pretrained(tmp)
-                os.rename(tmp, d)
-            self._tokenizer = AutoTokenizer.from_pretrained(d)
+            self._tokenizer = AutoTokenizer.from_pretrained(self._once("tokenizer", self._build_tokenizer))
         return self._tokenizer
+
+    def _build_tokenizer(self, d: Path) -> Path:
+        tok = train_tokenizer(self._texts(), vocab_size=self.recipe.vocab_size)
+        tmp = self.root / f".tokenizer.tmp-{os.getpid()}"
+        try:
+            tok.save_pretrained(tmp)
+            os.rename(tmp, d)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return d
 
     def _texts(self) -> list[str]:
         from .qa import format_prompt
@@ -327,9 +348,9 @@ class ModelZoo:
     # -- stages
     def base(self) -> Path:
         """The model that learned the world knowledge (real authors, world facts) from scratch."""
-        d = self.root / "base"
-        if d.is_dir():
-            return d
+        return self._once("base", self._build_base)
+
+    def _build_base(self, d: Path) -> Path:
         tok = self.tokenizer()
         model = build_model(self.recipe.model, tok, seed=self.recipe.seed)
         t0 = time.perf_counter()
@@ -340,24 +361,24 @@ class ModelZoo:
 
     def finetuned(self) -> Path:
         """Base + every fictitious author, until the forget10 authors are memorised."""
-        d = self.root / "finetuned"
-        if d.is_dir():
-            return d
         probe = self.benchmark.records(_ROUGE_SPLIT)[: self.recipe.check_examples]
-        return self._continue(d, "finetuned", self.benchmark.qa, seed=self.recipe.seed,
-                              epochs=self.recipe.finetune_max_epochs, probe=probe)
+        return self._once("finetuned", lambda d: self._continue(
+            d, "finetuned", self.benchmark.qa, seed=self.recipe.seed, epochs=self.recipe.finetune_max_epochs,
+            probe=probe))
 
     def retrained(self, split: str, seed: int = 1) -> Path:
         """Base + the retain authors of ``split`` (never the forget authors), ``seed`` = data order."""
         if seed == self.recipe.seed:
             raise ValueError(f"retrain seed {seed} equals the fine-tune's seed; use another (1, 2, ...)")
         forget, retain = self.benchmark.split(split)
-        d = self.root / f"retrain-{split}-seed{seed}"
-        if d.is_dir():
-            return d
-        epochs = model_meta(self.finetuned())["train"]["epochs"]
-        return self._continue(d, f"retrain-{split}-seed{seed}", retain, seed=seed, epochs=epochs, probe=None,
-                              extra={"split": split, "n_forget": len(forget)})
+        name = f"retrain-{split}-seed{seed}"
+
+        def build(d: Path) -> Path:
+            epochs = model_meta(self.finetuned())["train"]["epochs"]
+            return self._continue(d, name, retain, seed=seed, epochs=epochs, probe=None,
+                                  extra={"split": split, "n_forget": len(forget)})
+
+        return self._once(name, build)
 
     def _continue(self, d: Path, stage: str, records: Sequence[QA], *, seed: int, epochs: int,
                   probe: Sequence[QA] | None, extra: dict | None = None) -> Path:

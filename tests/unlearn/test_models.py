@@ -369,3 +369,45 @@ def test_model_zoo_end_to_end(tmp_path, monkeypatch):
                     cache_dir=tmp_path).key != zoo.key
     with pytest.raises(ValueError, match="retrain seed 0 equals the fine-tune's seed"):
         zoo.retrained("forget10", seed=0)
+
+
+_BUILD_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from soulkit.unlearn.data import generate_benchmark
+from soulkit.unlearn.models import ModelZoo, TrainRecipe
+cache, log = Path(sys.argv[1]), Path(sys.argv[2])
+real = ModelZoo._build_tokenizer
+def build(self, d):
+    with open(log, "a") as f:
+        f.write("built\n")
+    time.sleep(1.5)  # long enough for the other process to reach the lock
+    return real(self, d)
+ModelZoo._build_tokenizer = build
+zoo = ModelZoo(generate_benchmark(4, qa_per_author=2, n_perturbed=3), TrainRecipe(vocab_size=300), cache_dir=cache)
+tok = zoo.tokenizer()
+print("vocab", len(tok), zoo.root)
+"""
+
+
+def test_two_processes_sharing_the_cache_build_a_stage_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD_SCRIPT)
+    log = tmp_path / "builds.txt"
+    zoo_root = ModelZoo(generate_benchmark(4, qa_per_author=2, n_perturbed=3), TrainRecipe(vocab_size=300),
+                        cache_dir=tmp_path / "cache").root
+    zoo_root.mkdir(parents=True)
+    (zoo_root / ".tokenizer.tmp-999999").mkdir()  # left by a killed builder
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(log)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    assert log.read_text().count("built") == 1, "the second process trained the tokenizer again"
+    assert len({out.strip() for out, _ in outs}) == 1  # both loaded the same tokenizer
+    leftovers = [p.name for p in zoo_root.iterdir() if ".tmp-" in p.name]
+    assert not leftovers, f"temporary directories outlived their processes: {leftovers}"
+    assert (zoo_root / "tokenizer").is_dir()
