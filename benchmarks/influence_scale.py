@@ -22,6 +22,7 @@ eigendecompositions do not grow. With exact query gradients the preconditioned q
 
     python benchmarks/influence_scale.py                     # 256 sequences x 128 tokens, 16 queries
     python benchmarks/influence_scale.py --sequences 32 --queries 4 --tag smoke
+    python benchmarks/influence_scale.py --factors /tmp/gpt2-factors   # fit once; reruns load the factors
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main(argv=None) -> None:
     ap.add_argument("--query-rank", type=int, default=None)
     ap.add_argument("--project-sequences", type=int, default=10_000)
     ap.add_argument("--project-queries", type=int, default=100)
+    ap.add_argument("--factors", default=None,
+                    help="save the fitted factors here, or load them from here when present (reruns skip the fit)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     import transformers
@@ -97,12 +100,21 @@ def main(argv=None) -> None:
         return out
 
     t0 = time.perf_counter()
-    an.fit(train)
-    rss = _rss_gib()
-    for k, sec in fi.fit_seconds.items():  # the fit's phases, timed by the analyzer itself
+    factors_dir = Path(args.factors) if args.factors else None
+    if factors_dir is not None and (factors_dir / "factors.json").is_file():
+        an.load_factors(factors_dir, train)  # a fit of this configuration saved by an earlier run
+        fit_seconds, rss = fi.factors.meta["fit_seconds"], fi.factors.meta.get("fit_peak_rss_gib", float("nan"))
+        print(f"factors loaded from {factors_dir} (fitted by an earlier run)", flush=True)
+    else:
+        an.fit(train)
+        fit_seconds, rss = fi.fit_seconds, _rss_gib()
+        if factors_dir is not None:
+            fi.factors.meta["fit_peak_rss_gib"] = rss
+            an.save_factors(factors_dir)
+        print(f"fit: {time.perf_counter() - t0:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
+    for k, sec in fit_seconds.items():  # the fit's phases, timed by the analyzer itself
         phases[k] = {"seconds": sec, "peak_rss_gib": rss}
         print(f"{k}: {sec:.1f} s", flush=True)
-    print(f"fit: {time.perf_counter() - t0:.1f} s, peak RSS {rss:.2f} GiB", flush=True)
     Q = phase("query-gradients", lambda: fi.query_gradients(queries))
     q_bytes = sum((q[0].numel() + q[1].numel()) * 4 if isinstance(q, tuple) else q.numel() * 4 for q in Q.values())
     del Q

@@ -288,7 +288,7 @@ class FactoredInfluence:
             self.fit_seconds["ekfac-eigenvalues"] = time.perf_counter() - t0
         self.factors = KFACFactors(factors, self.method, {
             "sequences": n, "tokens": acc.tokens, "fisher": self.fisher, "likelihood": self.likelihood,
-            "fisher_samples": self.fisher_samples,
+            "fisher_samples": self.fisher_samples, "fit_seconds": dict(self.fit_seconds),
         })
         self.n_train, self._train_obj = n, train
         return self

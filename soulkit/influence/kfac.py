@@ -64,11 +64,13 @@ class ModuleFactors:
         return torch.outer(self.s_vals, self.a_vals)
 
     def precondition(self, G: Tensor, method: str, damping: float) -> Tensor:
-        """``(F + damping I)^{-1} G`` for ``G`` ``[..., out, in]`` (computed in float64, returned in G's dtype)."""
-        qs, qa = self.s_vecs, self.a_vecs
-        rot = qs.T @ G.to(torch.float64) @ qa
-        rot = rot / (self.eigenvalues(method) + damping)
-        return (qs @ rot @ qa.T).to(G.dtype)
+        """``(F + damping I)^{-1} G`` for ``G`` ``[..., out, in]``, in G's precision (float32 for half
+        precision): the four rotations are the cost, and float32 halves it against float64; the
+        eigenvalues are divided in float64."""
+        dt = torch.float64 if G.dtype == torch.float64 else torch.float32
+        qs, qa = self.s_vecs.to(dt), self.a_vecs.to(dt)
+        rot = (qs.T @ G.to(dt) @ qa).to(torch.float64) / (self.eigenvalues(method) + damping)
+        return (qs @ rot.to(dt) @ qa.T).to(G.dtype)
 
 
 def default_damping(factors: ModuleFactors, method: str) -> float:
