@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -283,6 +284,47 @@ def _check_out(out: Path, overwrite: bool, owned: Sequence[str]) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
+# the record of the options a long job was started with, so that the same command resumes it
+RUN_RECORD = "run.json"
+# options that never change what a job computes
+_NOT_RECORDED = ("out", "overwrite", "no_progress", "threads", "cache_dir", "func", "command")
+
+
+def _invocation(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+            if k not in _NOT_RECORDED and not callable(v)}
+
+
+def _resume_or_start(out: Path, overwrite: bool, owned: Sequence[str], invocation: dict) -> str:
+    """Decide what a long job does with ``out``: ``"start"`` (empty, or ``--overwrite``: cleared), or, when
+    ``out`` holds a run started with the same options, ``"resume"`` (it has a checkpoint), ``"evaluate"``
+    (its model is written, its results are not) or ``"complete"``. A run started with other options, or
+    results without a record of their options, are refused naming the difference."""
+    from ._io import atomic_write_json
+
+    record = out / RUN_RECORD
+    present = [name for name in owned if (out / name).exists()]
+    if overwrite or not present:
+        _check_out(out, True, [*owned, RUN_RECORD])
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, invocation)
+        return "start"
+    if not record.is_file():
+        raise FileExistsError(f"{out} already holds results ({', '.join(present)}) with no record of how they were "
+                              f"made; pass --overwrite or choose another --out")
+    saved = json.loads(record.read_text())
+    differ = sorted(k for k in set(saved) | set(invocation) if saved.get(k) != invocation.get(k))
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {invocation.get(k)!r}" for k in differ[:6])
+        raise ValueError(f"{out} holds a run started with other options ({shown}); rerun it as it was started, "
+                         "pass --overwrite to start over, or choose another --out")
+    if (out / "results.json").exists():
+        return "complete"
+    if (out / "model").is_dir():
+        return "evaluate"
+    return "resume"
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     check_extra("unlearn", "soulkit data")
     from .unlearn.data import generate_benchmark
@@ -404,8 +446,16 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     suite.benchmark.split(args.split)  # validates the split name before anything slow
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
-    _check_out(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint"])
-    args.out.mkdir(parents=True, exist_ok=True)
+    state = _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint"],
+                             _invocation(args))
+    if state == "complete":
+        print(format_results(json.loads((args.out / "results.json").read_text())))
+        print(f"{args.out} holds this run's results already (same options); --overwrite starts it again")
+        return 0
+    if state == "evaluate":
+        print(f"{args.out}/model was written before the run was interrupted: evaluating it", flush=True)
+    elif state == "resume":
+        print(f"resuming the run in {args.out} from its checkpoint", flush=True)
     results, run = suite.unlearn(args.method, args.optimizer, args.split, model_dir=args.model, config=config,
                                  objective_kwargs=objective_kwargs, out_dir=args.out)
     results["model_dir"] = str(run.model_dir)

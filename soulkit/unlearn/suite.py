@@ -26,7 +26,7 @@ from .data import AuthorBenchmark, generate_benchmark
 from .evaluate import EvalConfig, EvalSets, conventions, evaluate_model, score_answers
 from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, model_meta
 from .objectives import make_objective
-from .unlearner import UnlearnConfig, Unlearner
+from .unlearner import UnlearnConfig, Unlearner, finished_run
 
 __all__ = ["Scale", "SCALES", "UnlearningSuite", "default_unlearn_config"]
 
@@ -161,7 +161,10 @@ class UnlearningSuite:
                 out_dir: str | os.PathLike | None = None, evaluate: bool = True) -> tuple[dict[str, Any], Any]:
         """Unlearn ``split``'s forget authors from ``model_dir`` (default: the finetuned model) with
         ``method`` under ``optimizer``; returns ``(results, UnlearnResult)``. ``results`` has the fields
-        of :meth:`evaluate` (when ``evaluate``) plus method, optimizer, split, seed, lr, steps, wall time."""
+        of :meth:`evaluate` (when ``evaluate``) plus method, optimizer, split, seed, lr, steps, wall time.
+
+        With ``out_dir``, an interrupted run continues: from its checkpoint, or, when it had already
+        written its model, by evaluating that model."""
         forget, retain = self.benchmark.split(split)  # bad split / objective arguments fail before any training
         objective = make_objective(method, **(objective_kwargs or {}))
         model, tok = load_model(model_dir or self.finetuned_dir())
@@ -174,9 +177,19 @@ class UnlearningSuite:
                     "retain_probability": float(np.exp(-score_answers(m, tok, probe)).mean())}
 
         t0 = time.perf_counter()
-        run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,
-                        out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None).run()
-        seconds = time.perf_counter() - t0
+        run = finished_run(out_dir) if out_dir is not None else None
+        if run is None:  # a new run, or one resumed from out_dir's checkpoint
+            run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,
+                            out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None).run()
+            seconds = time.perf_counter() - t0
+        else:  # the run finished training before its evaluation was interrupted: evaluate its model
+            saved = model_meta(run.model_dir).get("config", {})
+            ignore = ("show_progress", "eval_every")
+            if ({k: v for k, v in saved.items() if k not in ignore}
+                    != json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in ignore}))):
+                raise ValueError(f"{run.model_dir} was written by a run with another configuration; use a new "
+                                 "out_dir or remove it")
+            seconds = run.seconds
         results: dict[str, Any] = self.evaluate(run.model, tok, split) if evaluate else {"split": split}
         if evaluate:  # "config" is the unlearning run's below; the evaluation's settings move here
             results["eval_config"] = results.pop("config")

@@ -47,7 +47,7 @@ from .models import save_model
 from .objectives import Objective, frozen_reference
 from .qa import QA, QADataset, batched, collate_qa, pad_token_id
 
-__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS"]
+__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS", "finished_run"]
 
 #: The optimizers of :data:`soulkit.optim.OPTIMIZERS` this loop drives. AdaHessian is not among
 #: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
@@ -363,7 +363,7 @@ class Unlearner:
                                    {"stage": "unlearned", "objective": self.objective.name,
                                     "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str)
                                     else "custom", "steps": step, "stopped": stopped,
-                                    "config": self.config.to_dict()})
+                                    "config": self.config.to_dict(), "seconds": seconds, "evaluations": evals})
             shutil.rmtree(ckpt, ignore_errors=True)
         return UnlearnResult(model=model, steps=step, stopped=stopped, log=log, evaluations=evals,
                              seconds=seconds, model_dir=model_dir)
@@ -375,6 +375,25 @@ class Unlearner:
             return dict(self.evaluate_fn(self.model, step))
         finally:
             self.model.train(was)
+
+
+def finished_run(out_dir: str | os.PathLike) -> UnlearnResult | None:
+    """The run that finished in ``out_dir`` (its saved ``model/`` and ``log.jsonl``), loaded; ``None`` if
+    the directory holds no finished model. For re-evaluating a run whose evaluation was interrupted."""
+    from .models import load_model, model_meta
+
+    d = Path(out_dir) / "model"
+    if not d.is_dir():
+        return None
+    meta = model_meta(d)
+    if meta.get("stage") != "unlearned":
+        raise ValueError(f"{d} is not a model written by the Unlearner (stage {meta.get('stage')!r})")
+    model, _ = load_model(d)
+    log_path = Path(out_dir) / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    return UnlearnResult(model=model, steps=int(meta["steps"]), stopped=meta["stopped"], log=log,
+                         evaluations=list(meta.get("evaluations", [])), seconds=float(meta.get("seconds", math.nan)),
+                         model_dir=d)
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:

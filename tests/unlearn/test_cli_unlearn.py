@@ -250,11 +250,23 @@ def test_unlearn_evaluate_overwrite(tmp_path, cache, capsys):
     assert ev["split"] == "forget10" and ev["model_dir"] == str(out / "model")
     assert ev["forget_quality"] == pytest.approx(res["forget_quality"])  # same model, same references
 
-    # a second run into the same --out: refused, then replaced with --overwrite
-    assert main(argv) == 1
-    line = _one_line_error(capsys)
-    assert "already holds results" in line and "--overwrite" in line
+    # the same command again: the run is complete, nothing is redone; other options are refused, naming them
+    assert main(argv) == 0
+    assert "holds this run's results already" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text()) == res
+    assert main([*argv[:-2], "--steps", "4"]) == 1
+    line = _one_line_error(capsys)
+    assert "other options (--steps 3 -> 4)" in line and "--overwrite" in line
+    assert json.loads((out / "results.json").read_text()) == res
+    # killed during the final evaluation (model written, no results): the same command evaluates the model
+    (out / "results.json").unlink()
+    model_mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "was written before the run was interrupted: evaluating it" in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["forget_quality"] == pytest.approx(res["forget_quality"]) and again["steps"] == 3
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime  # not trained again
 
     assert main([*argv, "--optimizer", "adamw", "--overwrite"]) == 0
     assert "graddiff x adamw: 3 steps" in capsys.readouterr().out
@@ -324,3 +336,51 @@ def test_unlearn_eval_every_records_progress(tmp_path, cache, capsys):
     assert set(res["n_examples"].values()) == {2} and res["forget_quality"] is not None
     assert [p["step"] for p in progress] == [1, 2]  # every step; the last one is the final evaluation
     assert all(0.0 < p["forget_probability"] <= 1.0 and 0.0 < p["retain_probability"] <= 1.0 for p in progress)
+
+
+_CLI_SCRIPT = r"""
+import sys
+sys.path.insert(0, {tests!r})
+from soulkit.unlearn import suite
+from unlearn.test_cli_unlearn import TINY
+suite.SCALES["tiny"] = TINY
+from soulkit.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_unlearn_run_resumes_with_the_same_command(tmp_path, cache):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False).finetuned_dir()  # models cached first
+    script = tmp_path / "cli.py"
+    script.write_text(_CLI_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1])))
+    out = tmp_path / "out"
+    argv = [sys.executable, str(script), "unlearn", "--method", "ga", "--split", "forget10", *_bench(cache),
+            "--out", str(out), "--steps", "30", "--checkpoint-every", "2", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    info = out / "checkpoint" / "trainer.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if info.exists() and json.loads(info.read_text()).get("step", 0) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-1500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(info.read_text())["step"]
+    assert 4 <= killed_at < 30 and not (out / "results.json").exists()
+
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming the run" in res.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 30
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31)), "the resumed log has gaps or repeats"
+    assert not (out / "checkpoint").exists()
