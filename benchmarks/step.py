@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, machine_line  # noqa: E402
 from _timing import paired_iqr, paired_ratio, time_rounds  # noqa: E402
-from kernels import HP, LAYOUTS, make_tensors  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
+from soulkit.bench.kernels import HP, LAYOUTS, make_tensors  # noqa: E402
 from soulkit.kernels import sophia_step  # noqa: E402
 from soulkit.kernels.finite import all_finite  # noqa: E402
 from soulkit.optim import Sophia  # noqa: E402

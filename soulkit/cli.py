@@ -466,6 +466,18 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.kernels import build_parser as bench_parser
+    from .bench.kernels import run
+
+    parser = bench_parser()
+    parser.prog = f"{PROG} bench kernels"
+    options = parser.parse_args(args.options)
+    stem = run(options)
+    print(f"wrote {stem}.json, .md and .png")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- demo
 @dataclass(frozen=True)
 class DemoStage:
@@ -562,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results.json of the retain model on the same files: forget quality and privleak "
                              "are computed against it")
     p_eval.set_defaults(func=_cmd_evaluate)
+
+    p_bench = sub.add_parser("bench", help="kernel microbenchmarks: soulkit bench kernels [--help]",
+                             add_help=False)
+    p_bench.add_argument("suite", choices=["kernels"], help="what to benchmark")
+    p_bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's options (soulkit bench kernels --help)")
+    p_bench.set_defaults(func=_cmd_bench)
 
     p_un = sub.add_parser("unlearn", help="unlearn a forget split (SOUL = --optimizer sophia)")
     _registry_argument(p_un, "--method", required=True, help="unlearning objective: {choices}",

@@ -10,10 +10,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "soulkit"
 # what each layer must not import (absolute "soulkit.X" or relative "..X")
 FORBIDDEN = {
-    "kernels": {"optim", "influence", "unlearn", "demos", "cli"},
-    "optim": {"influence", "unlearn", "demos", "cli"},
-    "influence": {"unlearn", "demos", "cli"},
-    "unlearn": {"demos", "cli"},
+    "kernels": {"optim", "influence", "unlearn", "demos", "bench", "cli"},
+    "optim": {"influence", "unlearn", "demos", "bench", "cli"},
+    "influence": {"unlearn", "demos", "bench", "cli"},
+    "unlearn": {"demos", "bench", "cli"},
 }
 
 

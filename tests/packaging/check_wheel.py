@@ -38,6 +38,8 @@ CASES = {
         (["python", "-c", "import soulkit, soulkit.optim, soulkit.kernels; print(soulkit.__file__)"], 0, "site-packages"),
         (["soulkit", "--help"], 0, "usage"),
         (["soulkit", "data", "--out", "d", "--scale", "demo"], 1, "pip install 'soulkit[unlearn]'"),
+        (["soulkit", "bench", "kernels", "--device", "cpu", "--sizes", "0.01", "--layouts", "none", "--reps", "1",
+          "--impls", "sophia-foreach,adamw-fused", "--families", "sophia", "--out", "b"], 0, "wrote"),
         (["python", "-c", "import torch; from soulkit.optim import Sophia; p = torch.nn.Parameter(torch.ones(3)); "
           "p.grad = torch.ones(3); Sophia([p]).step(); print('stepped')"], 0, "stepped"),
     ]),
