@@ -51,7 +51,8 @@ bench-unlearn: $(STAMP)
 	$(PY) benchmarks/tofu_baselines.py
 	$(PY) benchmarks/unlearning.py
 
-# soulkit vs dattri vs kronfluence on the LOO and LDS influence tasks (~10-15 min on 1 CPU thread). The peers
+# soulkit vs dattri vs kronfluence on the LOO and LDS influence tasks (~25-30 min on 1 CPU thread), then LDS on a
+# byte-level Llama trained here, soulkit K-FAC/EK-FAC vs kronfluence (~60-75 min on 1 CPU thread). The peers
 # live only in a separate venv (.venv-peers, pins in benchmarks/requirements-peers.txt), never in soulkit's deps.
 PEERS_VENV  ?= .venv-peers
 PEERS_PY    := $(PEERS_VENV)/bin/python
@@ -74,6 +75,7 @@ $(PEERS_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 
 bench-influence-peers: $(PEERS_STAMP)
 	OMP_NUM_THREADS=1 $(PEERS_PY) benchmarks/influence_peers.py
+	OMP_NUM_THREADS=1 $(PEERS_PY) benchmarks/influence_lm_lds.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check soulkit tests benchmarks
