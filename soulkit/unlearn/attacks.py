@@ -1,0 +1,495 @@
+"""Does it stay forgotten? Attacks on an unlearned model, each with the exact retrain as the control.
+
+    from soulkit.unlearn import UnlearningSuite
+    from soulkit.unlearn.attacks import AttackConfig, run_attack, quantize_weights, relearn
+
+    suite = UnlearningSuite.from_scale("small")
+    res = run_attack(suite, "forget10", AttackConfig("quantize", bits=4), model_dir="runs/npo/model")
+    res = run_attack(suite, "forget10", AttackConfig("relearn", steps=(10, 25, 50)), model_dir=...)
+
+Attacks (the pure functions never modify the model they are given; they return a new one):
+
+* **quantize** (:func:`quantize_weights`): round-to-nearest symmetric integer quantization of every
+  ``nn.Linear``, transformers ``Conv1D`` and ``nn.Embedding`` weight, int8 or int4, with one scale per
+  output channel (``per_channel``), per group of ``group_size`` input columns within each output
+  channel, or per tensor; the integers are multiplied back by their scale in the model's dtype ("fake
+  quantization": the numbers an int8/int4 inference stack computes with). Norm weights and biases
+  keep full precision, as those stacks keep them. Reported by Zhang et al. (2025) to revive
+  forgotten knowledge.
+* **relearn** (:func:`relearn`): fine-tune a copy for a few steps on half of each forget author's QA
+  pairs (:func:`split_forget_halves`) and evaluate on the *other* half. Budgets ``steps=(10, 25, 50)``
+  are points of one run (constant lr, so a shorter budget is a prefix of a longer one).
+* **few-shot**: greedy answers to the forget questions preceded by ``shots`` retain QA pairs in the
+  same prompt format; forget ROUGE with and without the prefix.
+
+Controls: every attack is applied to the exact retrain of the split as well (the model that never
+saw the forget authors). For relearning, ``recovery`` reports per budget the attacked model's metric
+minus the attacked retrain's, and their ratio, so what the attack data teaches on its own is not
+counted as recovered memory.
+
+``phrasings``, ``multihop``, ``neighbours`` and ``sequential`` (issue 16) are named in :data:`ATTACKS`
+and not implemented yet: :class:`AttackConfig` refuses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .evaluate import EvalSets, evaluate_model
+from .qa import QA, QADataset, batched, pad_token_id, qa_batches
+
+__all__ = [
+    "ATTACKS",
+    "IMPLEMENTED_ATTACKS",
+    "RELEARN_OPTIMIZERS",
+    "AttackConfig",
+    "quantize_weights",
+    "quantize_tensor",
+    "relearn",
+    "relearn_budgets",
+    "split_forget_halves",
+    "few_shot_prompts",
+    "run_attack",
+    "format_attack",
+]
+
+#: Every attack of issue 16, in the order of its list; :data:`IMPLEMENTED_ATTACKS` are those that run.
+ATTACKS = ("relearn", "quantize", "phrasings", "multihop", "neighbours", "sequential", "few-shot")
+IMPLEMENTED_ATTACKS = ("relearn", "quantize", "few-shot")
+#: Optimizers the relearning attack fine-tunes with (:func:`soulkit.optim.make_optimizer` names).
+RELEARN_OPTIMIZERS = ("adamw", "sophia")
+BITS = (4, 8)
+# the metrics whose recovery is reported (higher = more of the forget set's answers known)
+RECOVERY_METRICS = ("forget_rouge", "forget_probability", "forget_truth_ratio", "extraction_strength",
+                    "exact_memorization")
+
+
+# ---------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class AttackConfig:
+    """One attack and its settings.
+
+    * ``attack``: a name of :data:`ATTACKS` (only :data:`IMPLEMENTED_ATTACKS` run).
+    * quantize: ``bits`` 4 or 8; ``group_size`` input columns per scale (``None``: one scale per
+      output channel, or per tensor when ``per_channel`` is False).
+    * relearn: ``steps``, the budgets (one int or several, each >= 1); ``lr``, ``optimizer`` (one of
+      :data:`RELEARN_OPTIMIZERS`), ``batch_size``, ``seed`` (data order, the halves, Sophia's labels).
+    * few-shot: ``shots`` retain QA pairs before each forget question.
+    """
+
+    attack: str
+    bits: int = 4
+    group_size: int | None = None
+    per_channel: bool = True
+    steps: tuple[int, ...] = (10, 25, 50)
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    batch_size: int = 8
+    seed: int = 0
+    shots: int = 2
+
+    def __post_init__(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        if self.attack not in IMPLEMENTED_ATTACKS:
+            raise NotImplementedError(f"attack {self.attack} is not implemented yet "
+                                      f"(implemented: {', '.join(IMPLEMENTED_ATTACKS)})")
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ValueError(f"group_size must be None or an int >= 1, got {self.group_size!r}")
+        steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
+        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+            raise ValueError(f"steps (relearning budgets) must be ints >= 1, got {self.steps!r}")
+        object.__setattr__(self, "steps", tuple(sorted(set(steps))))
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.optimizer not in RELEARN_OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(RELEARN_OPTIMIZERS)}")
+        for name in ("batch_size", "shots"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that apply to this attack (for results.json)."""
+        keep = {"quantize": ("bits", "group_size", "per_channel"),
+                "relearn": ("steps", "lr", "optimizer", "batch_size", "seed"),
+                "few-shot": ("shots", "seed")}[self.attack]
+        d = asdict(self)
+        return {"attack": self.attack, **{k: (list(d[k]) if k == "steps" else d[k]) for k in keep}}
+
+
+# ---------------------------------------------------------------------------------------- quantization
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): weight stored ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def quantize_tensor(weight: torch.Tensor, bits: int, *, group_size: int | None = None,
+                    per_channel: bool = True) -> torch.Tensor:
+    """Round-to-nearest symmetric quantization of a 2-D ``[out, in]`` weight, dequantized: returns
+    ``scale * clamp(round(w / scale), -q, q)`` with ``q = 2**(bits-1) - 1`` and ``scale = max|w| / q``
+    over each output row (``per_channel``), each group of ``group_size`` consecutive input columns of a
+    row (the last group may be shorter), or the whole tensor. Computed in float32 (float64 for float64
+    weights) and returned in ``weight``'s dtype. An all-zero group stays zero."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_tensor takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
+    qmax = 2 ** (bits - 1) - 1
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(work)
+    rows, cols = w.shape
+    if group_size is not None:
+        pad = (-cols) % group_size
+        wp = torch.nn.functional.pad(w, (0, pad)) if pad else w  # zero padding leaves max|w| unchanged
+        g = wp.reshape(rows, -1, group_size)
+        scale = g.abs().amax(dim=-1, keepdim=True) / qmax
+    elif per_channel:
+        g = w
+        scale = w.abs().amax(dim=1, keepdim=True) / qmax
+    else:
+        g = w
+        scale = w.abs().amax() / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(g / safe), -qmax, qmax) * safe
+    if group_size is not None:
+        q = q.reshape(rows, -1)[:, :cols]
+    return q.to(weight.dtype)
+
+
+def quantize_weights(model: torch.nn.Module, bits: int = 4, group_size: int | None = None,
+                     per_channel: bool = True) -> torch.nn.Module:
+    """A deep copy of ``model`` whose ``nn.Linear``, transformers ``Conv1D`` and ``nn.Embedding`` weights
+    are replaced by their :func:`quantize_tensor` (output channels: a Linear's rows, a Conv1D's columns,
+    an embedding's token vectors). A weight shared by several modules (a tied LM head) is quantized
+    once. ``model`` is not modified."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be None or an int >= 1, got {group_size!r}")
+    out = copy.deepcopy(model)
+    done: set[int] = set()
+    n = 0
+    with torch.no_grad():
+        for module in out.modules():
+            transposed = _is_conv1d(module)
+            if not (isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or transposed):
+                continue
+            w = module.weight
+            if w is None or id(w) in done or w.dim() != 2:
+                continue
+            done.add(id(w))
+            q = quantize_tensor(w.t() if transposed else w, bits, group_size=group_size, per_channel=per_channel)
+            w.copy_(q.t() if transposed else q)
+            n += 1
+    if n == 0:
+        raise ValueError("the model has no nn.Linear, Conv1D or nn.Embedding weight to quantize")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- relearning
+def _derive(seed: int, *parts: object) -> int:
+    text = json.dumps([seed, *[str(p) for p in parts]], ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def split_forget_halves(forget_qa: Sequence[QA], seed: int = 0) -> tuple[list[QA], list[QA]]:
+    """``(attack, held_out)``: each author's QA pairs (``QA.author``; records without one form one group)
+    shuffled by a generator seeded from ``seed`` and the author's name, the first ``floor(n/2)`` to
+    ``attack`` and the rest to ``held_out`` (an author with one question contributes it to ``held_out``).
+    Deterministic across processes; the records keep their original order within each half."""
+    records = list(forget_qa)
+    if len(records) < 2:
+        raise ValueError(f"splitting the forget set into halves needs at least 2 QA pairs, got {len(records)}")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(str(r.author), []).append(i)
+    attack: set[int] = set()
+    for author, idx in groups.items():
+        order = list(idx)
+        random.Random(_derive(seed, "forget-halves", author)).shuffle(order)
+        attack.update(order[: len(order) // 2])
+    first = [r for i, r in enumerate(records) if i in attack]
+    second = [r for i, r in enumerate(records) if i not in attack]
+    if not first:
+        raise ValueError("every forget author has a single QA pair: no half is left to relearn on")
+    return first, second
+
+
+def relearn_budgets(model, tokenizer, records: Sequence[QA], budgets: Sequence[int] = (10, 25, 50), *,
+                    lr: float = 1e-3, optimizer: str = "adamw", batch_size: int = 8, seed: int = 0,
+                    weight_decay: float = 0.0, grad_clip: float | None = 1.0, max_length: int = 128,
+                    show_progress: bool | None = None, desc: str = "relearn"
+                    ) -> tuple[dict[int, torch.nn.Module], list[float]]:
+    """Fine-tune a copy of ``model`` on the answers of ``records`` (token-mean NLL of the answer tokens,
+    the loss the benchmark's models were trained with) for ``max(budgets)`` steps of ``batch_size``
+    examples, cycling through ``records`` in a seeded order, at constant ``lr`` with ``optimizer``
+    (Sophia: Gauss-Newton-Bartlett Hessian refreshes on the step's batch). Returns
+    ``({budget: model after that many steps}, losses per step)``; ``model`` is not modified."""
+    from tqdm.auto import tqdm
+
+    from ..optim import Sophia
+    from ..optim.factory import make_optimizer
+    from ..optim.lm_targets import causal_lm_targets
+
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"relearning budgets must be >= 1, got {list(budgets)}")
+    if optimizer not in RELEARN_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(RELEARN_OPTIMIZERS)}")
+    if not records:
+        raise ValueError("the relearning set is empty")
+    work = copy.deepcopy(model)
+    work.train()
+    ds = QADataset(list(records), tokenizer, max_length=max_length)
+    pad = pad_token_id(tokenizer)
+    params = [p for p in work.parameters() if p.requires_grad]
+    opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay, seed=seed)
+    is_sophia = isinstance(opt, Sophia)
+    device = next(work.parameters()).device
+    bs = min(batch_size, len(ds))
+    out: dict[int, torch.nn.Module] = {}
+    losses: list[float] = []
+    epoch, pending = 0, []
+    bar = tqdm(total=budgets[-1], desc=desc, unit="step", leave=False,
+               disable=None if show_progress is None else not show_progress)
+    try:
+        for step in range(1, budgets[-1] + 1):
+            if not pending:
+                g = torch.Generator().manual_seed(_derive(seed, "relearn-order", epoch) % 2**63)
+                pending = list(batched(torch.randperm(len(ds), generator=g).tolist(), bs))
+                epoch += 1
+            idx = pending.pop(0)
+            batch = {k: v.to(device) for k, v in next(qa_batches(ds, len(idx), pad_id=pad, order=idx)).items()}
+            if is_sophia and opt.hessian_due():
+                logits = work(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                opt.accumulate_gnb(logits[:, :-1], labels=causal_lm_targets(batch["labels"], drop_last=True))
+            opt.zero_grad(set_to_none=True)
+            loss = work(**batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: non-finite loss at step {step}; lower the lr ({lr})")
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step in budgets:
+                snap = copy.deepcopy(work)
+                out[step] = snap.eval()
+    finally:
+        bar.close()
+    return out, losses
+
+
+def relearn(model, tokenizer, records: Sequence[QA], *, steps: int = 25, lr: float = 1e-3,
+            optimizer: str = "adamw", batch_size: int = 8, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
+    """A copy of ``model`` fine-tuned for ``steps`` steps on ``records`` (:func:`relearn_budgets` with one
+    budget); ``model`` is not modified."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    models, _ = relearn_budgets(model, tokenizer, records, (steps,), lr=lr, optimizer=optimizer,
+                                batch_size=batch_size, seed=seed, **kwargs)
+    return models[steps]
+
+
+# ---------------------------------------------------------------------------------------- few-shot
+def few_shot_prompts(questions: Sequence[str], examples: Sequence[QA], shots: int, seed: int = 0) -> list[str]:
+    """Each question preceded by ``shots`` QA pairs of ``examples`` (drawn per question from ``seed``), as
+    a "question" the prompt format of :mod:`soulkit.unlearn.qa` completes to
+    ``Question: q1\\nAnswer: a1\\n...Question: q\\nAnswer:``."""
+    if shots < 1 or len(examples) < shots:
+        raise ValueError(f"few-shot prompts need {shots} example QA pairs, got {len(examples)}")
+    out = []
+    for i, q in enumerate(questions):
+        picks = random.Random(_derive(seed, "few-shot", i)).sample(range(len(examples)), shots)
+        prefix = "".join(f"{examples[j].question}\nAnswer: {examples[j].answer}\nQuestion: " for j in picks)
+        out.append(prefix + q)
+    return out
+
+
+def _few_shot_rouge(model, tokenizer, records: Sequence[QA], examples: Sequence[QA], shots: int, seed: int,
+                    max_new_tokens: int) -> dict[str, float]:
+    from .metrics import rouge_scores
+    from .qa import greedy_answers
+
+    answers = [r.answer for r in records]
+    plain = greedy_answers(model, tokenizer, [r.question for r in records], max_new_tokens=max_new_tokens)
+    prefixed = greedy_answers(model, tokenizer, few_shot_prompts([r.question for r in records], examples, shots,
+                                                                 seed), max_new_tokens=max_new_tokens)
+    return {"forget_rouge": float(np.mean(rouge_scores(plain, answers)["rougeL_recall"])),
+            "forget_rouge_few_shot": float(np.mean(rouge_scores(prefixed, answers)["rougeL_recall"]))}
+
+
+# ---------------------------------------------------------------------------------------- the attack run
+def _headline(res: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: res.get(k) for k in ("forget_quality", "ks_statistic", "model_utility", *RECOVERY_METRICS)}
+
+
+def _recovery(attacked: Mapping[str, Any], control: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per metric of :data:`RECOVERY_METRICS`: the attacked model's value, the attacked retrain's, their
+    difference (``excess``: what the attack brought back beyond what it teaches a model that never saw
+    the forget set) and ratio (``None`` where the control's value is 0)."""
+    out = {}
+    for k in RECOVERY_METRICS:
+        a, c = attacked.get(k), control.get(k)
+        if a is None or c is None:
+            continue
+        out[k] = {"attacked": a, "control": c, "excess": a - c, "ratio": (a / c) if c else None}
+    return out
+
+
+def _change(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in ("model_utility", *RECOVERY_METRICS)
+            if before.get(k) is not None and after.get(k) is not None}
+
+
+def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.PathLike | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Attack the model in ``model_dir`` (default: ``suite``'s finetuned model) on ``split`` of ``suite``
+    (an :class:`~soulkit.unlearn.suite.UnlearningSuite`) and evaluate it before and after with
+    :func:`~soulkit.unlearn.evaluate.evaluate_model`; the same attack on the split's exact retrain (seed 1)
+    is the control. Returns the results dict (attack settings, ``before``, ``after``, ``control``,
+    ``recovery``...); nothing is written and ``model_dir`` is never modified.
+
+    * quantize: the split's full evaluation (forget quality against the retrain) before and after;
+      ``control``: the quantized retrain against the retrain.
+    * relearn: the forget authors' QA halves (:func:`split_forget_halves`, ``config.seed``); the
+      evaluation's forget set is the held-out half, its forget quality against the retrain evaluated on
+      that half. ``after`` / ``control["after"]`` / ``recovery`` are keyed by budget (as strings).
+    * few-shot: forget ROUGE of greedy answers with and without ``config.shots`` retain QA pairs before
+      the question, for the model and the retrain.
+    """
+    from .models import load_model, model_meta
+
+    say = progress or (lambda msg: None)
+    if not isinstance(config, AttackConfig):
+        raise TypeError(f"config must be an AttackConfig, got {type(config).__name__}")
+    forget, retain = suite.benchmark.split(split)  # a bad split fails before any model is loaded
+    if config.attack == "relearn":
+        attack_half, held_out = split_forget_halves(forget, config.seed)
+    source = model_dir if model_dir is not None else suite.finetuned_dir()
+    model, tok = load_model(source)
+    suite._check_tokenizer(tok)
+    t0 = time.perf_counter()
+    ecfg = suite.eval_config
+    results: dict[str, Any] = {"attack": config.attack, "split": split, "settings": config.settings(),
+                               "model_dir": str(source), "model_stage": model_meta(source).get("stage")}
+    retrain_dir = suite.retrained_dir(split, seed=1)
+    retrain, _ = load_model(retrain_dir)
+    results["control_model_dir"] = str(retrain_dir)
+
+    if config.attack == "quantize":
+        q = dict(bits=config.bits, group_size=config.group_size, per_channel=config.per_channel)
+        say("evaluating the model before quantization")
+        before = suite.evaluate(model, tok, split, with_ceiling=False)
+        say(f"evaluating the model at int{config.bits}")
+        after = suite.evaluate(quantize_weights(model, **q), tok, split, with_ceiling=False)
+        say(f"evaluating the retrain (control) at int{config.bits}")
+        ref = suite.reference(split, seed=1)
+        control_after = suite.evaluate(quantize_weights(retrain, **q), tok, split, with_ceiling=False)
+        results.update(before=before, after=after, change=_change(before, after),
+                       control={"before": ref, "after": control_after, "change": _change(ref, control_after)},
+                       recovery=_recovery(after, control_after),
+                       summary={"before": _headline(before), "after": _headline(after),
+                                "control_before": _headline(ref), "control_after": _headline(control_after)})
+    elif config.attack == "relearn":
+        sets = replace(suite.eval_sets(split), forget=held_out)
+        sets = EvalSets(**{k: getattr(sets, k) for k in ("forget", "retain", "real_authors", "world_facts",
+                                                          "holdout")})
+        say(f"evaluating the retrain on the held-out half ({len(held_out)} forget QA)")
+        ref = evaluate_model(retrain, tok, sets, config=ecfg)
+
+        def evaluate(m) -> dict[str, Any]:
+            return evaluate_model(m, tok, sets, config=ecfg, reference=ref)
+
+        say("evaluating the model before relearning")
+        before = evaluate(model)
+        kw = dict(lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed,
+                  show_progress=ecfg.show_progress)
+        say(f"relearning the model on {len(attack_half)} forget QA for {', '.join(map(str, config.steps))} steps")
+        attacked, losses = relearn_budgets(model, tok, attack_half, config.steps, desc="relearn model", **kw)
+        say("relearning the retrain (control)")
+        controlled, control_losses = relearn_budgets(retrain, tok, attack_half, config.steps,
+                                                     desc="relearn retrain", **kw)
+        after, control_after, recovery = {}, {}, {}
+        for b in config.steps:
+            say(f"evaluating after {b} steps")
+            after[str(b)] = evaluate(attacked.pop(b))
+            control_after[str(b)] = evaluate(controlled.pop(b))
+            recovery[str(b)] = _recovery(after[str(b)], control_after[str(b)])
+        results.update(
+            attack_questions=len(attack_half), eval_questions=len(held_out),
+            attack_set=[r.question for r in attack_half], before=before, after=after,
+            change={b: _change(before, a) for b, a in after.items()},
+            control={"before": ref, "after": control_after,
+                     "change": {b: _change(ref, a) for b, a in control_after.items()}, "losses": control_losses},
+            losses=losses, recovery=recovery,
+            summary={"before": _headline(before), **{f"after_{b}": _headline(a) for b, a in after.items()},
+                     "control_before": _headline(ref),
+                     **{f"control_after_{b}": _headline(a) for b, a in control_after.items()}})
+    else:  # few-shot
+        from .evaluate import _subsample
+
+        records = _subsample(list(forget), ecfg.max_eval_examples, ecfg.seed, 0, ecfg.subset)
+        say(f"few-shot probe: {len(records)} forget questions, {config.shots} retain QA pairs before each")
+        mine = _few_shot_rouge(model, tok, records, retain, config.shots, config.seed, ecfg.max_new_tokens)
+        ctrl = _few_shot_rouge(retrain, tok, records, retain, config.shots, config.seed, ecfg.max_new_tokens)
+        results.update(eval_questions=len(records), before={"forget_rouge": mine["forget_rouge"]},
+                       after={"forget_rouge": mine["forget_rouge_few_shot"]},
+                       control={"before": {"forget_rouge": ctrl["forget_rouge"]},
+                                "after": {"forget_rouge": ctrl["forget_rouge_few_shot"]}},
+                       recovery=_recovery({"forget_rouge": mine["forget_rouge_few_shot"]},
+                                          {"forget_rouge": ctrl["forget_rouge_few_shot"]}))
+    results["eval_config"] = {k: v for k, v in asdict(ecfg).items() if k != "show_progress"}
+    results["attack_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def format_attack(results: Mapping[str, Any]) -> str:
+    """A markdown table of an attack's headline numbers: the model and the retrain (control), before and
+    after the attack (per budget for relearning)."""
+    keys = ("forget_quality", "model_utility", *RECOVERY_METRICS)
+    cols: list[tuple[str, Mapping[str, Any]]] = []
+    after = results.get("after", {})
+    control = results.get("control", {})
+    cols.append(("before", results.get("before", {})))
+    if results.get("attack") == "relearn":
+        cols += [(f"after {b} steps", a) for b, a in after.items()]
+    else:
+        cols.append(("after", after))
+    cols.append(("retrain before", control.get("before", {})))
+    if results.get("attack") == "relearn":
+        cols += [(f"retrain after {b}", a) for b, a in control.get("after", {}).items()]
+    else:
+        cols.append(("retrain after", control.get("after", {})))
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    lines = ["| metric | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k in keys:
+        if all(d.get(k) is None for _, d in cols):
+            continue
+        lines.append(f"| {k} | " + " | ".join(fmt(d.get(k)) for _, d in cols) + " |")
+    return "\n".join(lines) + "\n"
