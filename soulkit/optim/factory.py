@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from .adahessian import AdaHessian
+from .signum import Signum
 from .sophia import Sophia
+from .soul_released import SoulReleasedSophia
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "optimizer_options", "weight_decay_groups"]
 
@@ -31,6 +33,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sophia": Sophia,
     "adahessian": AdaHessian,
+    # SOUL's released optimizer, reproduced (not the paper's Sophia), and the sign-momentum it is close to
+    "soul-released": SoulReleasedSophia,
+    "signum": Signum,
 }
 
 # Arguments make_optimizer fills in itself; everything else of a builder's signature is an option.

@@ -217,8 +217,11 @@ _SOPHIA_RHO = 1.0
 
 def default_unlearn_config(method: str, optimizer: str, **overrides: Any) -> UnlearnConfig:
     """The benchmark's default settings for ``method`` x ``optimizer``: 5 epochs, batch 8 (+ 8 retain),
-    constant lr from the sweep, grad clip 1; Sophia with rho 1.0 (``optimizer_kwargs`` overrides merge)."""
+    constant lr from the sweep, grad clip 1; Sophia with rho 1.0 (``optimizer_kwargs`` overrides merge);
+    ``soul-released`` with SOUL's released settings (its class defaults, and weight decay 0.1)."""
     kw: dict[str, Any] = {"lr": _DEFAULT_LR.get((method, optimizer), 1e-4), "epochs": 5.0, "batch_size": 8}
+    if optimizer == "soul-released":
+        kw["weight_decay"] = 0.1  # SOUL's TOFU configs; betas (0.9, 0.95), rho 0.04, bs 5120 are the class defaults
     opt_kwargs = {"rho": _SOPHIA_RHO} if optimizer == "sophia" else {}
     opt_kwargs.update(overrides.pop("optimizer_kwargs", None) or {})
     kw.update(overrides)

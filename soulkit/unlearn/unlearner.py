@@ -51,7 +51,9 @@ __all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMAT
 
 #: The optimizers of :data:`soulkit.optim.OPTIMIZERS` this loop drives. AdaHessian is not among
 #: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
-OPTIMIZERS = ("adamw", "sophia")
+#: ``soul-released`` is SOUL's released optimizer reproduced (its squared-gradient "Hessian" is refreshed
+#: inside its own step, from the clipped gradient); ``signum`` is sign-momentum.
+OPTIMIZERS = ("adamw", "sophia", "soul-released", "signum")
 #: Sophia's Hessian-diagonal estimators in this loop (``UnlearnConfig.estimator``).
 ESTIMATORS = DIAGONAL_ESTIMATORS
 _SCHEDULES = ("constant", "linear", "cosine")
@@ -159,7 +161,8 @@ class Unlearner:
         objective: an :class:`~soulkit.unlearn.objectives.Objective` (``make_objective("npo")``...).
         forget, retain: QA records; ``retain`` is required by objectives with a retain term and must
             not share questions with ``forget``.
-        optimizer: ``"adamw"``, ``"sophia"`` (SOUL), or a callable ``params -> Optimizer``.
+        optimizer: ``"adamw"``, ``"sophia"`` (SOUL), ``"soul-released"`` (SOUL's released optimizer,
+            reproduced), ``"signum"``, or a callable ``params -> Optimizer``.
         config: :class:`UnlearnConfig`.
         out_dir: where checkpoints, ``log.jsonl`` and the final ``model/`` go (``None``: memory only).
         evaluate_fn: ``(model, step) -> dict`` run every ``config.eval_every`` steps and at the end.
@@ -288,6 +291,7 @@ class Unlearner:
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         is_sophia = isinstance(opt, Sophia)
+        logs_win_rate = callable(getattr(opt, "win_rate", None))  # Sophia, soul-released
         bar = tqdm(total=self.total_steps, initial=step, desc=f"unlearn {self.objective.name}", unit="step",
                    leave=False, disable=None if c.show_progress is None else not c.show_progress)
         try:
@@ -323,7 +327,7 @@ class Unlearner:
                 opt.step()
                 step += 1
                 entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **metrics}
-                if is_sophia:
+                if logs_win_rate:
                     try:
                         entry["win_rate"] = float(opt.win_rate()[0])
                     except (RuntimeError, IndexError):

@@ -15,7 +15,7 @@ def _params():
 
 
 def test_registry_names_and_exports():
-    assert list(OPTIMIZERS) == ["adamw", "sophia", "adahessian"]
+    assert list(OPTIMIZERS) == ["adamw", "sophia", "adahessian", "soul-released", "signum"]
     import soulkit.optim
 
     assert {"OPTIMIZERS", "make_optimizer"} <= set(soulkit.optim.__all__)
@@ -69,7 +69,7 @@ def test_param_groups_pass_through_unchanged():
 
 
 def test_unknown_name_names_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'; choose one of adamw, sophia, adahessian$"):
+    with pytest.raises(ValueError, match=r"unknown optimizer 'sgd'; choose one of adamw, sophia, adahessian, soul-released, signum$"):
         make_optimizer("sgd", _params(), lr=0.1)
     with pytest.raises(ValueError, match="unknown optimizer 'Sophia'"):  # names are exact
         make_optimizer("Sophia", _params(), lr=0.1)

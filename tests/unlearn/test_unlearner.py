@@ -141,6 +141,18 @@ def test_unlearning_forgets_and_keeps_retain(memorised, tiny_tokenizer, optimize
     assert p_retain / p_retain0 > p_forget / p_forget0 + 0.2  # and selectively
 
 
+@pytest.mark.parametrize("optimizer", ["soul-released", "signum"])
+def test_soul_released_and_signum_drive_the_loop(memorised, tiny_tokenizer, optimizer):
+    res = Unlearner(memorised, tiny_tokenizer, make_objective("graddiff"), forget=FORGET, retain=RETAIN,
+                    optimizer=optimizer, config=_cfg(lr=1e-3, steps=4, weight_decay=0.1)).run()
+    assert res.stopped == "completed" and res.steps == 4
+    assert res.log[-1]["forget_nll"] > res.log[0]["forget_nll"]
+    if optimizer == "soul-released":  # its win rate is logged, as Sophia's is
+        assert all(0.0 <= e["win_rate"] <= 1.0 for e in res.log)
+    else:
+        assert all("win_rate" not in e for e in res.log)
+
+
 def test_epochs_cover_the_forget_set_in_a_seeded_order(memorised, tiny_tokenizer):
     def run(seed):
         rec = _Recorder(make_objective("graddiff"))
@@ -419,7 +431,7 @@ def test_custom_optimizer_callable(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_optimizers_come_from_the_factory_with_the_config(tiny_model, tiny_tokenizer, monkeypatch):
-    assert OPTIMIZERS == ("adamw", "sophia") and set(OPTIMIZERS) <= set(ALL_OPTIMIZERS)
+    assert OPTIMIZERS == ("adamw", "sophia", "soul-released", "signum") and set(OPTIMIZERS) <= set(ALL_OPTIMIZERS)
     assert ESTIMATORS == ("gnb", "hutchinson")
     made = _spy_optimizers(monkeypatch)
     for name, cls, kwargs in [("adamw", torch.optim.AdamW, {"betas": (0.8, 0.9)}),
@@ -459,10 +471,10 @@ def test_objective_needing_retain_without_retain(tiny_model, tiny_tokenizer, nam
 
 
 def test_unknown_optimizer_and_bad_objective(tiny_model, tiny_tokenizer):
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'; choose one of adamw, sophia$"):
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; choose one of adamw, sophia, soul-released, signum$"):
         Unlearner(tiny_model, tiny_tokenizer, make_objective("ga"), forget=FORGET, optimizer="lion")
     # in the factory, but not an optimizer this loop drives (its refreshes need a double backward)
-    with pytest.raises(ValueError, match="unknown optimizer 'adahessian'; choose one of adamw, sophia$"):
+    with pytest.raises(ValueError, match="unknown optimizer 'adahessian'; choose one of adamw, sophia, soul-released, signum$"):
         Unlearner(tiny_model, tiny_tokenizer, make_objective("ga"), forget=FORGET, optimizer="adahessian")
     with pytest.raises(TypeError, match="make_objective"):
         Unlearner(tiny_model, tiny_tokenizer, "npo", forget=FORGET)
