@@ -6,8 +6,10 @@
     soulkit evaluate MODEL_DIR [--split SPLIT] [--scale SCALE | --data DIR] [--out DIR]
     soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
                     [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
+    soulkit attack [MODEL_DIR] --attack ATTACK [--split SPLIT] [--scale SCALE | --data DIR] --out DIR
+                   [--bits 4|8] [--group-size N] [--steps 10,25,50] [--lr LR] [--optimizer OPT] [--overwrite]
 
-``evaluate`` and ``unlearn`` take the evaluation settings that change numbers: ``--truth-ratio
+``evaluate``, ``unlearn`` and ``attack`` take the evaluation settings that change numbers: ``--truth-ratio
 geometric|arithmetic``, ``--eval-examples N|all``, ``--eval-subset seeded|first``, ``--max-new-tokens N``
 (defaults: the reference implementations', see :func:`soulkit.unlearn.evaluate.conventions`).
 
@@ -466,6 +468,106 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+_ATTACKS = "soulkit.unlearn.attacks"
+# the flags of `soulkit attack` that belong to one attack each: dest -> (flag, the attacks it applies to)
+_ATTACK_FLAGS = {
+    "bits": ("--bits", ("quantize",)), "group_size": ("--group-size", ("quantize",)),
+    "per_tensor": ("--per-tensor", ("quantize",)), "steps": ("--steps", ("relearn",)),
+    "lr": ("--lr", ("relearn",)), "optimizer": ("--optimizer", ("relearn",)),
+    "batch_size": ("--batch-size", ("relearn",)), "shots": ("--shots", ("few-shot",)),
+    "seed": ("--seed", ("relearn", "few-shot")),
+}
+
+
+def _attack_config(args: argparse.Namespace):
+    """The AttackConfig of ``soulkit attack``'s flags; bad values are one line naming the flag."""
+    from .unlearn.attacks import ATTACKS, IMPLEMENTED_ATTACKS, RELEARN_OPTIMIZERS, AttackConfig
+
+    if args.attack not in ATTACKS:
+        raise ValueError(f"unknown attack {args.attack!r}; choose one of {', '.join(ATTACKS)}")
+    if args.attack not in IMPLEMENTED_ATTACKS:
+        raise NotImplementedError(f"attack {args.attack} is not implemented yet (implemented: "
+                                  f"{', '.join(IMPLEMENTED_ATTACKS)})")
+    foreign = [flag for dest, (flag, attacks) in _ATTACK_FLAGS.items()
+               if getattr(args, dest) not in (None, False) and args.attack not in attacks]
+    if foreign:
+        raise ValueError(f"{' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a setting of "
+                         f"--attack {args.attack}")
+    kw: dict = {"attack": args.attack}
+    if args.bits is not None:
+        if args.bits.strip() not in ("4", "8"):
+            raise ValueError(f"--bits must be 4 or 8, got {args.bits!r}")
+        kw["bits"] = int(args.bits)
+    if args.group_size is not None:
+        if args.group_size < 1:
+            raise ValueError(f"--group-size must be an int >= 1, got {args.group_size}")
+        kw["group_size"] = args.group_size
+    if args.per_tensor:
+        if args.group_size is not None:
+            raise ValueError("--per-tensor and --group-size exclude each other")
+        kw["per_channel"] = False
+    if args.steps is not None:
+        budgets = []
+        for part in args.steps.split(","):
+            try:
+                b = int(part.strip())
+            except ValueError:
+                b = 0
+            if b < 1:
+                raise ValueError(f"--steps takes relearning budgets, ints >= 1 separated by commas (e.g. "
+                                 f"10,25,50), got {args.steps!r}")
+            budgets.append(b)
+        kw["steps"] = tuple(budgets)
+    if args.lr is not None:
+        if not args.lr > 0 or args.lr == float("inf"):
+            raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+        kw["lr"] = args.lr
+    if args.optimizer is not None:
+        if args.optimizer not in RELEARN_OPTIMIZERS:
+            raise ValueError(f"unknown --optimizer {args.optimizer!r}; choose one of {', '.join(RELEARN_OPTIMIZERS)}")
+        kw["optimizer"] = args.optimizer
+    for dest, flag in (("batch_size", "--batch-size"), ("shots", "--shots"), ("seed", "--seed")):
+        v = getattr(args, dest)
+        if v is not None:
+            if v < (0 if dest == "seed" else 1):
+                raise ValueError(f"{flag} must be an int >= {0 if dest == 'seed' else 1}, got {v}")
+            kw[dest] = v
+    return AttackConfig(**kw)
+
+
+def _cmd_attack(args: argparse.Namespace) -> int:
+    check_extra("unlearn", "soulkit attack")
+    from ._io import atomic_write_json
+    from .unlearn.attacks import format_attack, run_attack
+
+    config = _attack_config(args)  # every bad value fails here, before anything is loaded or written
+    eval_overrides = _eval_overrides(args)
+    model_dir = args.model_dir
+    if model_dir is not None:
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        if not any(model_dir.glob("*.safetensors")):
+            raise FileNotFoundError(f"model directory {model_dir} holds no .safetensors weights; soulkit attacks "
+                                    "save_pretrained(..., safe_serialization=True) directories")
+        if args.out.resolve() == model_dir.resolve() or model_dir.resolve() in args.out.resolve().parents:
+            raise ValueError(f"--out {args.out} is inside the model directory {model_dir}, which an attack never "
+                             "modifies; choose another --out")
+    if (args.out / "results.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already holds results (results.json); pass --overwrite or choose another "
+                              "--out")
+    _set_threads(args)
+    suite = _suite(args, eval_overrides)
+    suite.benchmark.split(args.split)  # validates the split name before anything slow
+    results = run_attack(suite, args.split, config, model_dir=model_dir,
+                         progress=None if args.no_progress else (lambda msg: print(msg, flush=True)))
+    results["options"] = _invocation(args)
+    atomic_write_json(args.out / "results.json", results)  # replaces an old one only now (--overwrite)
+    print(format_attack(results))
+    print(f"{config.attack} on {results['model_dir']} ({args.split}) in {results['attack_seconds']:.1f} s; "
+          f"wrote {args.out / 'results.json'}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.kernels import build_parser as bench_parser
     from .bench.kernels import run
@@ -609,6 +711,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")
     _add_eval_args(p_un)
     p_un.set_defaults(func=_cmd_unlearn)
+
+    p_at = sub.add_parser("attack", help="does it stay forgotten? attack a model (relearn, quantize, ...) and "
+                                         "evaluate it before and after, the exact retrain as the control")
+    p_at.add_argument("model_dir", type=Path, nargs="?", default=None,
+                      help="a save_pretrained directory (safetensors), never modified (default: the benchmark's "
+                           "finetuned model)")
+    _registry_argument(p_at, "--attack", required=True, help="attack: {choices}", names=_registry(_ATTACKS, "ATTACKS"))
+    p_at.add_argument("--out", type=Path, required=True, help="where results.json goes")
+    p_at.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    _add_bench_args(p_at)
+    p_at.add_argument("--bits", default=None, help="quantize: 4 (default) or 8")
+    p_at.add_argument("--group-size", type=int, default=None, dest="group_size",
+                      help="quantize: one scale per N input columns (default: one per output channel)")
+    p_at.add_argument("--per-tensor", action="store_true", dest="per_tensor", help="quantize: one scale per tensor")
+    p_at.add_argument("--steps", default=None, help="relearn: budgets in steps, comma-separated (default 10,25,50)")
+    p_at.add_argument("--lr", type=float, default=None, help="relearn: learning rate (default 1e-3)")
+    _registry_argument(p_at, "--optimizer", default=None, help="relearn: optimizer, {choices}",
+                       names=_registry(_ATTACKS, "RELEARN_OPTIMIZERS"),
+                       default_name=_field_default(_ATTACKS, "AttackConfig", "optimizer"))
+    p_at.add_argument("--batch-size", type=int, default=None, dest="batch_size", help="relearn: batch size (default 8)")
+    p_at.add_argument("--shots", type=int, default=None, help="few-shot: retain QA pairs before each question "
+                                                              "(default 2)")
+    p_at.add_argument("--seed", type=int, default=None, help="relearn: forget halves and data order; few-shot: the example pairs "
+                                                             "(default 0)")
+    _add_eval_args(p_at)
+    p_at.set_defaults(func=_cmd_attack)
     return parser
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "relearn_budgets",
     "split_forget_halves",
     "few_shot_prompts",
+    "few_shot_rouge",
     "run_attack",
     "format_attack",
 ]
@@ -328,17 +329,26 @@ def few_shot_prompts(questions: Sequence[str], examples: Sequence[QA], shots: in
     return out
 
 
-def _few_shot_rouge(model, tokenizer, records: Sequence[QA], examples: Sequence[QA], shots: int, seed: int,
-                    max_new_tokens: int) -> dict[str, float]:
+def few_shot_rouge(model, tokenizer, records: Sequence[QA], examples: Sequence[QA], *, shots: int = 2,
+                   seed: int = 0, max_new_tokens: int = 200) -> dict[str, Any]:
+    """Forget ROUGE-L recall of greedy answers to ``records``' questions asked plainly
+    (``forget_rouge``) and preceded by ``shots`` QA pairs of ``examples`` (``forget_rouge_few_shot``,
+    :func:`few_shot_prompts`). Both get the same new-token budget (``new_token_budget``):
+    ``max_new_tokens`` cut so that the longest few-shot prompt fits the model's context."""
     from .metrics import rouge_scores
-    from .qa import greedy_answers
+    from .qa import generation_budget, greedy_answers
 
     answers = [r.answer for r in records]
-    plain = greedy_answers(model, tokenizer, [r.question for r in records], max_new_tokens=max_new_tokens)
-    prefixed = greedy_answers(model, tokenizer, few_shot_prompts([r.question for r in records], examples, shots,
-                                                                 seed), max_new_tokens=max_new_tokens)
+    prompts = few_shot_prompts([r.question for r in records], examples, shots, seed)
+    try:
+        budget = generation_budget(model, tokenizer, prompts, max_new_tokens)
+    except ValueError as e:
+        raise ValueError(f"few-shot prompts with {shots} shot(s) do not fit: {e}; use fewer shots") from None
+    plain = greedy_answers(model, tokenizer, [r.question for r in records], max_new_tokens=budget)
+    prefixed = greedy_answers(model, tokenizer, prompts, max_new_tokens=budget)
     return {"forget_rouge": float(np.mean(rouge_scores(plain, answers)["rougeL_recall"])),
-            "forget_rouge_few_shot": float(np.mean(rouge_scores(prefixed, answers)["rougeL_recall"]))}
+            "forget_rouge_few_shot": float(np.mean(rouge_scores(prefixed, answers)["rougeL_recall"])),
+            "new_token_budget": budget}
 
 
 # ---------------------------------------------------------------------------------------- the attack run
@@ -453,9 +463,11 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
 
         records = _subsample(list(forget), ecfg.max_eval_examples, ecfg.seed, 0, ecfg.subset)
         say(f"few-shot probe: {len(records)} forget questions, {config.shots} retain QA pairs before each")
-        mine = _few_shot_rouge(model, tok, records, retain, config.shots, config.seed, ecfg.max_new_tokens)
-        ctrl = _few_shot_rouge(retrain, tok, records, retain, config.shots, config.seed, ecfg.max_new_tokens)
-        results.update(eval_questions=len(records), before={"forget_rouge": mine["forget_rouge"]},
+        kw = dict(shots=config.shots, seed=config.seed, max_new_tokens=ecfg.max_new_tokens)
+        mine = few_shot_rouge(model, tok, records, retain, **kw)
+        ctrl = few_shot_rouge(retrain, tok, records, retain, **kw)
+        results.update(eval_questions=len(records), new_token_budget=mine["new_token_budget"],
+                       before={"forget_rouge": mine["forget_rouge"]},
                        after={"forget_rouge": mine["forget_rouge_few_shot"]},
                        control={"before": {"forget_rouge": ctrl["forget_rouge"]},
                                 "after": {"forget_rouge": ctrl["forget_rouge_few_shot"]}},

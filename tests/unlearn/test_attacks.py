@@ -10,6 +10,7 @@ from soulkit.unlearn.attacks import (
     IMPLEMENTED_ATTACKS,
     AttackConfig,
     few_shot_prompts,
+    few_shot_rouge,
     quantize_tensor,
     quantize_weights,
     relearn,
@@ -225,6 +226,15 @@ def test_few_shot_prompts():
     assert few_shot_prompts(["Where was Mara Quill born?"], RETAIN, shots=2, seed=0) == prompts
     with pytest.raises(ValueError, match="need 5 example"):
         few_shot_prompts(["q?"], RETAIN, shots=5)
+
+
+def test_few_shot_rouge(memorised, tiny_tokenizer):
+    res = few_shot_rouge(memorised, tiny_tokenizer, FORGET, RETAIN, shots=1, seed=0, max_new_tokens=12)
+    assert res["new_token_budget"] == 12
+    assert res["forget_rouge"] > 0.5  # the memorised model answers its forget questions
+    assert 0.0 <= res["forget_rouge_few_shot"] <= 1.0
+    with pytest.raises(ValueError, match="few-shot prompts with 3 shot"):
+        few_shot_rouge(memorised, tiny_tokenizer, FORGET, RETAIN, shots=3, max_new_tokens=12)
 
 
 # ------------------------------------------------------------------------------------------ settings
