@@ -5,7 +5,8 @@
     soulkit data --out DIR [--scale SCALE | --authors N --qa-per-author Q] [--seed S]
     soulkit evaluate MODEL_DIR [--split SPLIT] [--scale SCALE | --data DIR] [--out DIR]
     soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
-                    [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite] ...
+                    [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite]
+                    [--mask salun|wagle [--mask-ratio R]] ...
     soulkit attack [MODEL_DIR] --attack ATTACK [--split SPLIT] [--scale SCALE | --data DIR] --out DIR
                    [--bits 4|8] [--group-size N] [--steps 10,25,50] [--lr LR] [--optimizer OPT] [--overwrite]
 
@@ -402,6 +403,26 @@ def _evaluate_files(args: argparse.Namespace, files: dict[str, Path | None], ove
     return 0
 
 
+def _mask_overrides(args: argparse.Namespace) -> dict:
+    """``--mask`` / ``--mask-ratio`` as UnlearnConfig fields; bad values are one line naming the flag."""
+    import math
+
+    from .unlearn.masks import MASKS
+
+    if args.mask is None:
+        if args.mask_ratio is not None:
+            raise ValueError("--mask-ratio is a setting of --mask; add --mask " + " or --mask ".join(MASKS))
+        return {}
+    if args.mask not in MASKS:
+        raise ValueError(f"unknown --mask {args.mask!r}; choose one of {', '.join(MASKS)}")
+    out = {"mask": args.mask}
+    if args.mask_ratio is not None:
+        if not (math.isfinite(args.mask_ratio) and 0.0 < args.mask_ratio <= 1.0):
+            raise ValueError(f"--mask-ratio must be in (0, 1], got {args.mask_ratio}")
+        out["mask_ratio"] = args.mask_ratio
+    return out
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     check_extra("unlearn", "soulkit unlearn")
     from ._io import atomic_write_json
@@ -436,6 +457,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
                          + (f"; add --optimizer {' or '.join(takers)}" if takers else ""))
     if args.estimator is not None:
         overrides["estimator"] = args.estimator
+    overrides.update(_mask_overrides(args))
     eval_overrides = _eval_overrides(args)
     config = default_unlearn_config(args.method, args.optimizer, optimizer_kwargs=opt_kwargs, **overrides)
     objective_kwargs = {}
@@ -448,7 +470,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     suite.benchmark.split(args.split)  # validates the split name before anything slow
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
-    state = _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint"],
+    state = _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint",
+                                                        "mask.safetensors"],
                              _invocation(args))
     if state == "complete":
         print(format_results(json.loads((args.out / "results.json").read_text())))
@@ -709,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every",
                       help="every N steps record forget/retain answer probability (results.json: progress)")
     p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")
+    _registry_argument(p_un, "--mask", default=None,
+                       help="weight-saliency mask computed before unlearning; only the kept weights move: {choices}",
+                       names=_registry("soulkit.unlearn.masks", "MASKS"))
+    p_un.add_argument("--mask-ratio", type=float, default=None, dest="mask_ratio",
+                      help="fraction of the weights --mask keeps, in (0, 1] (default 0.5)")
     _add_eval_args(p_un)
     p_un.set_defaults(func=_cmd_unlearn)
 

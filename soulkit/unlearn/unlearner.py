@@ -20,6 +20,13 @@ With ``out_dir`` the run checkpoints (``checkpoint/``, written by
 ``checkpoint_every`` steps and resumes from there when started again; the data order and Sophia's
 label sampling are functions of the seed and the step, so a resumed run ends where an uninterrupted
 one does. A non-finite loss stops the run and restores the last good checkpoint.
+
+With ``UnlearnConfig.mask`` (``"salun"`` or ``"wagle"``, :mod:`soulkit.unlearn.masks`) a weight-saliency
+mask is computed once, at the starting weights, before the first step, and only the kept
+``mask_ratio`` fraction of the weights moves: the other weights' gradients are zeroed before clipping
+and each optimizer step, and the weights are written back after it (so weight decay and optimizer
+state cannot move them). With ``out_dir`` the mask is saved as ``mask.safetensors`` and a resumed run
+reads it back instead of recomputing it from weights that have moved.
 """
 
 from __future__ import annotations
@@ -43,11 +50,21 @@ from ..optim.estimators import DIAGONAL_ESTIMATORS
 from ..optim.factory import make_optimizer
 from ..optim.lm_targets import causal_lm_targets
 from .checkpoint import INFO_FILE, has_checkpoint, load_checkpoint, save_checkpoint
+from .masks import (
+    MASKS,
+    WAGLE_MU,
+    MaskedWeights,
+    check_mask_ratio,
+    load_mask,
+    salun_mask,
+    save_mask,
+    wagle_mask,
+)
 from .models import save_model
 from .objectives import Objective, frozen_reference
 from .qa import QA, QADataset, batched, collate_qa, pad_token_id
 
-__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS", "finished_run"]
+__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS", "MASKS", "finished_run"]
 
 #: The optimizers of :data:`soulkit.optim.OPTIMIZERS` this loop drives. AdaHessian is not among
 #: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
@@ -57,6 +74,9 @@ OPTIMIZERS = ("adamw", "sophia", "soul-released", "signum")
 #: Sophia's Hessian-diagonal estimators in this loop (``UnlearnConfig.estimator``).
 ESTIMATORS = DIAGONAL_ESTIMATORS
 _SCHEDULES = ("constant", "linear", "cosine")
+#: Where a run with a weight-saliency mask keeps it (in ``out_dir``).
+MASK_FILE = "mask.safetensors"
+_MASK_FIELDS = ("mask", "mask_ratio", "mask_mu")
 
 
 @dataclass(frozen=True)
@@ -68,7 +88,9 @@ class UnlearnConfig:
     ``schedule`` after ``warmup_steps``. ``optimizer_kwargs`` go to the optimizer (AdamW: betas,
     weight_decay...; Sophia: betas, rho, hessian_update_interval...); ``estimator`` picks Sophia's
     Hessian-diagonal estimator. ``eval_every``/``checkpoint_every``: steps (``None``: never/only at
-    the end).
+    the end). ``mask``: ``None`` (every weight moves), ``"salun"`` or ``"wagle"``: only the top
+    ``mask_ratio`` fraction (in (0, 1]) of the weights by that saliency score moves; ``mask_mu`` is
+    WAGLE's ``mu`` (:mod:`soulkit.unlearn.masks`).
     """
 
     lr: float = 1e-4
@@ -87,6 +109,9 @@ class UnlearnConfig:
     max_length: int = 128
     seed: int = 0
     show_progress: bool | None = None
+    mask: str | None = None
+    mask_ratio: float = 0.5
+    mask_mu: float = WAGLE_MU
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -112,6 +137,12 @@ class UnlearnConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"UnlearnConfig.{name} must be >= 1 or None, got {v}")
+        if self.mask is not None and self.mask not in MASKS:
+            raise ValueError(f"UnlearnConfig.mask must be one of {MASKS} or None, got {self.mask!r}")
+        check_mask_ratio(self.mask_ratio, "UnlearnConfig.mask_ratio")
+        mu = self.mask_mu
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu <= 0:
+            raise ValueError(f"UnlearnConfig.mask_mu must be a finite number > 0, got {mu!r}")
 
     def total_steps(self, n_forget: int) -> int:
         if self.steps is not None:
@@ -120,7 +151,13 @@ class UnlearnConfig:
         return max(1, math.ceil(self.epochs * n_forget / per_step))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as a dict; without a mask the mask settings are left out (they change nothing),
+        so the records of runs without one read as they did before masks existed."""
+        d = asdict(self)
+        if self.mask is None:
+            for name in _MASK_FIELDS:
+                d.pop(name)
+        return d
 
 
 @dataclass
@@ -182,6 +219,8 @@ class Unlearner:
             raise ValueError("the forget set is empty")
         if objective.needs_retain and not retain:
             raise ValueError(f"objective {objective.name!r} needs a retain set")
+        if config is not None and config.mask == "wagle" and not retain:
+            raise ValueError("mask 'wagle' needs a retain set (its score uses the retain gradient)")
         if retain:
             overlap = {r.question for r in forget} & {r.question for r in retain}
             if overlap:
@@ -208,6 +247,11 @@ class Unlearner:
         self.retain = (_Cycler(QADataset(list(retain), tokenizer, max_length=c.max_length), c.batch_size,
                                c.seed + 1, pad) if retain else None)
         self.total_steps = c.total_steps(len(forget))
+        # the mask's data: the forget QA as given (for IDK, the real answers, not the refusals), in order
+        self._mask_forget = QADataset(list(forget), tokenizer, max_length=c.max_length) if c.mask else None
+        self._mask_retain = (QADataset(list(retain), tokenizer, max_length=c.max_length)
+                             if c.mask == "wagle" else None)
+        self._pad = pad
 
     # ------------------------------------------------------------------ pieces
     def _optimizer(self, params) -> torch.optim.Optimizer:
@@ -244,6 +288,39 @@ class Unlearner:
                     opt.accumulate_hutchinson(lambda fb=fb, rb=rb: self.objective(
                         model, fb, rb, reference=self.reference).loss / len(pairs))
 
+    def _compute_mask(self) -> dict[str, torch.Tensor]:
+        c = self.config
+        device = next(self.model.parameters()).device
+
+        def batches(ds: QADataset):
+            for idx in batched(range(len(ds)), c.batch_size):
+                yield {k: v.to(device) for k, v in collate_qa([ds[i] for i in idx], pad_id=self._pad).items()}
+
+        if c.mask == "salun":
+            return salun_mask(self.model, batches(self._mask_forget), c.mask_ratio)
+        return wagle_mask(self.model, batches(self._mask_forget), batches(self._mask_retain), c.mask_ratio,
+                          mu=c.mask_mu)
+
+    def _weight_mask(self, resuming: bool) -> dict[str, torch.Tensor]:
+        """The run's mask: read back from ``out_dir`` when resuming, else computed at the current
+        (starting) weights and, with ``out_dir``, saved there."""
+        c = self.config
+        path = self.out_dir / MASK_FILE if self.out_dir is not None else None
+        if resuming and path is not None and path.is_file():
+            mask, meta = load_mask(path, self.model)
+            if (meta.get("mask"), meta.get("mask_ratio"), meta.get("mask_mu")) != \
+                    (c.mask, repr(float(c.mask_ratio)), repr(float(c.mask_mu))):
+                raise ValueError(f"{path} was computed with other mask settings; use a new out_dir")
+            return mask
+        if resuming:
+            raise FileNotFoundError(f"the checkpoint in {self.out_dir} has no {MASK_FILE}: the mask cannot be "
+                                    "recomputed from weights that have moved; use a new out_dir")
+        mask = self._compute_mask()
+        if path is not None:
+            save_mask(path, mask, {"mask": c.mask, "mask_ratio": repr(float(c.mask_ratio)),
+                                   "mask_mu": repr(float(c.mask_mu))})
+        return mask
+
     def _ckpt_dir(self) -> Path | None:
         return self.out_dir / "checkpoint" if self.out_dir is not None else None
 
@@ -278,13 +355,20 @@ class Unlearner:
         ckpt = self._ckpt_dir()
         if self.out_dir is not None and (self.out_dir / "model").exists():
             raise FileExistsError(f"{self.out_dir / 'model'} already exists; choose a new out_dir")
-        if ckpt is not None and self.resume and has_checkpoint(ckpt):
+        resuming = ckpt is not None and self.resume and has_checkpoint(ckpt)
+        masked = None
+        if resuming:
             step, log, evals = self._load_checkpoint(opt)
+            # the masked-out weights never moved, so the checkpoint holds their starting values
+            masked = MaskedWeights(model, self._weight_mask(True)) if c.mask is not None else None
             _write_log(self.out_dir / "log.jsonl", log)
-        elif ckpt is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            _write_log(self.out_dir / "log.jsonl", [])
-            self._save_checkpoint(opt, 0, [], [])  # the last good state until the first checkpoint
+        else:
+            if c.mask is not None:  # computed once, at the starting weights
+                masked = MaskedWeights(model, self._weight_mask(False))
+            if ckpt is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                _write_log(self.out_dir / "log.jsonl", [])
+                self._save_checkpoint(opt, 0, [], [])  # the last good state until the first checkpoint
         snapshot = None if ckpt is not None else _snapshot(model, opt)
         good_step = step
         stopped = "completed"
@@ -322,9 +406,13 @@ class Unlearner:
                 if not finite:
                     stopped = "nonfinite_loss"
                     break
+                if masked is not None:
+                    masked.mask_grads()
                 if c.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 opt.step()
+                if masked is not None:
+                    masked.restore()
                 step += 1
                 entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **metrics}
                 if logs_win_rate:
