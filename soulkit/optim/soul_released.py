@@ -42,6 +42,11 @@ only in the second and never uses ``maximize``); hyperparameters are validated (
 outside [0, 1), ``rho <= 0``, ``bs < 1`` are ``ValueError``); sparse gradients are a ``TypeError``;
 ``bs`` is a constructor/param-group option rather than an argument of ``step``. A non-finite gradient is
 not checked (as released): it propagates into ``m``, ``h`` and the weights.
+
+SOUL builds the optimizer over two param groups, weight decay on all weights but biases and LayerNorm/RMSNorm
+weights; :func:`soulkit.optim.factory.weight_decay_groups` makes the equivalent split (by ``dim() < 2``).
+The Unlearner passes one group (every parameter decayed), as it does for AdamW; at SOUL's lr (5e-6) the
+decay factor per step is 1 - 5e-7, so the difference is far below the other effects compared.
 """
 
 from __future__ import annotations
