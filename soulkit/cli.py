@@ -582,7 +582,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     suite = _suite(args, eval_overrides)
     suite.benchmark.split(args.split)  # validates the split name before anything slow
     results = run_attack(suite, args.split, config, model_dir=model_dir,
-                         progress=None if args.no_progress else (lambda msg: print(msg, flush=True)))
+                         progress=lambda msg: print(msg, flush=True))  # stage lines; --no-progress: no bars
     results["options"] = _invocation(args)
     atomic_write_json(args.out / "results.json", results)  # replaces an old one only now (--overwrite)
     print(format_attack(results))
