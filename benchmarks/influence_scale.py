@@ -28,6 +28,7 @@ eigendecompositions do not grow. With exact query gradients the preconditioned q
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -70,7 +71,14 @@ def main(argv=None) -> None:
     ap.add_argument("--factors", default=None,
                     help="save the fitted factors here, or load them from here when present (reruns skip the fit)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--report-from", default=None,
+                    help="rewrite the Markdown (and projection) from a saved results JSON instead of running")
     args = ap.parse_args(argv)
+    if args.report_from:
+        payload = json.loads(Path(args.report_from).read_text())
+        payload.pop("projection", None)
+        write_report(payload)
+        return
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -124,51 +132,82 @@ def main(argv=None) -> None:
     phases["train-scores-1query"]["seconds"] -= phases["query-gradients"]["seconds"] / args.queries
     assert torch.isfinite(scores).all() and torch.allclose(one[0], scores[0], rtol=1e-3, atol=1e-6 * scores.abs().max())
 
-    # projection: linear in what each phase iterates over
-    S, M = args.project_sequences / args.sequences, args.project_queries / args.queries
-    per_query = max(0.0, (phases["train-scores"]["seconds"] - phases["train-scores-1query"]["seconds"])
-                    / max(args.queries - 1, 1))
-    per_batch_part = phases["train-scores"]["seconds"] - per_query * args.queries
-    projected = {
-        "covariances": phases["covariances"]["seconds"] * S,
-        "eigendecompositions": phases["eigendecompositions"]["seconds"],
-        "ekfac-eigenvalues": phases["ekfac-eigenvalues"]["seconds"] * S,
-        "query-gradients": phases["query-gradients"]["seconds"] * M,
-        "train-scores": (per_batch_part + per_query * args.project_queries) * S,
-    }
-    exact_q_gib = args.project_queries * tracked * 4 / 2**30
     payload = {
         "machine": info, "config": vars(args), "parameters": n_params, "tracked_parameters": tracked,
-        "phases": phases, "base_rss_gib": base_rss, "preconditioned_queries_gib": q_bytes / 2**30,
-        "projection": {"sequences": args.project_sequences, "queries": args.project_queries, "seconds": projected,
-                       "total_hours": sum(projected.values()) / 3600, "exact_query_gradients_gib": exact_q_gib},
+        "tracked_modules": len(fi.tracked), "phases": phases, "base_rss_gib": base_rss,
+        "preconditioned_queries_gib": q_bytes / 2**30,
     }
-    stem = RESULTS / ("influence_scale" + (f"_{args.tag}" if args.tag else ""))
+    write_report(payload)
+
+
+def _projection(payload: dict) -> dict:
+    """Each phase scaled linearly in what it iterates over; the scoring pass as a per-batch part plus a
+    per-query part, split by its runs with all queries and with one. When the one-query run was not
+    faster (machine load), the split is unmeasured and the scoring projection is a range: all of the
+    pass per batch (low) to all of it per query (high)."""
+    cfg, ph = payload["config"], payload["phases"]
+    S, M = cfg["project_sequences"] / cfg["sequences"], cfg["project_queries"] / cfg["queries"]
+    full, one = ph["train-scores"]["seconds"], ph["train-scores-1query"]["seconds"]
+    fixed = {
+        "covariances": ph["covariances"]["seconds"] * S,
+        "eigendecompositions": ph["eigendecompositions"]["seconds"],
+        "ekfac-eigenvalues": ph["ekfac-eigenvalues"]["seconds"] * S,
+        "query-gradients": ph["query-gradients"]["seconds"] * M,
+    }
+    if one < full and cfg["queries"] > 1:
+        per_query = (full - one) / (cfg["queries"] - 1)
+        low = high = (full - per_query * cfg["queries"] + per_query * cfg["project_queries"]) * S
+        split = True
+    else:
+        low, high, split = full * S, full * M * S, False
+    base = sum(fixed.values())
+    return {"sequences": cfg["project_sequences"], "queries": cfg["project_queries"], "seconds": fixed,
+            "train_scores_seconds": [low, high], "per_query_split_measured": split,
+            "total_hours": [(base + low) / 3600, (base + high) / 3600],
+            "exact_query_gradients_gib": cfg["project_queries"] * payload["tracked_parameters"] * 4 / 2**30}
+
+
+def write_report(payload: dict) -> None:
+    """``influence_scale[_tag].{json,md}`` from a run's measurements (also from a saved JSON: --report-from)."""
+    cfg, info, phases = payload["config"], payload["machine"], payload["phases"]
+    proj = payload["projection"] = _projection(payload)
+    stem = RESULTS / ("influence_scale" + (f"_{cfg['tag']}" if cfg["tag"] else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stem.with_suffix(".json"), payload)
     lines = [
         "# Factored influence (EK-FAC) at GPT-2-small shapes", "",
-        f"Machine: {machine_line(info)}. `GPT2LMHeadModel` with GPT-2 small's configuration ({n_params / 1e6:.1f}M "
-        f"parameters, {args.layers} layers, random weights), {args.sequences} training and {args.queries} query "
-        f"sequences of {args.seq_len} random tokens, batch {args.batch_size}; {len(fi.tracked)} tracked Conv1D "
-        f"modules ({tracked / 1e6:.1f}M parameters); query rank: {args.query_rank or 'exact'}. Times are wall clock "
-        "on a shared 2-core VM (indicative); peak RSS is the process maximum after the phase.", "",
+        f"Machine: {machine_line(info)}. `GPT2LMHeadModel` with GPT-2 small's configuration "
+        f"({payload['parameters'] / 1e6:.1f}M parameters, {cfg['layers']} layers, random weights), {cfg['sequences']} "
+        f"training and {cfg['queries']} query sequences of {cfg['seq_len']} random tokens, batch {cfg['batch_size']}; "
+        f"{payload['tracked_modules']} tracked Conv1D modules ({payload['tracked_parameters'] / 1e6:.1f}M parameters); "
+        f"query rank: {cfg['query_rank'] or 'exact'}. Times are wall clock on a shared 2-core VM (indicative); "
+        "peak RSS is the process maximum after the phase.", "",
         "| phase | seconds | peak RSS (GiB) |", "|---|---:|---:|",
     ]
     for k, v in phases.items():
         lines.append(f"| {k} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} |")
+    low, high = proj["train_scores_seconds"]
     lines += [
-        "", f"Preconditioned query gradients held: {q_bytes / 2**30:.2f} GiB for {args.queries} queries.", "",
-        f"**Projection to {args.project_sequences:,} sequences x {args.project_queries} queries** (each phase "
-        "linear in what it iterates over; the train-scores pass split into a per-batch part and a per-query part "
-        "from its runs with all queries and with one):", "",
+        "", f"Preconditioned query gradients held: {payload['preconditioned_queries_gib']:.2f} GiB for "
+        f"{cfg['queries']} queries.", "",
+        f"**Projection to {proj['sequences']:,} sequences x {proj['queries']} queries** (each phase linear in what "
+        "it iterates over):", "",
         "| phase | projected seconds |", "|---|---:|",
     ]
-    for k, v in projected.items():
+    for k, v in proj["seconds"].items():
         lines.append(f"| {k} | {v:,.0f} |")
-    lines += ["", f"Total {sum(projected.values()) / 3600:.1f} h on this machine. Exact preconditioned query gradients "
-              f"for {args.project_queries} queries would take {exact_q_gib:.1f} GiB; `query_rank` keeps each query "
-              "as a rank-r product per module instead."]
+    if proj["per_query_split_measured"]:
+        lines.append(f"| train-scores | {low:,.0f} |")
+        total = f"Total {proj['total_hours'][0]:.1f} h on this machine."
+    else:
+        lines.append(f"| train-scores | {low:,.0f} - {high:,.0f} |")
+        total = (f"Total {proj['total_hours'][0]:.1f} - {proj['total_hours'][1]:.1f} h on this machine. The one-query "
+                 "scoring run was not faster than the all-query one (other jobs loaded the machine), so the split of "
+                 "the scoring pass into per-batch and per-query parts is unmeasured: its projection is the range from "
+                 "all per batch to all per query.")
+    lines += ["", total + f" Exact preconditioned query gradients for {proj['queries']} queries would take "
+              f"{proj['exact_query_gradients_gib']:.1f} GiB; `query_rank` keeps each query as a rank-r product per "
+              "module instead."]
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
