@@ -72,9 +72,10 @@ IMPLEMENTED_ATTACKS = ("relearn", "quantize", "few-shot")
 #: Optimizers the relearning attack fine-tunes with (:func:`soulkit.optim.make_optimizer` names).
 RELEARN_OPTIMIZERS = ("adamw", "sophia")
 BITS = (4, 8)
-# the metrics whose recovery is reported (higher = more of the forget set's answers known)
-RECOVERY_METRICS = ("forget_rouge", "forget_probability", "forget_truth_ratio", "extraction_strength",
-                    "exact_memorization")
+# the metrics whose recovery is reported: higher = more of the forget set's answers known (the forget truth
+# ratio, mean min(R, 1/R), is not monotone in that and is reported before/after only)
+RECOVERY_METRICS = ("forget_rouge", "forget_probability", "extraction_strength", "exact_memorization")
+_REPORTED = ("forget_quality", "ks_statistic", "model_utility", "forget_truth_ratio", *RECOVERY_METRICS)
 
 
 # ---------------------------------------------------------------------------------------- configuration
@@ -353,7 +354,7 @@ def few_shot_rouge(model, tokenizer, records: Sequence[QA], examples: Sequence[Q
 
 # ---------------------------------------------------------------------------------------- the attack run
 def _headline(res: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: res.get(k) for k in ("forget_quality", "ks_statistic", "model_utility", *RECOVERY_METRICS)}
+    return {k: res.get(k) for k in _REPORTED}
 
 
 def _recovery(attacked: Mapping[str, Any], control: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -370,7 +371,7 @@ def _recovery(attacked: Mapping[str, Any], control: Mapping[str, Any]) -> dict[s
 
 
 def _change(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float]:
-    return {k: after[k] - before[k] for k in ("model_utility", *RECOVERY_METRICS)
+    return {k: after[k] - before[k] for k in ("model_utility", "forget_truth_ratio", *RECOVERY_METRICS)
             if before.get(k) is not None and after.get(k) is not None}
 
 
@@ -481,7 +482,7 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
 def format_attack(results: Mapping[str, Any]) -> str:
     """A markdown table of an attack's headline numbers: the model and the retrain (control), before and
     after the attack (per budget for relearning)."""
-    keys = ("forget_quality", "model_utility", *RECOVERY_METRICS)
+    keys = _REPORTED
     cols: list[tuple[str, Mapping[str, Any]]] = []
     after = results.get("after", {})
     control = results.get("control", {})
