@@ -4,9 +4,11 @@ benchmark that needs no network: data, tiny models, objectives, the unlearner, a
     from soulkit.unlearn import UnlearningSuite, Unlearner, UnlearnConfig, make_objective, load_model
 
 The metric functions (truth ratio, forget quality, MIA scores...) are in :mod:`soulkit.unlearn.metrics`;
-the QA prompt format, tokenisation and batching in :mod:`soulkit.unlearn.qa`.
+the QA prompt format, tokenisation and batching in :mod:`soulkit.unlearn.qa`; attacks on an unlearned
+model (quantization, relearning, few-shot prompts) in :mod:`soulkit.unlearn.attacks`.
 """
 
+from .attacks import ATTACKS, AttackConfig, quantize_weights, relearn, run_attack, split_forget_halves
 from .data import AuthorBenchmark, generate_benchmark
 from .evaluate import EvalConfig, EvalSets, evaluate_model, format_results, load_results, save_results
 from .models import ModelConfig, ModelZoo, TrainRecipe, load_model, save_model
@@ -36,4 +38,5 @@ __all__ = [
     "frozen_reference",
     "SCALES", "UnlearningSuite", "default_unlearn_config",
     "UnlearnConfig", "Unlearner", "UnlearnResult",
+    "ATTACKS", "AttackConfig", "quantize_weights", "relearn", "run_attack", "split_forget_halves",
 ]
