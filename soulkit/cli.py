@@ -1,6 +1,7 @@
 """The ``soulkit`` command line.
 
-    soulkit train [--steps N] [--optimizers OPT[,OPT]] [--model ARCH] [--out DIR] [--seed S] ...
+    soulkit train [--steps N] [--optimizers OPT[,OPT]] [--model ARCH] [--out DIR] [--seed S]
+                  [--checkpoint-every N] [--overwrite] ...
     soulkit demo  [--out DIR] [--only STAGE[,STAGE]]
     soulkit data --out DIR [--scale SCALE | --authors N --qa-per-author Q] [--seed S]
     soulkit evaluate MODEL_DIR [--split SPLIT] [--scale SCALE | --data DIR] [--out DIR]
@@ -152,6 +153,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--max-bytes", type=int, default=None, help="cap on the bytes of text read")
     p.add_argument("--data", default=None, dest="data_path",
                    help="a local text file or directory to train on instead of the standard library")
+    p.add_argument("--checkpoint-every", type=int, default=50, dest="checkpoint_every",
+                   help="save every arm every N steps into OUT/checkpoint (0: never); running the same command "
+                        "again after a kill resumes from there (default 50)")
+    p.add_argument("--overwrite", action="store_true", help="replace results or a checkpoint already in --out")
 
 
 _CONFIG_FIELDS = (
@@ -168,10 +173,11 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(seed=args.seed, progress=not args.no_progress, **kwargs)
 
 
-def _run_train(config, out: Path | None) -> str:
+def _run_train(config, out: Path | None, checkpoint_every: int = 0) -> str:
     from .demos.lm import run_training_demo
 
-    result = run_training_demo(config, out_dir=out)
+    result = run_training_demo(config, out_dir=out, checkpoint_every=checkpoint_every,
+                               notify=lambda line: print(line, flush=True))
     lines = [
         f"byte-level {config.model} LM, {result.n_params / 1e6:.2f} M parameters, {config.steps} steps, "
         f"{result.data_info['train_bytes']:,} train bytes",
@@ -192,10 +198,32 @@ def _set_threads(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
+# what `soulkit train` writes into --out: the report, and the checkpoint while it runs
+_TRAIN_REPORT = ("train_lm.md", "train_lm.json", "train_lm.png")
+# the flags of `soulkit train` whose names are not their destinations'
+_TRAIN_FLAGS = {"num_layers": "--layers", "num_heads": "--heads", "sophia_rho": "--rho",
+                "hessian_update_interval": "--hessian-interval", "data_path": "--data"}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .demos.lm.run import CHECKPOINT_DIR
+
     config = _train_config(args)  # validates before anything slow happens
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be an int >= 0 (0: no checkpoints), got {args.checkpoint_every}")
+    out = args.out if args.out is not None else Path("soulkit-train")
     _set_threads(args)
-    print(_run_train(config, args.out if args.out is not None else Path("soulkit-train")))
+    state = _resume_or_start(out, args.overwrite, [*_TRAIN_REPORT, CHECKPOINT_DIR], _invocation(args),
+                             results=_TRAIN_REPORT, model=None, flags=_TRAIN_FLAGS)
+    if state == "complete":
+        md = (out / "train_lm.md").read_text(encoding="utf-8")
+        print("\n".join(line for line in md.splitlines() if line.startswith("|")))
+        print(f"{out} holds this run's results already (same options); --overwrite starts it again")
+        return 0
+    if state == "resume" and not (out / CHECKPOINT_DIR).exists():
+        print(f"{out} holds no checkpoint of this run (--checkpoint-every 0, or killed before the first one): "
+              "training it again from step 0", flush=True)
+    print(_run_train(config, out, args.checkpoint_every))
     return 0
 
 
@@ -298,11 +326,14 @@ def _invocation(args: argparse.Namespace) -> dict:
             if k not in _NOT_RECORDED and not callable(v)}
 
 
-def _resume_or_start(out: Path, overwrite: bool, owned: Sequence[str], invocation: dict) -> str:
+def _resume_or_start(out: Path, overwrite: bool, owned: Sequence[str], invocation: dict, *,
+                     results: Sequence[str] = ("results.json",), model: str | None = "model",
+                     flags: dict[str, str] | None = None) -> str:
     """Decide what a long job does with ``out``: ``"start"`` (empty, or ``--overwrite``: cleared), or, when
     ``out`` holds a run started with the same options, ``"resume"`` (it has a checkpoint), ``"evaluate"``
-    (its model is written, its results are not) or ``"complete"``. A run started with other options, or
-    results without a record of their options, are refused naming the difference."""
+    (its ``model`` directory is written, its results are not) or ``"complete"`` (all of ``results`` are
+    written). A run started with other options, or results without a record of their options, are refused
+    naming the difference (``flags``: the option of a destination, where it is not ``--dest-with-dashes``)."""
     from ._io import atomic_write_json
 
     record = out / RUN_RECORD
@@ -318,12 +349,14 @@ def _resume_or_start(out: Path, overwrite: bool, owned: Sequence[str], invocatio
     saved = json.loads(record.read_text())
     differ = sorted(k for k in set(saved) | set(invocation) if saved.get(k) != invocation.get(k))
     if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {invocation.get(k)!r}" for k in differ[:6])
+        flags = flags or {}
+        shown = ", ".join(f"{flags.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} -> {invocation.get(k)!r}"
+                          for k in differ[:6])
         raise ValueError(f"{out} holds a run started with other options ({shown}); rerun it as it was started, "
                          "pass --overwrite to start over, or choose another --out")
-    if (out / "results.json").exists():
+    if all((out / name).exists() for name in results):
         return "complete"
-    if (out / "model").is_dir():
+    if model is not None and (out / model).is_dir():
         return "evaluate"
     return "resume"
 
