@@ -211,6 +211,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)  # validates before anything slow happens
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be an int >= 0 (0: no checkpoints), got {args.checkpoint_every}")
+    if config.data_path is not None and not Path(config.data_path).expanduser().exists():  # before run.json
+        raise FileNotFoundError(f"TrainConfig.data_path does not exist: {Path(config.data_path).expanduser()}")
     out = args.out if args.out is not None else Path("soulkit-train")
     _set_threads(args)
     state = _resume_or_start(out, args.overwrite, [*_TRAIN_REPORT, CHECKPOINT_DIR], _invocation(args),

@@ -213,7 +213,9 @@ def test_results_with_no_record_and_bad_values_are_refused(tmp_path, capsys):
                               "they were made; pass --overwrite or choose another --out")
     assert main(["train", *CLI_TINY, "--out", str(tmp_path / "new"), "--checkpoint-every", "-1"]) == 1
     assert _error(capsys) == "soulkit: error: --checkpoint-every must be an int >= 0 (0: no checkpoints), got -1"
-    assert not (tmp_path / "new").exists()
+    assert main(["train", *CLI_TINY, "--out", str(tmp_path / "new"), "--data", str(tmp_path / "missing")]) == 1
+    assert _error(capsys) == f"soulkit: error: TrainConfig.data_path does not exist: {tmp_path / 'missing'}"
+    assert not (tmp_path / "new").exists()  # nothing written, not even run.json
 
 
 @pytest.mark.slow  # two fresh interpreters (imports, the compiled Sophia step): ~35 s on two busy cores
