@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluate import EvalSets, evaluate_model
+from .evaluate import evaluate_model
 from .qa import QA, QADataset, batched, pad_token_id, qa_batches
 
 __all__ = [
@@ -425,9 +425,7 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
                        summary={"before": _headline(before), "after": _headline(after),
                                 "control_before": _headline(ref), "control_after": _headline(control_after)})
     elif config.attack == "relearn":
-        sets = replace(suite.eval_sets(split), forget=held_out)
-        sets = EvalSets(**{k: getattr(sets, k) for k in ("forget", "retain", "real_authors", "world_facts",
-                                                          "holdout")})
+        sets = replace(suite.eval_sets(split), forget=held_out)  # EvalSets checks the new set again
         say(f"evaluating the retrain on the held-out half ({len(held_out)} forget QA)")
         ref = evaluate_model(retrain, tok, sets, config=ecfg)
 
