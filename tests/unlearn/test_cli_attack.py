@@ -6,27 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from soulkit.cli import build_parser, main
 from soulkit.unlearn import suite as suite_mod
 from soulkit.unlearn.attacks import AttackConfig, run_attack, split_forget_halves
 from soulkit.unlearn.suite import UnlearningSuite
 
-from .test_cli_unlearn import TINY, _hash_dir, _one_line_error
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _tiny_scale(monkeypatch):
-    monkeypatch.setitem(suite_mod.SCALES, "tiny", TINY)
+from .test_cli_unlearn import TINY, _hash_dir, _one_line_error, _tiny_scale  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from soulkit.cli import build_parser, main
 from soulkit.unlearn import suite as suite_mod
@@ -35,14 +34,6 @@ TINY = Scale(
 )
 RESULT_FIELDS = ("forget_quality", "ks_statistic", "model_utility", "forget_rouge", "retain_rouge",
                  "forget_truth_ratio", "mia_auc", "privleak", "method", "optimizer", "split", "seed", "lr")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
