@@ -197,67 +197,38 @@ CASES = {
     "adahessian-block-power": lambda: _run_adahessian(block_size=3, hessian_power=0.5),
 }
 
+# Sophia's model and kernel digests are the same under AVX-512 and AVX2 (ATEN_CPU_CAPABILITY=avx2) except
+# for the compiled kernel's.
+_SOPHIA_2_13 = {
+    'kernel-sophia-foreach': 'dbae89db40ca96d917c61de5',
+    'kernel-sophia-reference': '87ddf655cc4771db0d8a83fa',
+    'sophia-explicit-bc': '7455d3fa2d98795500934967',
+    'sophia-explicit-maximize': '40d28691f9a15a6ef5aa8d61',
+    'sophia-gnb': '77e5c7a2d52dc8198d0446e4',
+    'sophia-gnb-bf16': '785d6ac2ff52a17dfaf1bfd5',
+    'sophia-gnb-reference': '0358309486040de1d25557a4',
+    'sophia-hutchinson': '206dbc20486c07351f9da8f7',
+    'sophia-paper': '29d92e090d4e84dd1e384e1a',
+}
 # (torch version without local suffix, CPU capability) -> case -> digest
 GOLDEN: dict[tuple[str, ...], dict[str, str]] = {
-    ("2.13.0", "AVX512"): {
-        'kernel-sophia-compiled': 'adbc9a8e3f9953aa46adee56',
-        'kernel-sophia-foreach': 'dbae89db40ca96d917c61de5',
-        'kernel-sophia-reference': '87ddf655cc4771db0d8a83fa',
-        'sophia-explicit-bc': '7455d3fa2d98795500934967',
-        'sophia-explicit-maximize': '40d28691f9a15a6ef5aa8d61',
-        'sophia-gnb': '77e5c7a2d52dc8198d0446e4',
-        'sophia-gnb-bf16': '785d6ac2ff52a17dfaf1bfd5',
-        'sophia-gnb-reference': '0358309486040de1d25557a4',
-        'sophia-hutchinson': '206dbc20486c07351f9da8f7',
-        'sophia-paper': '29d92e090d4e84dd1e384e1a',
-    },
-    ("2.13.0", "AVX2"): {  # recorded with ATEN_CPU_CAPABILITY=avx2
-        'kernel-sophia-compiled': '5f41d8661b945357c3cf48eb',
-        'kernel-sophia-foreach': 'dbae89db40ca96d917c61de5',
-        'kernel-sophia-reference': '87ddf655cc4771db0d8a83fa',
-        'sophia-explicit-bc': '7455d3fa2d98795500934967',
-        'sophia-explicit-maximize': '40d28691f9a15a6ef5aa8d61',
-        'sophia-gnb': '77e5c7a2d52dc8198d0446e4',
-        'sophia-gnb-bf16': '785d6ac2ff52a17dfaf1bfd5',
-        'sophia-gnb-reference': '0358309486040de1d25557a4',
-        'sophia-hutchinson': '206dbc20486c07351f9da8f7',
-        'sophia-paper': '29d92e090d4e84dd1e384e1a',
-    },
+    ("2.13.0", "AVX512"): {**_SOPHIA_2_13, 'kernel-sophia-compiled': 'adbc9a8e3f9953aa46adee56'},
+    ("2.13.0", "AVX2"): {**_SOPHIA_2_13, 'kernel-sophia-compiled': '5f41d8661b945357c3cf48eb'},
 }
-# (torch version, CPU capability, _sqrt_fingerprint()) -> case -> digest, for the cases that take a sqrt.
-# The fingerprints are MKL's AVX-512, AVX2 and SSE4.2 paths (recorded with MKL_ENABLE_INSTRUCTIONS=...;
-# MKL takes a non-AVX-512 path on CPUs of other vendors).
+# _sqrt_fingerprint() of MKL's AVX-512, AVX2 and SSE4.2 paths (recorded with MKL_ENABLE_INSTRUCTIONS=...;
+# MKL takes a non-AVX-512 path on other vendors' CPUs) -> AdaHessian case -> digest, the same under both
+# capabilities.
+_ADAHESSIAN_2_13 = {
+    "75378120": {'adahessian': '87e792672658b1eb22e1ab85', 'adahessian-block-power': '32da1a89b4d0ce443afb71a9',
+                 'adahessian-reference': '73c9e67928b54c894edc0e21'},
+    "409fd67f": {'adahessian': 'd595069b9a525475115d58f9', 'adahessian-block-power': '8cf43408303036ec1f376f82',
+                 'adahessian-reference': '87846efc18fcb3a34bacfbe3'},
+    "7e3074a3": {'adahessian': 'c60b550c01b322c41e415d3b', 'adahessian-block-power': '7e1568d9ed62c21c7bfef818',
+                 'adahessian-reference': '21235e2708358632fb9b5352'},
+}
+# (torch version, CPU capability, _sqrt_fingerprint()) -> case -> digest, for the cases that take a sqrt
 GOLDEN_SQRT: dict[tuple[str, ...], dict[str, str]] = {
-    ("2.13.0", "AVX512", "75378120"): {
-        'adahessian': '87e792672658b1eb22e1ab85',
-        'adahessian-block-power': '32da1a89b4d0ce443afb71a9',
-        'adahessian-reference': '73c9e67928b54c894edc0e21',
-    },
-    ("2.13.0", "AVX512", "409fd67f"): {
-        'adahessian': 'd595069b9a525475115d58f9',
-        'adahessian-block-power': '8cf43408303036ec1f376f82',
-        'adahessian-reference': '87846efc18fcb3a34bacfbe3',
-    },
-    ("2.13.0", "AVX512", "7e3074a3"): {
-        'adahessian': 'c60b550c01b322c41e415d3b',
-        'adahessian-block-power': '7e1568d9ed62c21c7bfef818',
-        'adahessian-reference': '21235e2708358632fb9b5352',
-    },
-    ("2.13.0", "AVX2", "75378120"): {
-        'adahessian': '87e792672658b1eb22e1ab85',
-        'adahessian-block-power': '32da1a89b4d0ce443afb71a9',
-        'adahessian-reference': '73c9e67928b54c894edc0e21',
-    },
-    ("2.13.0", "AVX2", "409fd67f"): {
-        'adahessian': 'd595069b9a525475115d58f9',
-        'adahessian-block-power': '8cf43408303036ec1f376f82',
-        'adahessian-reference': '87846efc18fcb3a34bacfbe3',
-    },
-    ("2.13.0", "AVX2", "7e3074a3"): {
-        'adahessian': 'c60b550c01b322c41e415d3b',
-        'adahessian-block-power': '7e1568d9ed62c21c7bfef818',
-        'adahessian-reference': '21235e2708358632fb9b5352',
-    },
+    ("2.13.0", cap, fp): table for cap in ("AVX512", "AVX2") for fp, table in _ADAHESSIAN_2_13.items()
 }
 _SQRT_CASES = ("adahessian", "adahessian-block-power", "adahessian-reference")
 
