@@ -46,6 +46,10 @@ __all__ = [
     "SimNPO",
     "IDK",
     "KLRetain",
+    "RMU",
+    "RMU_TOKENS",
+    "decoder_blocks",
+    "layer_activations",
     "DEFAULT_REFUSALS",
     "OBJECTIVES",
     "RETAIN_LOSSES",
@@ -98,7 +102,8 @@ class ObjectiveOutput:
     Metric keys used by the built-in objectives: ``loss``, ``forget_nll`` (token-mean NLL of the forget
     batch's answers; for IDK the refusal answers), ``retain_nll``, ``retain_kl``, ``npo``, ``log_ratio``
     (mean of ``log pi_theta(y|x) - log pi_ref(y|x)``), ``simnpo``; :class:`KLRetain` adds ``inner_loss``
-    (the wrapped objective's loss) and sets ``retain_kl`` to its anchor term.
+    (the wrapped objective's loss) and sets ``retain_kl`` to its anchor term; :class:`RMU` logs ``rmu_forget`` and
+    ``rmu_retain`` (its two activation distances, the latter before ``alpha``).
     """
 
     loss: torch.Tensor
@@ -266,6 +271,12 @@ class Objective(ABC):
     def prepare_forget(self, records: Sequence[QA]) -> list[QA]:
         """The forget records this objective trains on (identity by default; inputs are not modified)."""
         return list(records)
+
+    def trainable_parameters(self, model) -> list[str] | None:
+        """Names (``model.named_parameters()``) of the only parameters to train, or ``None``: all of them.
+
+        The Unlearner freezes every other parameter (RMU trains a few MLP weights)."""
+        return None
 
     def __call__(self, model, forget_batch: Mapping[str, torch.Tensor],
                  retain_batch: Mapping[str, torch.Tensor] | None = None, reference=None) -> ObjectiveOutput:
@@ -508,6 +519,9 @@ class KLRetain(Objective):
     def prepare_forget(self, records: Sequence[QA]) -> list[QA]:
         return self.objective.prepare_forget(records)
 
+    def trainable_parameters(self, model) -> list[str] | None:
+        return self.objective.trainable_parameters(model)
+
     def compute(self, model, forget_batch, retain_batch, reference) -> ObjectiveOutput:
         inner = self.objective(model, forget_batch, retain_batch, reference)
         kl = retain_kl(model, reference, retain_batch)
@@ -519,12 +533,237 @@ class KLRetain(Objective):
         return ObjectiveOutput(loss, metrics)
 
 
+# ---------------------------------------------------------------------------------------------------
+# RMU: representation misdirection
+
+
+#: RMU's token choices: every real token (``attention_mask == 1``) or only the answer tokens.
+RMU_TOKENS = ("all", "answer")
+
+
+class _StopForward(Exception):
+    """Raised by RMU's hook once layer ``L`` has run: the later layers are not needed."""
+
+
+def decoder_blocks(model) -> Sequence[torch.nn.Module]:
+    """The decoder blocks of a transformers causal LM, in order (Llama: ``model.layers``; GPT-2: ``transformer.h``)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return inner.layers
+    inner = getattr(model, "transformer", None)
+    if inner is not None and isinstance(getattr(inner, "h", None), torch.nn.ModuleList):
+        return inner.h
+    raise ValueError(f"RMU cannot find the decoder blocks of {type(model).__name__} (expected model.layers "
+                     "as in Llama or transformer.h as in GPT-2)")
+
+
+def _block_prefix(model) -> str:
+    blocks = decoder_blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(blocks)]
+
+
+def layer_activations(model, batch: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """The output hidden state of decoder block ``layer`` (0-based), shape ``(batch, seq, hidden)``.
+
+    Read by a forward hook on the block (the residual stream after the block, before any final norm),
+    as RMU's released code does; the forward pass stops there, so later blocks are not run.
+    """
+    blocks = decoder_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is out of range for a model with {len(blocks)} decoder blocks")
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"decoder block {layer} did not run")
+    return captured[0]
+
+
+def _masked_mse(h: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, what: str) -> torch.Tensor:
+    """Mean over the kept tokens of the mean squared difference over the hidden dimension."""
+    keep = keep.to(h.dtype)
+    n = keep.sum()
+    if int(n) == 0:
+        raise ValueError(f"{what} has no tokens to steer (every position is padding or prompt)")
+    per_token = (h - target).pow(2).mean(-1)
+    return (per_token * keep).sum() / n
+
+
+@dataclasses.dataclass
+class RMU(Objective):
+    """Representation misdirection for unlearning (Li et al. 2024, "The WMDP Benchmark")::
+
+        loss = mean_t ||h_L(x_f)_t - c*u||^2 / d  +  alpha * mean_t ||h_L(x_r)_t - h_L^ref(x_r)_t||^2 / d
+
+    ``h_L`` is the output hidden state of decoder block ``layer`` (0-based; the residual stream after the
+    block, read by a forward hook as the released code does), ``d`` the hidden size, ``u`` a fixed random
+    unit vector (``torch.rand`` uniform in [0, 1) from ``seed``, normalised, as in the released code) and
+    ``h_L^ref`` the frozen original model's activations. Each squared norm over ``d`` is ``F.mse_loss``'s
+    mean; the mean over ``t`` runs over the batch's real tokens only (``tokens="all"``: every position with
+    ``attention_mask == 1``, as the paper steers whole forget texts; ``"answer"``: only answer tokens), so
+    padding never counts.
+
+    Only ``params`` of the decoder blocks ``update_layers`` are trained (:meth:`trainable_parameters`;
+    the Unlearner freezes the rest). Defaults, for this project's tiny models (2-4 blocks, hidden 32-128):
+
+    - ``layer=None``: block ``(num_layers - 1) // 4`` (block 7 of Zephyr-7B's 32, the paper's choice;
+      block 0 of a 2- or 4-block model);
+    - ``update_layers=None``: blocks ``layer-2 .. layer`` (those that exist), as the paper;
+    - ``params=None``: each updated block's MLP output projection weight (``mlp.down_proj.weight`` in
+      Llama, ``mlp.c_proj.weight`` in GPT-2), as the paper (names are relative to the block);
+    - ``c=6.5``: the paper's Zephyr-7B value; the tiny models' activations at these blocks have norms of
+      the same order (a few units for hidden 32), though larger models' can be far larger: set ``c``
+      from the activation norms of the model at hand;
+    - ``alpha=10``: the paper's 1200 (with lr 5e-5, Zephyr-7B) was tuned for Zephyr's activations; on the
+      tiny models 100 and more hold the forget term almost still at lr 1e-3-1e-2 over tens of AdamW steps,
+      10 lets the forget activations move while the retain ones stay close.
+    """
+
+    layer: int | None = None
+    c: float = 6.5
+    alpha: float = 10.0
+    update_layers: tuple[int, ...] | None = None
+    params: tuple[str, ...] | None = None
+    tokens: str = "all"
+    seed: int = 0
+    name: ClassVar[str] = "rmu"
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise ValueError(f"RMU.layer must be an int >= 0 or None, got {self.layer!r}")
+        _check_positive(self, "c")
+        _check_nonneg(self, "alpha")
+        if self.update_layers is not None:
+            self.update_layers = tuple(self.update_layers)
+            if not self.update_layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                             for i in self.update_layers):
+                raise ValueError(f"RMU.update_layers must be a non-empty sequence of ints >= 0 or None, got "
+                                 f"{self.update_layers!r}")
+        if self.params is not None:
+            if isinstance(self.params, str):
+                raise ValueError("RMU.params must be a sequence of parameter names, got a single string")
+            self.params = tuple(self.params)
+            if not self.params or any(not isinstance(p, str) or not p.strip() for p in self.params):
+                raise ValueError(f"RMU.params must be non-empty parameter names or None, got {self.params!r}")
+        if self.tokens not in RMU_TOKENS:
+            raise ValueError(f"RMU.tokens must be one of {list(RMU_TOKENS)}, got {self.tokens!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"RMU.seed must be an int, got {self.seed!r}")
+        self._u: dict[int, torch.Tensor] = {}
+
+    @property
+    def needs_retain(self) -> bool:
+        return self.alpha > 0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.alpha > 0
+
+    def resolved_layer(self, model) -> int:
+        """The steered block's index for ``model`` (checks ``layer`` against its number of blocks)."""
+        n = len(decoder_blocks(model))
+        layer = (n - 1) // 4 if self.layer is None else self.layer
+        if layer >= n:
+            raise ValueError(f"RMU.layer must be in [0, {n - 1}] for this model ({n} decoder blocks), got {layer}")
+        return layer
+
+    def resolved_update_layers(self, model) -> tuple[int, ...]:
+        """The blocks whose ``params`` are trained (default ``layer-2 .. layer``)."""
+        n = len(decoder_blocks(model))
+        if self.update_layers is None:
+            layer = self.resolved_layer(model)
+            return tuple(range(max(0, layer - 2), layer + 1))
+        bad = [i for i in self.update_layers if i >= n]
+        if bad:
+            raise ValueError(f"RMU.update_layers must be in [0, {n - 1}] for this model ({n} decoder blocks), "
+                             f"got {bad}")
+        return tuple(sorted(set(self.update_layers)))
+
+    def trainable_parameters(self, model) -> list[str] | None:
+        """Full names of the parameters RMU trains: ``params`` (relative to a block) of ``update_layers``.
+
+        Raises ``ValueError`` naming the option when a layer is out of range or a name is unknown."""
+        self.resolved_layer(model)
+        prefix = _block_prefix(model)
+        blocks = decoder_blocks(model)
+        layers = self.resolved_update_layers(model)
+        local = {n for n, _ in blocks[layers[0]].named_parameters()}
+        if self.params is None:
+            default = [n for n in ("mlp.down_proj.weight", "mlp.c_proj.weight") if n in local]
+            if not default:
+                raise ValueError(f"RMU.params: no MLP output projection in {type(model).__name__}'s blocks; name "
+                                 f"the parameters to train (block parameters: {sorted(local)})")
+            names = tuple(default[:1])
+        else:
+            names = self.params
+        out = []
+        for i in layers:
+            have = {n for n, _ in blocks[i].named_parameters()}
+            unknown = [n for n in names if n not in have]
+            if unknown:
+                raise ValueError(f"RMU.params: unknown parameter name(s) {unknown} in decoder block {i}; "
+                                 f"known: {sorted(have)}")
+            out.extend(f"{prefix}.{i}.{n}" for n in names)
+        return out
+
+    def control_vector(self, hidden_size: int) -> torch.Tensor:
+        """``c * u``: ``u`` uniform in [0, 1)^d from ``seed``, normalised to unit length (fixed per run)."""
+        if hidden_size not in self._u:
+            g = torch.Generator().manual_seed(self.seed)
+            u = torch.rand(hidden_size, generator=g, dtype=torch.float64)
+            self._u[hidden_size] = (u / u.norm()).to(torch.float32)
+        return self.c * self._u[hidden_size]
+
+    def _keep(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.tokens == "answer":
+            return batch["labels"] != -100
+        return batch["attention_mask"] != 0
+
+    def forget_loss(self, model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the kept tokens of ``mean_d (h_L - c*u)^2`` (differentiable)."""
+        h = layer_activations(model, batch, self.resolved_layer(model))
+        target = self.control_vector(h.shape[-1]).to(device=h.device, dtype=h.dtype)
+        return _masked_mse(h, target, self._keep(batch).to(h.device), "forget_batch")
+
+    def retain_loss(self, model, reference, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the kept tokens of ``mean_d (h_L - h_L^ref)^2`` (unweighted; the reference under no_grad)."""
+        layer = self.resolved_layer(model)
+        h = layer_activations(model, batch, layer)
+        with _frozen(reference):
+            ref = layer_activations(reference, batch, layer).to(device=h.device, dtype=h.dtype)
+        return _masked_mse(h, ref, self._keep(batch).to(h.device), "retain_batch")
+
+    def compute(self, model, forget_batch, retain_batch, reference) -> ObjectiveOutput:
+        forget = self.forget_loss(model, forget_batch)
+        loss = forget
+        metrics = {"rmu_forget": forget.item()}
+        if self.alpha > 0:
+            retain = self.retain_loss(model, reference, retain_batch)
+            loss = forget + self.alpha * retain
+            metrics["rmu_retain"] = retain.item()
+        metrics["loss"] = loss.item()
+        return ObjectiveOutput(loss, metrics)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
     "ga": GradientAscent,
     "graddiff": GradDiff,
     "npo": NPO,
     "simnpo": SimNPO,
     "idk": IDK,
+    "rmu": RMU,
 }
 
 

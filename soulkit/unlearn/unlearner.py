@@ -238,6 +238,9 @@ class Unlearner:
                              f"{model.get_input_embeddings().weight.shape[0]}: tokenizer and model do not match")
         self.model = copy.deepcopy(model)
         self.model.train()
+        # e.g. RMU: only a few MLP weights train (bad layer / parameter names fail here, before any work)
+        trainable = objective.trainable_parameters(self.model)
+        self._trainable = None if trainable is None else set(trainable)
         self.reference = frozen_reference(model) if objective.needs_reference else None
         c = self.config
         pad = pad_token_id(tokenizer)
@@ -342,7 +345,23 @@ class Unlearner:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> UnlearnResult:
-        """Run (or resume) to ``total_steps``; returns the unlearned model and the logs."""
+        """Run (or resume) to ``total_steps``; returns the unlearned model and the logs.
+
+        Parameters outside the objective's :meth:`~soulkit.unlearn.objectives.Objective.trainable_parameters`
+        are frozen during the run (``requires_grad`` is restored afterwards)."""
+        model = self.model
+        frozen = []  # parameters the objective leaves alone: no gradient, not given to the optimizer
+        if self._trainable is not None:
+            frozen = [p for n, p in model.named_parameters() if n not in self._trainable and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return self._run()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _run(self) -> UnlearnResult:
         from tqdm.auto import tqdm
 
         c = self.config
