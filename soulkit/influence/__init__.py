@@ -15,7 +15,9 @@
   low-rank queries (``query_rank``), factors saved as safetensors (``save_factors``/``load_factors``).
 - Solvers (:mod:`.solvers`): :class:`ExactSolver`, :class:`CGSolver`, :class:`LissaSolver`,
   :class:`ArnoldiSolver`, :class:`DiagonalSolver`, :class:`IdentitySolver` (names in :data:`SOLVERS`);
-  :class:`ConvergenceError`, :class:`ConvergenceWarning`.
+  :class:`ConvergenceError`, :class:`ConvergenceWarning`; ``solver="optimizer_state"``:
+  :class:`OptimizerStateSolver` (:mod:`.optimizer_state`), the training optimizer's own diagonal
+  curvature (Sophia's ``h``, AdaHessian's or Adam's second moment) as the preconditioner.
 - Per-example gradients (:mod:`.gradients`): :func:`per_example_grads`, :func:`iter_per_example_grads`,
   :func:`projected_per_example_grads`.
 - Metrics (:mod:`.metrics`): :func:`loo_correlation`, :func:`lds`, :func:`brittleness`;
@@ -31,6 +33,7 @@ estimators).
 from .analyzer import InfluenceAnalyzer, InfluenceConfig
 from .gradients import OutputLoss, iter_per_example_grads, per_example_grads, projected_per_example_grads
 from .metrics import BrittlenessResult, LDSResult, LOOCorrelation, brittleness, lds, loo_correlation
+from .optimizer_state import OptimizerStateSolver, load_optimizer_state
 from .plots import scatter_panels, scatter_predicted_vs_actual
 from .solvers import (
     SOLVERS,
@@ -60,11 +63,13 @@ __all__ = [
     "LDSResult",
     "LOOCorrelation",
     "LissaSolver",
+    "OptimizerStateSolver",
     "OutputLoss",
     "Solver",
     "brittleness",
     "iter_per_example_grads",
     "lds",
+    "load_optimizer_state",
     "loo_correlation",
     "per_example_grads",
     "projected_per_example_grads",

@@ -54,6 +54,7 @@ from .factored import FISHERS, LIKELIHOODS, FactoredInfluence, factored_method
 from .gradients import BoundLoss, OutputLoss
 from .hessian import CURVATURES, ENGINES, CurvatureOperator
 from .kfac import FACTOR_METHODS
+from .optimizer_state import OPTIMIZER_STATE_RULES, OptimizerStateSolver
 from .solvers import Solver, make_solver
 
 __all__ = ["InfluenceAnalyzer", "InfluenceConfig"]
@@ -73,6 +74,9 @@ class InfluenceConfig:
             ``"kfac"`` and ``"ekfac"`` (and ``"identity"`` together with ``modules``) take the factored
             route for transformer LMs (:mod:`.factored`): curvature from module hooks, no per-example
             parameter vectors; it needs an :class:`~soulkit.influence.OutputLoss` whose outputs are logits.
+            ``"optimizer_state"`` preconditions with the diagonal curvature the training optimizer kept
+            (Sophia's ``h``, AdaHessian's or Adam's second moment; :mod:`.optimizer_state`), from
+            ``optimizer_state``; per-example route only (not with ``modules``).
         l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
         damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
         curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
@@ -98,6 +102,15 @@ class InfluenceConfig:
         query_rank: factored route: keep each preconditioned query gradient as a rank-``r`` product per
             module (``None``: exact).
         seed: factored route: seeds the pseudo-gradient draws.
+        optimizer_state: ``solver="optimizer_state"``: the optimizer's ``state_dict`` (Sophia, AdaHessian,
+            Adam/AdamW), or a path to one saved with ``torch.save`` (read with ``weights_only=True`` only).
+        optimizer_state_rule: ``"auto"`` (Sophia/AdaHessian: ``"hessian"``, a Hessian diagonal in
+            calibrated units; Adam: ``"adam"``, ``sqrt(v_hat) + eps`` as TrackStar), ``"hessian"``,
+            ``"adam"`` or ``"fisher"`` (Adam: ``v_hat``, an empirical-Fisher diagonal up to ``1/batch``).
+        optimizer_params: the model's parameter names in the order the optimizer was built with (its
+            ``state_dict`` numbers parameters by position); default ``model.named_parameters()`` in order.
+            Frozen parameters without state must be left out of ``params``.
+        optimizer_state_bias_correction: divide the state's EMAs by ``1 - beta2**t``.
 
     On the factored route, when ``l2`` and ``damping`` are both 0 each module is damped by
     :data:`~soulkit.influence.kfac.DEFAULT_RELATIVE_DAMPING` times its mean curvature eigenvalue.
@@ -123,6 +136,10 @@ class InfluenceConfig:
     fisher_samples: int = 1
     query_rank: int | None = None
     seed: int = 0
+    optimizer_state: Any = dataclasses.field(default=None, repr=False)
+    optimizer_state_rule: Literal["auto", "hessian", "adam", "fisher"] = "auto"
+    optimizer_params: Sequence[str] | None = None
+    optimizer_state_bias_correction: bool = True
 
     def __post_init__(self) -> None:
         for name in ("l2", "damping"):
@@ -159,7 +176,34 @@ class InfluenceConfig:
         if self.query_rank is not None and (isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int)
                                             or self.query_rank < 1):
             raise ValueError(f"query_rank must be an integer >= 1 or None, got {self.query_rank!r}")
-        if not (isinstance(self.solver, str) and self.solver in FACTOR_METHODS):
+        if self.optimizer_state_rule not in OPTIMIZER_STATE_RULES:
+            raise ValueError(
+                f"optimizer_state_rule must be one of {OPTIMIZER_STATE_RULES}, got {self.optimizer_state_rule!r}"
+            )
+        if not isinstance(self.optimizer_state_bias_correction, bool):
+            raise TypeError(
+                f"optimizer_state_bias_correction must be a bool, got {self.optimizer_state_bias_correction!r}"
+            )
+        if self.optimizer_params is not None and (
+            isinstance(self.optimizer_params, str) or not isinstance(self.optimizer_params, Sequence)
+        ):
+            raise TypeError(f"optimizer_params must be a sequence of parameter names, got {self.optimizer_params!r}")
+        if self.solver == "optimizer_state":
+            if self.optimizer_state is None:
+                raise ValueError(
+                    "solver='optimizer_state' needs optimizer_state=<an optimizer state_dict, or a path to one "
+                    "saved with torch.save>"
+                )
+            if self.modules is not None:
+                raise ValueError(
+                    "solver='optimizer_state' is not supported with modules= (the factored route); it runs on "
+                    "the per-example route: leave modules unset"
+                )
+        elif self.optimizer_state is not None:
+            raise ValueError(
+                f"optimizer_state is used only by solver='optimizer_state' (solver is {self.solver!r})"
+            )
+        elif not (isinstance(self.solver, str) and self.solver in FACTOR_METHODS):
             make_solver(self.solver)  # an unknown name or a wrong type fails here, not at fit
 
     @classmethod
@@ -238,7 +282,14 @@ class InfluenceAnalyzer:
                 f"{' and '.join(needs)} need loss_fn to be an OutputLoss(output_fn, loss_on_output): the "
                 "per-example Gauss-Newton block J^T Lambda J is taken w.r.t. the model outputs"
             )
-        self.solver: Solver = make_solver(cfg.solver)
+        self.solver: Solver
+        if cfg.solver == "optimizer_state":  # the state (or its file) is loaded and checked here
+            self.solver = OptimizerStateSolver(
+                state=cfg.optimizer_state, rule=cfg.optimizer_state_rule, optimizer_params=cfg.optimizer_params,
+                bias_correction=cfg.optimizer_state_bias_correction,
+            )  # fmt: skip
+        else:
+            self.solver = make_solver(cfg.solver)
         self.bound = BoundLoss(model, loss_fn, params=cfg.params, dtype=cfg.dtype)
         self.operator: CurvatureOperator | None = None
         self.n_train: int | None = None
