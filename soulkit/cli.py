@@ -7,7 +7,8 @@
     soulkit evaluate MODEL_DIR [--split SPLIT] [--scale SCALE | --data DIR] [--out DIR]
     soulkit unlearn --method METHOD [--optimizer OPT] [--split SPLIT]
                     [--model DIR] [--data DIR] --out DIR [--lr LR] [--epochs E] [--overwrite]
-                    [--mask salun|wagle [--mask-ratio R]] ...
+                    [--mask salun|wagle [--mask-ratio R]]
+                    [--rmu-layer L --rmu-coeff C --rmu-alpha A --rmu-update-layers 0,1 --rmu-params NAMES] ...
     soulkit attack [MODEL_DIR] --attack ATTACK [--split SPLIT] [--scale SCALE | --data DIR] --out DIR
                    [--bits 4|8] [--group-size N] [--steps 10,25,50] [--lr LR] [--optimizer OPT] [--overwrite]
 
@@ -458,12 +459,61 @@ def _mask_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
+# the RMU flags of `soulkit unlearn`: dest -> (flag, RMU's option)
+_RMU_FLAGS = {"rmu_layer": ("--rmu-layer", "layer"), "rmu_coeff": ("--rmu-coeff", "c"),
+              "rmu_alpha": ("--rmu-alpha", "alpha"), "rmu_update_layers": ("--rmu-update-layers", "update_layers"),
+              "rmu_params": ("--rmu-params", "params")}
+
+
+def _rmu_kwargs(args: argparse.Namespace) -> dict:
+    """RMU's options from the ``--rmu-*`` flags (refused with any other ``--method``)."""
+    given = {dest: getattr(args, dest) for dest in _RMU_FLAGS if getattr(args, dest, None) is not None}
+    if given and args.method != "rmu":
+        raise ValueError(f"{', '.join(_RMU_FLAGS[d][0] for d in given)} "
+                         f"{'is an option' if len(given) == 1 else 'are options'} of --method rmu, "
+                         f"not --method {args.method}")
+    out = {}
+    for dest, value in given.items():
+        flag, option = _RMU_FLAGS[dest]
+        if dest == "rmu_update_layers":
+            try:
+                value = tuple(int(v) for v in value.split(","))
+            except ValueError:
+                raise ValueError(f"{flag} must be comma-separated block indices, got {value!r}") from None
+        elif dest == "rmu_params":
+            value = tuple(v.strip() for v in value.split(","))
+        out[option] = value
+    return out
+
+
+def _check_trainable(objective, model_dir: Path | None, suite) -> None:
+    """Check an objective's choice of parameters (RMU's layer and names) against the model's architecture,
+    built on the meta device (no weights are read or trained), before ``--out`` is touched."""
+    from .unlearn.objectives import Objective
+
+    if type(objective).trainable_parameters is Objective.trainable_parameters:
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        if model_dir is not None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        else:  # the benchmark's finetuned model (perhaps not trained yet): the scale's architecture
+            from ._causal_lm import build_model
+
+            recipe = suite.zoo.recipe
+            skeleton = build_model(recipe.model, vocab_size=recipe.vocab_size)
+    objective.trainable_parameters(skeleton)
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     check_extra("unlearn", "soulkit unlearn")
     from ._io import atomic_write_json
     from .optim.factory import optimizer_options
     from .unlearn.evaluate import format_results
-    from .unlearn.objectives import OBJECTIVES
+    from .unlearn.objectives import OBJECTIVES, make_objective
     from .unlearn.suite import default_unlearn_config
     from .unlearn.unlearner import OPTIMIZERS
 
@@ -500,11 +550,14 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         objective_kwargs["beta"] = args.beta
     if args.gamma is not None:
         objective_kwargs["gamma"] = args.gamma
+    objective_kwargs.update(_rmu_kwargs(args))
+    objective = make_objective(args.method, **objective_kwargs)  # bad objective options fail before any work
     _set_threads(args)
     suite = _suite(args, eval_overrides)
     suite.benchmark.split(args.split)  # validates the split name before anything slow
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
+    _check_trainable(objective, args.model, suite)
     state = _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint",
                                                         "mask.safetensors"],
                              _invocation(args))
@@ -764,6 +817,17 @@ def build_parser() -> argparse.ArgumentParser:
                        default_name=_field_default("soulkit.unlearn.unlearner", "UnlearnConfig", "estimator"))
     p_un.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p_un.add_argument("--gamma", type=float, default=None, help="retain-term weight")
+    p_un.add_argument("--rmu-layer", type=int, default=None, dest="rmu_layer",
+                      help="RMU: decoder block (0-based) whose output is steered (default (blocks - 1) // 4)")
+    p_un.add_argument("--rmu-coeff", type=float, default=None, dest="rmu_coeff",
+                      help="RMU: steering coefficient c, the norm of the target c*u (default 6.5)")
+    p_un.add_argument("--rmu-alpha", type=float, default=None, dest="rmu_alpha",
+                      help="RMU: weight of the retain activation distance (default 10)")
+    p_un.add_argument("--rmu-update-layers", default=None, dest="rmu_update_layers",
+                      help="RMU: comma-separated blocks whose parameters train (default layer-2..layer)")
+    p_un.add_argument("--rmu-params", default=None, dest="rmu_params",
+                      help="RMU: comma-separated parameter names within a block to train (default: the MLP "
+                           "output projection, mlp.down_proj.weight / mlp.c_proj.weight)")
     p_un.add_argument("--eval-every", type=int, default=None, dest="eval_every",
                       help="every N steps record forget/retain answer probability (results.json: progress)")
     p_un.add_argument("--checkpoint-every", type=int, default=None, dest="checkpoint_every")

@@ -254,7 +254,7 @@ def test_kl_retain_wrapper(tiny_model, tiny_tokenizer, batches):
 
 
 def test_make_objective_and_validation():
-    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "idk"}
+    assert set(OBJECTIVES) == {"ga", "graddiff", "npo", "simnpo", "idk", "rmu"}
     for name, cls in OBJECTIVES.items():
         obj = make_objective(name)
         assert isinstance(obj, cls) and isinstance(obj, Objective) and obj.name == name

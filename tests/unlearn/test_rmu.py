@@ -1,15 +1,20 @@
-"""RMU (representation misdirection, Li et al. 2024): the loss by hand, the Unlearner run, the options."""
+"""RMU (representation misdirection, Li et al. 2024): the loss by hand, the Unlearner run, the options, the CLI."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from soulkit.cli import main
 from soulkit.unlearn.models import ModelConfig, build_model
 from soulkit.unlearn.objectives import RMU, frozen_reference, layer_activations, make_objective
 from soulkit.unlearn.qa import QADataset, collate_qa, pad_token_id
 from soulkit.unlearn.unlearner import UnlearnConfig, Unlearner
 
 from ._corpus import FORGET, RETAIN, _assert_same_state, _state
+from .test_cli_unlearn import _one_line_error, _tiny_scale  # noqa: F401 (autouse fixture: the tiny test scale)
 
 
 def _batch(records, tok):
@@ -192,4 +197,65 @@ def test_other_optimizers_and_masks_keep_the_other_weights(optimizer, mask, tiny
     assert result.stopped == "completed"
     after = _state(result.model)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved == ["model.layers.1.mlp.down_proj.weight"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _bench(cache: Path) -> list[str]:
+    return ["--scale", "tiny", "--cache-dir", str(cache), "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--rmu-coeff", "0"], "RMU.c must be a finite number > 0, got 0.0"),
+        (["--rmu-coeff", "-2"], "RMU.c must be a finite number > 0"),
+        (["--rmu-alpha", "-1"], "RMU.alpha must be a finite number >= 0, got -1.0"),
+        (["--rmu-layer", "-1"], "RMU.layer must be an int >= 0"),
+        (["--rmu-layer", "2"], "RMU.layer must be in [0, 1] for this model (2 decoder blocks), got 2"),
+        (["--rmu-layer", "1", "--rmu-update-layers", "0,7"], "RMU.update_layers must be in [0, 1]"),
+        (["--rmu-update-layers", "0,x"], "--rmu-update-layers must be comma-separated block indices"),
+        (["--rmu-params", "mlp.nope.weight"], "RMU.params: unknown parameter name(s) ['mlp.nope.weight']"),
+        (["--gamma", "1"], "gamma"),
+    ],
+)
+def test_cli_bad_options(extra, needle, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert main(["unlearn", "--method", "rmu", *extra, *_bench(cache), "--out", str(out)]) == 1
+    assert needle in _one_line_error(capsys)
+    assert not out.exists() and not cache.exists()  # nothing written, nothing trained
+
+
+def test_cli_rmu_flags_belong_to_rmu(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["unlearn", "--method", "npo", "--rmu-alpha", "5", *_bench(tmp_path / "c"), "--out", str(out)]) == 1
+    assert "--rmu-alpha is an option of --method rmu, not --method npo" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_cli_rmu_run(tmp_path, capsys):
+    from soulkit.unlearn.models import load_model
+    from soulkit.unlearn.suite import UnlearningSuite
+
+    cache = tmp_path / "cache"
+    ft = UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False).finetuned_dir()
+    bad = tmp_path / "bad"  # a model directory's architecture is read from its config
+    assert main(["unlearn", "--method", "rmu", "--model", str(ft), "--rmu-layer", "9", *_bench(cache),
+                 "--out", str(bad)]) == 1
+    assert "RMU.layer must be in [0, 1] for this model (2 decoder blocks), got 9" in _one_line_error(capsys)
+    assert not bad.exists()
+    out = tmp_path / "out"
+    argv = ["unlearn", "--method", "rmu", "--optimizer", "adamw", "--split", "forget10", *_bench(cache),
+            "--out", str(out), "--steps", "3", "--lr", "1e-2", "--rmu-layer", "1", "--rmu-coeff", "4",
+            "--rmu-alpha", "2", "--rmu-update-layers", "1"]
+    assert main(argv) == 0
+    assert "rmu x adamw: 3 steps" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "rmu" and res["objective"] == "rmu" and res["steps"] == 3
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all("rmu_forget" in e and "rmu_retain" in e for e in log)
+    before, _ = load_model(ft)
+    after, _ = load_model(out / "model")
+    b, a = before.state_dict(), after.state_dict()
+    moved = [k for k in b if not torch.equal(b[k], a[k])]
     assert moved == ["model.layers.1.mlp.down_proj.weight"]
