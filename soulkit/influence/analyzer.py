@@ -76,7 +76,8 @@ class InfluenceConfig:
             parameter vectors; it needs an :class:`~soulkit.influence.OutputLoss` whose outputs are logits.
             ``"optimizer_state"`` preconditions with the diagonal curvature the training optimizer kept
             (Sophia's ``h``, AdaHessian's or Adam's second moment; :mod:`.optimizer_state`), from
-            ``optimizer_state``; per-example route only (not with ``modules``).
+            ``optimizer_state``; with ``modules`` it takes the factored route (query gradients of the
+            tracked modules divided by the diagonal).
         l2: the training objective's L2 coefficient: ``+ (l2/2) ||theta||^2``, so ``H`` has ``+ l2 I``.
         damping: extra ``damping * I`` added to ``H`` for solving (not part of the objective).
         curvature: ``"hessian"`` (exact Hessian products) or ``"gauss_newton"`` (``J^T Lambda J``, PSD
@@ -194,11 +195,6 @@ class InfluenceConfig:
                     "solver='optimizer_state' needs optimizer_state=<an optimizer state_dict, or a path to one "
                     "saved with torch.save>"
                 )
-            if self.modules is not None:
-                raise ValueError(
-                    "solver='optimizer_state' is not supported with modules= (the factored route); it runs on "
-                    "the per-example route: leave modules unset"
-                )
         elif self.optimizer_state is not None:
             raise ValueError(
                 f"optimizer_state is used only by solver='optimizer_state' (solver is {self.solver!r})"
@@ -267,6 +263,9 @@ class InfluenceAnalyzer:
                 model, loss_fn, method=method, modules=cfg.modules, l2=cfg.l2, damping=cfg.damping,
                 fisher=cfg.fisher, likelihood=cfg.likelihood, fisher_samples=cfg.fisher_samples,
                 query_rank=cfg.query_rank, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+                optimizer_state=cfg.optimizer_state, optimizer_state_rule=cfg.optimizer_state_rule,
+                optimizer_params=cfg.optimizer_params,
+                optimizer_state_bias_correction=cfg.optimizer_state_bias_correction,
             )
             return
         needs = [

@@ -1,7 +1,7 @@
 """Influence for transformer LMs: K-FAC / EK-FAC curvature from module hooks, factored scores.
 
 :class:`FactoredInfluence` is what :class:`~soulkit.influence.InfluenceAnalyzer` runs for
-``solver="kfac"``, ``"ekfac"`` (and ``"identity"`` with ``modules=``). It never flattens the
+``solver="kfac"``, ``"ekfac"`` (and ``"identity"`` or ``"optimizer_state"`` with ``modules=``). It never flattens the
 parameters and never calls ``vmap``: the model runs as it is (SDPA/flash attention, padding masks,
 bf16 weights), forward hooks keep each tracked module's inputs ``a`` and one backward gives the
 gradients ``s`` at its outputs (:mod:`.modules`). A training sequence's gradient of a module is
@@ -55,10 +55,11 @@ from .kfac import (
     with_corrections,
 )
 from .modules import ModuleCapture, TrackedModule, per_example_gradients, tracked_modules
+from .optimizer_state import optimizer_state_diagonal
 
 __all__ = ["FACTORED_METHODS", "FISHERS", "LIKELIHOODS", "FactoredInfluence"]
 
-FACTORED_METHODS = ("kfac", "ekfac", "identity")
+FACTORED_METHODS = ("kfac", "ekfac", "identity", "optimizer_state")
 FISHERS = ("true", "empirical")
 LIKELIHOODS = ("categorical", "gaussian")
 
@@ -76,7 +77,9 @@ class FactoredInfluence:
     Args:
         model: a trained ``nn.Module`` (never modified; put it in eval mode). Its weights may be bf16.
         loss: an :class:`OutputLoss` (``output_fn`` -> logits, ``loss_on_output`` -> ``[B]``).
-        method: ``"kfac"``, ``"ekfac"`` or ``"identity"`` (gradient dot products, no curvature).
+        method: ``"kfac"``, ``"ekfac"``, ``"identity"`` (gradient dot products, no curvature) or
+            ``"optimizer_state"`` (each query gradient divided by the training optimizer's diagonal
+            curvature ``c + l2 + damping``, :mod:`.optimizer_state`; no fitting pass).
         modules: names or types of the modules to track (default: every ``nn.Linear``/``Conv1D``
             except the LM head and embedding-tied weights).
         l2, damping: ``(F + (l2 + damping) I)`` is inverted. When both are 0, each module gets
@@ -88,6 +91,10 @@ class FactoredInfluence:
         batch_size: batch size when a ``Dataset`` is given.
         seed: seeds the label draws (``derive_seed(seed, pass, batch, draw)``).
         progress: tqdm bars (``None``: only on a terminal).
+        optimizer_state, optimizer_state_rule, optimizer_params, optimizer_state_bias_correction:
+            ``method="optimizer_state"``: the optimizer's ``state_dict`` (or a ``torch.save`` file of one)
+            and how to read it (:func:`~soulkit.influence.optimizer_state.optimizer_state_diagonal`).
+            Every parameter of the tracked modules needs state.
     """
 
     def __init__(
@@ -106,6 +113,10 @@ class FactoredInfluence:
         batch_size: int = 8,
         seed: int = 0,
         progress: bool | None = None,
+        optimizer_state: Any = None,
+        optimizer_state_rule: str = "auto",
+        optimizer_params: Any = None,
+        optimizer_state_bias_correction: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -139,6 +150,41 @@ class FactoredInfluence:
         self.n_train: int | None = None
         self._train_obj: Any = None
         self._device = next(model.parameters()).device
+        self.diagonal: dict[str, Tensor] | None = None
+        if method == "optimizer_state":
+            self.diagonal = self._optimizer_state_diagonal(
+                optimizer_state, optimizer_state_rule, optimizer_params, optimizer_state_bias_correction
+            )
+        elif optimizer_state is not None:
+            raise ValueError(f"optimizer_state is used only by method='optimizer_state' (method is {method!r})")
+
+    def _optimizer_state_diagonal(self, state: Any, rule: str, order: Any, bias_correction: bool) -> dict[str, Tensor]:
+        """Per tracked module, ``c + l2 + damping`` laid out like its gradient matrix ``[out, in (+1)]``."""
+        if state is None:
+            raise ValueError("method='optimizer_state' needs optimizer_state=<an optimizer state_dict or file>")
+        names = {id(p): k for k, p in self.model.named_parameters()}
+        wanted = {}
+        for tm in self.tracked:
+            wanted[tm.name] = (names[id(tm.module.weight)], names[id(tm.module.bias)] if tm.has_bias else None)
+        flat = [k for pair in wanted.values() for k in pair if k is not None]
+        c, self.optimizer_state_info = optimizer_state_diagonal(
+            state, self.model, flat, optimizer_params=order, rule=rule, bias_correction=bias_correction
+        )
+        shift = self.l2 + self.damping
+        out = {}
+        for tm in self.tracked:
+            w, b = wanted[tm.name]
+            cw = c[w].t() if tm.transposed else c[w]
+            d = torch.cat([cw, c[b].unsqueeze(1)], dim=1) if b is not None else cw
+            d = d + shift
+            if not bool((d > 0).all()):
+                bad = int((d <= 0).sum())
+                raise ValueError(
+                    f"optimizer_state: module {tm.name!r} has {bad} zero curvature entries and l2 + damping = "
+                    f"{shift:g}; set damping > 0 or raise l2"
+                )
+            out[tm.name] = d.to(self._device)
+        return out
 
     # ---- plumbing ---------------------------------------------------------------------------
 
@@ -249,7 +295,7 @@ class FactoredInfluence:
         self.fit_seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         source = self._source(train, "train")
-        if self.method == "identity":
+        if self.method in ("identity", "optimizer_state"):
             self.n_train = source.n
             self._train_obj = train
             return self
@@ -301,6 +347,8 @@ class FactoredInfluence:
 
     def load_factors(self, directory: Any, train: Any) -> FactoredInfluence:
         """Use factors saved by :meth:`save_factors` (checked against the tracked modules) for ``train``."""
+        if self.method == "optimizer_state":
+            raise RuntimeError("method='optimizer_state' has no factors to load: its curvature is the optimizer state")
         factors = KFACFactors.load(directory, device=self._device)
         factors.check_matches(self.dims)
         if self.method == "ekfac" and factors.method != "ekfac":
@@ -338,6 +386,8 @@ class FactoredInfluence:
                 if self.factors is not None:
                     f = self.factors.modules[name]
                     G = f.precondition(G, self.method, self._damping(f))
+                elif self.diagonal is not None:
+                    G = G / self.diagonal[name].to(G.dtype)
                 parts[name].append(G)
         out: dict[str, Any] = {}
         for name, gs in parts.items():
@@ -388,6 +438,8 @@ class FactoredInfluence:
 
 def factored_method(solver: Any, modules: Any) -> str | None:
     """The factored method an analyzer's options ask for, or ``None`` for the per-example (vmap) route."""
-    if isinstance(solver, str) and (solver in FACTOR_METHODS or (solver == "identity" and modules is not None)):
+    if isinstance(solver, str) and (
+        solver in FACTOR_METHODS or (solver in ("identity", "optimizer_state") and modules is not None)
+    ):
         return solver
     return None

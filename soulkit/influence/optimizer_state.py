@@ -43,6 +43,10 @@ names in the order the optimizer was built with (default: ``model.named_paramete
 ``AdamW(model.parameters())``). Every attributed parameter (the analyzer's ``params``) must have
 state there; a frozen parameter without state must be left out with ``params=[...]``.
 
+With ``modules=[...]`` the analyzer takes the factored route (:mod:`.factored`): each tracked
+module's query gradient ``[out, in (+1)]`` is divided by the same diagonal laid out like it (Conv1D
+weights transposed), and no ``[examples, parameters]`` tensor is formed.
+
 Files are read only with ``torch.load(path, weights_only=True)``: a file that needs pickle for
 anything beyond tensors and plain containers is refused.
 """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from soulkit.influence import InfluenceAnalyzer, InfluenceConfig, OptimizerStateSolver
+from soulkit.influence import InfluenceAnalyzer, InfluenceConfig, OptimizerStateSolver, OutputLoss
 from soulkit.influence.solvers import DiagonalSolver
 from soulkit.optim import AdaHessian, Sophia
 
@@ -354,8 +354,6 @@ def test_config_errors():
         InfluenceConfig(solver="optimizer_state")
     with pytest.raises(ValueError, match="used only by solver='optimizer_state'"):
         InfluenceConfig(solver="cg", optimizer_state=sd)
-    with pytest.raises(ValueError, match="not supported with modules="):
-        InfluenceConfig(solver="optimizer_state", optimizer_state=sd, modules=["0"])
     with pytest.raises(ValueError, match="optimizer_state_rule must be one of"):
         InfluenceConfig(solver="optimizer_state", optimizer_state=sd, optimizer_state_rule="sqrt")
     with pytest.raises(ValueError, match=r"optimizer_state_rule='adam' does not apply to a sophia state"):
@@ -363,3 +361,120 @@ def test_config_errors():
     stripped = {k: v for k, v in sd.items() if k != "soulkit_sophia"}
     with pytest.raises(ValueError, match="optimizer_state_bias_correction=False"):
         _analyzer(model, optimizer_state=stripped, damping=1e-3).fit(train)
+
+
+# ---- the factored route (modules=) ------------------------------------------------------------------
+
+SQ_OUTPUT_LOSS = OutputLoss(lambda m, b: m(b[0]), lambda z, b: ((z - b[1]) ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("which", ["adamw", "sophia"])
+def test_factored_route_equals_the_per_example_route(which):
+    model, sd, train, queries = _adamw_model() if which == "adamw" else _sophia_model()
+    per_example = _analyzer(model, optimizer_state=sd, damping=1e-3).fit(train).scores(train, queries)
+    an = InfluenceAnalyzer(
+        model,
+        SQ_OUTPUT_LOSS,
+        solver="optimizer_state",
+        optimizer_state=sd,
+        modules=["0", "2"],
+        damping=1e-3,
+        progress=False,
+    )
+    assert an.factored is not None and an.factored.method == "optimizer_state"
+    got = an.fit(train).scores(train, queries)
+    torch.testing.assert_close(
+        got.double(), per_example, rtol=1e-4, atol=1e-6 * per_example.abs().max().item()
+    )
+    with pytest.raises(RuntimeError, match="no factors to load"):
+        an.load_factors("/nonexistent", train)
+
+
+def test_factored_route_refuses_a_module_without_state():
+    train = _data(0)
+    model = _mlp(0)
+    model[0].bias.requires_grad_(False)  # frozen while training: no state
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, train)
+    model[0].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"no state for parameter '0\.bias' \(optimizer index 1\)"):
+        InfluenceAnalyzer(
+            model,
+            SQ_OUTPUT_LOSS,
+            solver="optimizer_state",
+            optimizer_state=opt.state_dict(),
+            modules=["0", "2"],
+            damping=1e-3,
+            progress=False,
+        )
+
+
+def test_factored_route_on_gpt2_conv1d_matches_a_hand_reference():
+    """GPT-2's Conv1D stores weights [in, out]: the state's diagonal is transposed to the gradient's layout."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from soulkit.influence.modules import tracked_modules
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (6, 8), generator=g)
+    train = [{"input_ids": ids[i], "labels": ids[i]} for i in range(4)]
+    queries = [{"input_ids": ids[i], "labels": ids[i]} for i in range(4, 6)]
+    loss = OutputLoss(
+        lambda m, b: m(input_ids=b["input_ids"]).logits[:, :-1],
+        lambda z, b: F.cross_entropy(z.transpose(1, 2), b["labels"][:, 1:], reduction="none").sum(1),
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss(model, {"input_ids": ids[:4], "labels": ids[:4]}).mean().backward()
+        opt.step()
+    sd = opt.state_dict()
+    an = InfluenceAnalyzer(
+        model, loss, solver="optimizer_state", optimizer_state=sd, modules=None, damping=1e-3, batch_size=4
+    )
+    assert an.factored is None  # modules=None: the per-example route, as for "identity"
+    an = InfluenceAnalyzer(
+        model,
+        loss,
+        solver="optimizer_state",
+        optimizer_state=sd,
+        modules=[transformers.pytorch_utils.Conv1D],
+        damping=1e-3,
+        batch_size=4,
+        progress=False,
+    )
+    got = an.fit(train).scores(train, queries)
+
+    tracked = tracked_modules(model, [transformers.pytorch_utils.Conv1D])
+    assert tracked and all(t.transposed for t in tracked)
+    index = {id(p): k for k, p in enumerate(model.parameters())}
+    group = sd["param_groups"][0]
+
+    def c_of(p):
+        st = sd["state"][index[id(p)]]
+        return (st["exp_avg_sq"] / (1 - group["betas"][1] ** float(st["step"]))).sqrt() + group["eps"]
+
+    D = (
+        torch.cat(
+            [
+                torch.cat([c_of(t.module.weight).t(), c_of(t.module.bias)[:, None]], 1).flatten()
+                for t in tracked
+            ]
+        )
+        + 1e-3
+    )
+
+    def grads(example):
+        model.zero_grad(set_to_none=True)
+        loss(model, {k: v[None] for k, v in example.items()}).sum().backward()
+        return torch.cat([t.gradient_matrix().flatten() for t in tracked])
+
+    gt = torch.stack([grads(e) for e in train])
+    gq = torch.stack([grads(e) for e in queries])
+    model.zero_grad(set_to_none=True)
+    want = (gq / D) @ gt.T / len(train)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
