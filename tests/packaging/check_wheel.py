@@ -38,6 +38,7 @@ CASES = {
         (["python", "-c", "import soulkit, soulkit.optim, soulkit.kernels; print(soulkit.__file__)"], 0, "site-packages"),
         (["soulkit", "--help"], 0, "usage"),
         (["soulkit", "data", "--out", "d", "--scale", "demo"], 1, "pip install 'soulkit[unlearn]'"),
+        (["soulkit", "attack", "--attack", "quantize", "--bits", "4", "--out", "a"], 1, "pip install 'soulkit[unlearn]'"),
         (["soulkit", "bench", "kernels", "--device", "cpu", "--sizes", "0.01", "--layouts", "none", "--reps", "1",
           "--impls", "sophia-foreach,adamw-fused", "--families", "sophia", "--out", "b"], 0, "wrote"),
         (["python", "-c", "import torch; from soulkit.optim import Sophia; p = torch.nn.Parameter(torch.ones(3)); "
@@ -45,6 +46,7 @@ CASES = {
     ]),
     "unlearn": ("unlearn", [
         (["soulkit", "data", "--out", "d", "--scale", "demo"], 0, ""),
+        (["soulkit", "attack", "--attack", "quantize", "--bits", "3", "--out", "a"], 1, "--bits must be 4 or 8"),
         (["python", "-c", "import soulkit.unlearn; from soulkit.unlearn.metrics import mia_auc, rouge_l_recall; "
           "print(rouge_l_recall(['a b c'], ['a b c'])[0], mia_auc([1.0, 2.0], [0.0]))"], 0, "1.0 1.0"),
     ]),
