@@ -11,6 +11,9 @@
                     [--rmu-layer L --rmu-coeff C --rmu-alpha A --rmu-update-layers 0,1 --rmu-params NAMES] ...
     soulkit attack [MODEL_DIR] --attack ATTACK [--split SPLIT] [--scale SCALE | --data DIR] --out DIR
                    [--bits 4|8] [--group-size N] [--steps 10,25,50] [--lr LR] [--optimizer OPT] [--overwrite]
+    soulkit influence MODEL_DIR --train TRAIN.jsonl --queries QUERIES.jsonl --out DIR [--solver ekfac|kfac|identity]
+                      [--per-token] [--top-k K] [--text-field F | --prompt-field F --completion-field F]
+                      [--max-length N] [--batch-size B] [--damping D] [--overwrite]
 
 ``evaluate``, ``unlearn`` and ``attack`` take the evaluation settings that change numbers: ``--truth-ratio
 geometric|arithmetic``, ``--eval-examples N|all``, ``--eval-subset seeded|first``, ``--max-new-tokens N``
@@ -679,6 +682,49 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_influence(args: argparse.Namespace) -> int:
+    import math
+
+    from .influence.lm_command import LM_SOLVERS, OUTPUT_FILES, check_model_dir, run_influence
+
+    # every bad value fails here, before anything is loaded or written
+    if args.solver not in LM_SOLVERS:
+        raise ValueError(f"--solver must be one of {', '.join(LM_SOLVERS)}, got {args.solver!r}")
+    for flag, v, low in (("--top-k", args.top_k, 1), ("--top-tokens", args.top_tokens, 1),
+                         ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2)):
+        if v is not None and v < low:
+            raise ValueError(f"{flag} must be an int >= {low}, got {v}")
+    if not (math.isfinite(args.damping) and args.damping >= 0):
+        raise ValueError(f"--damping must be a finite number >= 0, got {args.damping}")
+    if (args.prompt_field is None) != (args.completion_field is None):
+        raise ValueError("--prompt-field and --completion-field go together: pass both, or neither (--text-field)")
+    check_model_dir(args.model_dir)
+    for flag, path in (("--train", args.train), ("--queries", args.queries)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {path} does not exist" if not path.exists() else f"{flag} {path} is "
+                                    "not a file")
+    out, model_dir = args.out.resolve(), args.model_dir.resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise ValueError(f"--out {args.out} is inside the model directory {args.model_dir}, which soulkit influence "
+                         "never modifies; choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; choose a directory")
+    present = [name for name in OUTPUT_FILES if (args.out / name).exists()]
+    if present and not args.overwrite:
+        raise FileExistsError(f"{args.out} already holds results ({', '.join(present)}); pass --overwrite or choose "
+                              "another --out")
+    _set_threads(args)
+    summary = run_influence(
+        args.model_dir, args.train, args.queries, args.out, options=_invocation(args), solver=args.solver,
+        per_token=args.per_token, top_k=args.top_k, top_tokens=args.top_tokens, text_field=args.text_field,
+        prompt_field=args.prompt_field, completion_field=args.completion_field, max_length=args.max_length,
+        batch_size=args.batch_size, damping=args.damping, progress=not args.no_progress,
+    )  # results replace old ones (--overwrite) only once all of them are written
+    print(f"{args.solver} influence of {summary['n_train']} training examples on {summary['n_queries']} queries in "
+          f"{summary['seconds']:.1f} s; wrote {', '.join(summary['paths'])}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.kernels import build_parser as bench_parser
     from .bench.kernels import run
@@ -864,6 +910,37 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default 0)")
     _add_eval_args(p_at)
     p_at.set_defaults(func=_cmd_attack)
+
+    p_inf = sub.add_parser("influence", help="which training examples (and tokens) explain a causal LM's outputs: "
+                                             "influence scores and a top-k report")
+    p_inf.add_argument("model_dir", type=Path, help="a save_pretrained causal LM and its tokenizer (safetensors), "
+                                                    "never modified")
+    p_inf.add_argument("--train", type=Path, required=True, help="training examples, JSONL")
+    p_inf.add_argument("--queries", type=Path, required=True, help="queries, JSONL")
+    p_inf.add_argument("--out", type=Path, required=True,
+                       help="where scores.safetensors, topk.jsonl, report.md and run.json go")
+    p_inf.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    _registry_argument(p_inf, "--solver", default="ekfac", help="curvature: {choices} (identity: gradient dot "
+                       "products)", names=_registry("soulkit.influence.lm_command", "LM_SOLVERS"))
+    p_inf.add_argument("--per-token", action="store_true", dest="per_token",
+                       help="also score every training token (scores.safetensors: per_token [queries, train, T])")
+    p_inf.add_argument("--top-k", type=int, default=5, dest="top_k",
+                       help="most positive and most negative training examples listed per query (default 5)")
+    p_inf.add_argument("--top-tokens", type=int, default=5, dest="top_tokens",
+                       help="with --per-token: tokens listed per training example (default 5)")
+    p_inf.add_argument("--text-field", default="text", dest="text_field",
+                       help="JSONL field scored as a whole (default text)")
+    p_inf.add_argument("--prompt-field", default=None, dest="prompt_field",
+                       help="with --completion-field: only the completion's tokens count in the loss")
+    p_inf.add_argument("--completion-field", default=None, dest="completion_field")
+    p_inf.add_argument("--max-length", type=int, default=None, dest="max_length",
+                       help="truncate sequences to N tokens (default: the model's positions)")
+    p_inf.add_argument("--batch-size", type=int, default=8, dest="batch_size", help="sequences per batch (default 8)")
+    p_inf.add_argument("--damping", type=float, default=0.0,
+                       help="added to the curvature (default 0: 0.1x each module's mean eigenvalue)")
+    p_inf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_inf.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p_inf.set_defaults(func=_cmd_influence)
     return parser
 
 
