@@ -39,6 +39,8 @@ CASES = {
         (["soulkit", "--help"], 0, "usage"),
         (["soulkit", "data", "--out", "d", "--scale", "demo"], 1, "pip install 'soulkit[unlearn]'"),
         (["soulkit", "attack", "--attack", "quantize", "--bits", "4", "--out", "a"], 1, "pip install 'soulkit[unlearn]'"),
+        (["soulkit", "influence", "no-model", "--train", "t.jsonl", "--queries", "q.jsonl", "--out", "i"], 1,
+         "model directory no-model does not exist"),
         (["soulkit", "bench", "kernels", "--device", "cpu", "--sizes", "0.01", "--layouts", "none", "--reps", "1",
           "--impls", "sophia-foreach,adamw-fused", "--families", "sophia", "--out", "b"], 0, "wrote"),
         (["python", "-c", "import torch; from soulkit.optim import Sophia; p = torch.nn.Parameter(torch.ones(3)); "
