@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .soul_released import check_beta, check_common, check_params
+from .soul_released import check_beta, check_common, check_params, stepped_params
 
 __all__ = ["Signum"]
 
@@ -59,20 +59,7 @@ class Signum(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta, lr, wd = group["beta"], group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("Signum does not support sparse gradients")
-                g = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m, param = state["exp_avg"], p
-                if torch.is_complex(param):
-                    g, m, param = (torch.view_as_real(t) for t in (g, m, param))
-                state["step"] += 1
+            for param, g, m in stepped_params(self, group, ("exp_avg",)):
                 m.mul_(beta).add_(g * (1 - beta))
                 if wd != 0:
                     param.mul_(1 - lr * wd)

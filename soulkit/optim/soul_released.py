@@ -101,6 +101,28 @@ def check_params(groups: list[dict[str, Any]], who: str) -> None:
                 raise TypeError(f"{who} needs floating-point parameters, got {p.dtype}")
 
 
+
+def stepped_params(optimizer: Optimizer, group: dict[str, Any], buffers: tuple[str, ...]):
+    """Per parameter of ``group`` with a dense gradient: ``(param, grad, *buffers)``, after counting the step.
+
+    The gradient is negated under ``group["maximize"]``; the state (``step`` and zero ``buffers``) is
+    created on first use; complex tensors are viewed as real. Sparse gradients raise ``TypeError``.
+    """
+    name = type(optimizer).__name__
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise TypeError(f"{name} does not support sparse gradients")
+        state = optimizer.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            for b in buffers:
+                state[b] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        views = (p, -p.grad if group["maximize"] else p.grad, *(state[b] for b in buffers))
+        yield tuple(torch.view_as_real(t) for t in views) if torch.is_complex(p) else views
+
 class SoulReleasedSophia(Optimizer):
     """SOUL's released "Sophia" (see the module docstring for the exact update and how it differs from
     the paper's Sophia).
@@ -159,21 +181,7 @@ class SoulReleasedSophia(Optimizer):
             scale = group["rho"] * group["bs"]  # a Python float, as released (rho * bs * h)
             unclipped = None
             total = 0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("SoulReleasedSophia does not support sparse gradients")
-                g = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m, h, param = state["exp_avg"], state["hessian"], p
-                if torch.is_complex(param):
-                    g, m, h, param = (torch.view_as_real(t) for t in (g, m, h, param))
-                state["step"] += 1
+            for param, g, m, h in stepped_params(self, group, ("exp_avg", "hessian")):
                 # h <- b2 h + (1 - b2) g g
                 h.mul_(b2).add_(g * g * (1 - b2))
                 gm = g * (1 - b1)
