@@ -342,10 +342,10 @@ raise SystemExit(main(sys.argv[1:]))
 
 def test_a_killed_unlearn_run_resumes_with_the_same_command(tmp_path, cache):
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from .._kill import kill_when
 
     UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False).finetuned_dir()  # models cached first
     script = tmp_path / "cli.py"
@@ -354,16 +354,9 @@ def test_a_killed_unlearn_run_resumes_with_the_same_command(tmp_path, cache):
     argv = [sys.executable, str(script), "unlearn", "--method", "ga", "--split", "forget10", *_bench(cache),
             "--out", str(out), "--steps", "30", "--checkpoint-every", "2", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     info = out / "checkpoint" / "trainer.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if info.exists() and json.loads(info.read_text()).get("step", 0) >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-1500:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, lambda: info.exists() and json.loads(info.read_text()).get("step", 0) >= 4, env=env,
+              timeout=240, poll=0.05)
     killed_at = json.loads(info.read_text())["step"]
     assert 4 <= killed_at < 30 and not (out / "results.json").exists()
 

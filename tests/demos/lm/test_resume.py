@@ -5,10 +5,8 @@ retraining, and the command line's run record (the same command resumes, other o
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from soulkit.demos.lm import loop as loop_mod
 from soulkit.demos.lm import run as run_mod
 from soulkit.demos.lm.loop import train_arms
 
+from ..._kill import kill_when
 from .conftest import TINY
 
 
@@ -227,16 +226,8 @@ def test_a_killed_train_process_resumes_with_the_same_command(tmp_path, capsys):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "soulkit", *args, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     info = out / "checkpoint" / "sophia" / "trainer.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if info.exists():
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-1500:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, info.exists, env=env, timeout=120, cwd=tmp_path, poll=0.01)
     killed_at = json.loads(info.read_text())["step"]
     assert 10 <= killed_at < 150 and not (out / "train_lm.json").exists()
 
