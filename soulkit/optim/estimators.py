@@ -120,7 +120,8 @@ def hutchinson(
     return acc
 
 
-def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | None = None,
+                       uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One class index per row of ``logits`` ``[N, vocab]``, drawn from ``softmax(logits)``.
 
     Inverse-CDF sampling: one uniform ``u`` per row, scaled by the row's total mass, and the first
@@ -129,12 +130,25 @@ def sample_from_logits(logits: torch.Tensor, *, generator: torch.Generator | Non
     on the CPU costs about as much as a small LM's forward pass (``benchmarks/results/hvp.md``,
     rows ``label-sampling-*``): the GNB refresh is meant to add one backward, nothing more.
     The cumulative sum is taken in float32 (float64 logits stay float64).
+
+    ``uniforms`` (``[N]``, in [0, 1)) replaces the generator's draws: row ``i`` then gets the label of
+    ``uniforms[i]``, whatever the other rows are, so that a batch split over data-parallel ranks can
+    draw exactly the labels the whole batch would (each rank passes its rows of the global batch's
+    uniforms).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, vocab], got shape {tuple(logits.shape)}")
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     cdf = torch.softmax(logits.to(cdt), dim=-1).cumsum_(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdt, device=cdf.device) * cdf[:, -1:]
+    if uniforms is None:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdt, device=cdf.device)
+    else:
+        if generator is not None:
+            raise ValueError("give either generator or uniforms, not both")
+        if uniforms.shape != (cdf.shape[0],):
+            raise ValueError(f"uniforms must have shape [N] = ({cdf.shape[0]},), got {tuple(uniforms.shape)}")
+        u = uniforms.to(device=cdf.device, dtype=cdt).unsqueeze(-1)
+    u = u * cdf[:, -1:]
     idx = torch.searchsorted(cdf, u, side="right")
     # u can round up to the total mass; fall back to the last class that has any (never a -inf logit's)
     last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), side="left")
@@ -148,6 +162,7 @@ def sampled_label_loss(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of ``logits`` against labels drawn from the model's own softmax.
 
@@ -161,6 +176,8 @@ def sampled_label_loss(
         labels: alternatively, the training labels; positions equal to ``ignore_index`` are left out.
             Only their positions are used, never their values.
         generator: seeds the label sampling.
+        uniforms: alternatively, one uniform in [0, 1) per position (shape ``logits.shape[:-1]``): the
+            label of each kept position is drawn with its own (:func:`sample_from_logits`).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a tensor of shape [..., vocab]")
@@ -181,13 +198,21 @@ def sampled_label_loss(
                 f"labels shape {tuple(labels.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}"
             )
         keep = labels.reshape(-1) != ignore_index
+    flat_u = None
+    if uniforms is not None:
+        if uniforms.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"uniforms shape {tuple(uniforms.shape)} must equal logits.shape[:-1] = {tuple(logits.shape[:-1])}"
+            )
+        flat_u = uniforms.reshape(-1)
     if keep is not None:
         flat = flat[keep.to(flat.device)]
+        flat_u = flat_u[keep.to(flat_u.device)] if flat_u is not None else None
     n_terms = flat.shape[0]
     if n_terms == 0:
         raise ValueError("no terms left for the sampled-label loss (all positions masked)")
     with torch.no_grad():
-        sampled = sample_from_logits(flat.detach(), generator=generator)
+        sampled = sample_from_logits(flat.detach(), generator=generator, uniforms=flat_u)
     # half-precision logits are lifted to float32; float64 ones keep their precision
     loss_sum = F.cross_entropy(flat if flat.dtype == torch.float64 else flat.float(), sampled, reduction="sum")
     return loss_sum, int(n_terms)

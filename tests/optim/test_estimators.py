@@ -135,6 +135,29 @@ def test_sample_from_logits_never_returns_a_massless_class_when_u_rounds_up(monk
     assert estimators.sample_from_logits(logits).tolist() == [1]
 
 
+def test_uniforms_key_each_draw_to_its_row_so_a_split_batch_draws_what_the_whole_batch_does():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, 9, dtype=torch.float64)
+    u = torch.rand(6, 5, dtype=torch.float64)
+    labels = torch.randint(0, 9, (6, 5))
+    labels[0, :2] = -100
+    labels[3, 4] = -100
+    whole = sample_from_logits(logits.reshape(-1, 9), uniforms=u.reshape(-1))
+    # the same inverse CDF the generator path uses, one uniform per row
+    cdf = torch.softmax(logits.reshape(-1, 9), -1).cumsum(-1)
+    want = torch.searchsorted(cdf, (u.reshape(-1, 1) * cdf[:, -1:]), side="right").squeeze(-1).clamp(max=8)
+    assert torch.equal(whole, want)
+    # rows 0::2 and 1::2 (two ranks' shares): their summed losses add up to the whole batch's
+    loss, n = sampled_label_loss(logits, labels=labels, uniforms=u)
+    parts = [sampled_label_loss(logits[r::2], labels=labels[r::2], uniforms=u[r::2]) for r in (0, 1)]
+    assert n == sum(k for _, k in parts) == 27
+    torch.testing.assert_close(loss, parts[0][0] + parts[1][0], rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="uniforms shape"):
+        sampled_label_loss(logits, uniforms=u[:, :4])
+    with pytest.raises(ValueError, match="either generator or uniforms"):
+        sample_from_logits(logits[0], uniforms=u[0], generator=torch.Generator())
+
+
 def test_sampled_label_loss_keeps_float64_and_lifts_half_precision():
     torch.manual_seed(0)
     z64 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
