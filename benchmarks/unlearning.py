@@ -25,7 +25,6 @@ file so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
+from _runs import ResumableRuns, slim  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.demos.unlearn_tofu import plot_tradeoff  # noqa: E402
@@ -49,16 +49,6 @@ from soulkit.unlearn.suite import UnlearningSuite, default_unlearn_config  # noq
 METHODS = ("ga", "graddiff", "npo", "simnpo", "idk")
 OPTIMIZERS = ("adamw", "sophia")
 SPLITS = ("forget01", "forget05", "forget10")
-KEEP = ("forget_quality", "ks_statistic", "forget_quality_ceiling", "model_utility", "forget_rouge", "retain_rouge",
-        "forget_probability", "retain_probability", "forget_truth_ratio", "real_authors_rouge", "world_facts_rouge",
-        "mia_auc", "privleak", "extraction_strength", "exact_memorization", "unlearn_seconds", "steps", "stopped", "mean_win_rate",
-        "final_loss")
-
-
-def _slim(res: dict) -> dict:
-    return {k: res.get(k) for k in KEEP}
-
-
 def _select(rows: list[dict], mu_ft: float) -> dict:
     ok = [r for r in rows if r["model_utility"] >= 0.95 * mu_ft]
     if ok:
@@ -98,31 +88,15 @@ def main() -> None:
     suite = UnlearningSuite.from_scale(args.scale, cache_dir=args.cache_dir, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"unlearning{args.tag}"
-    partial_path = args.out / f".{stem}.partial.json"
-    done: dict[str, dict] = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    run = ResumableRuns(args.out / f".{stem}.partial.json")
     t_start = time.perf_counter()
-
-    def run(key: str, fn) -> dict:
-        if key not in done:
-            t = time.perf_counter()
-            try:
-                done[key] = fn()
-            except FloatingPointError as e:  # a diverged model: worst possible scores, recorded as such
-                done[key] = {k: None for k in KEEP} | {"forget_quality": 0.0, "model_utility": 0.0,
-                                                        "forget_rouge": 0.0, "error": str(e)}
-            done[key]["wall_seconds"] = time.perf_counter() - t
-            atomic_write_json(partial_path, done)
-            r = done[key]
-            print(f"{key}: FQ {r['forget_quality']:.3g} MU {r['model_utility']:.3f} forget ROUGE "
-                  f"{r['forget_rouge']:.3f} ({r['wall_seconds']:.0f} s)", flush=True)
-        return done[key]
 
     # reference rows
     ft_dir = suite.finetuned_dir()
     refs = {}
     for split in splits:
-        refs[("finetuned", split)] = run(f"finetuned|{split}", lambda s=split: _slim(suite.evaluate_dir(ft_dir, s)))
-        refs[("retrain-seed2", split)] = run(f"retrain2|{split}", lambda s=split: _slim(
+        refs[("finetuned", split)] = run(f"finetuned|{split}", lambda s=split: slim(suite.evaluate_dir(ft_dir, s)))
+        refs[("retrain-seed2", split)] = run(f"retrain2|{split}", lambda s=split: slim(
             suite.evaluate_dir(suite.retrained_dir(s, 2), s)))
     mu_ft = refs[("finetuned", sweep_split)]["model_utility"]
 
@@ -131,7 +105,7 @@ def main() -> None:
               if opt == "sophia" else {})
         cfg = default_unlearn_config(method, opt, lr=lr, seed=seed, show_progress=False, **kw)
         res, _ = suite.unlearn(method, opt, split, config=cfg)
-        return {**_slim(res), "lr": lr, "rho": rho}
+        return {**slim(res), "lr": lr, "rho": rho}
 
     # 1. sweep
     chosen: dict[tuple[str, str], dict] = {}
@@ -170,7 +144,7 @@ def main() -> None:
         new, info = newton_unlearn(model, tok, forget, retain=retain, scale=scale, damping=1e-2)
         secs = time.perf_counter() - t
         res = suite.evaluate(new, tok, split)
-        return {**_slim(res), "unlearn_seconds": secs, "lr": None, "rho": None, "newton_scale": scale,
+        return {**slim(res), "unlearn_seconds": secs, "lr": None, "rho": None, "newton_scale": scale,
                 "step_norm": info["step_norm"]}
 
     scales = [] if args.no_newton else [float(x) for x in args.newton_scales.split(",")]
@@ -197,7 +171,7 @@ def main() -> None:
     plot_tradeoff(plot_rows, args.out / f"{stem}.png",
                   title=f"{plot_rows[0]['split']}: forget quality vs utility (mean over seeds), {args.scale} scale")
     plot_sweep(sweep_rows, mu_ft, args.out / f"{stem}_sweep.png", sweep_split)
-    partial_path.unlink(missing_ok=True)
+    run.finish()
     print(md)
 
 
