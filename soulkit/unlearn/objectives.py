@@ -16,6 +16,10 @@ Notation used in the docstrings, for one forget pair ``(x, y)`` with ``|y|`` ans
 - ``KL_retain``: ``KL(pi_ref || pi_theta)`` of the full next-token distributions, averaged over the
   retain batch's answer tokens (:func:`retain_kl`).
 
+A batch may be one data-parallel rank's share of a global batch (:func:`soulkit.unlearn.qa.shard_batch`):
+every mean then divides the share's sum by the *global* count over the world size, so that the ranks'
+losses (and gradients), averaged as DDP/FSDP average them, are exactly the global batch's.
+
 The reference model (``reference``) is a frozen copy of the model before unlearning. It is run under
 ``torch.no_grad`` in eval mode (its mode is restored afterwards); it never receives gradients and is
 never updated. :func:`frozen_reference` makes one.
@@ -35,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from .qa import QA, answer_logits, answer_logprobs
+from .qa import QA, answer_logits, answer_logprobs, mean_denominator
 
 __all__ = [
     "ObjectiveOutput",
@@ -157,13 +161,22 @@ def frozen_reference(model):
     return ref
 
 
-def _nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, what: str
+def _mean(total: torch.Tensor, batch, kind: str, local, what: str) -> torch.Tensor:
+    """``total / count``: the batch's own count of ``kind`` (``local``), or for a rank's share of a
+    global batch (:func:`~soulkit.unlearn.qa.shard_batch`) the global count over the world size, so
+    that the ranks' values average to the global batch's mean."""
+    n = mean_denominator(batch, kind, local)
+    if float(n) == 0:
+        what_kind = "answer tokens (every label is -100)" if kind == "answer_tokens" else "rows"
+        raise ValueError(f"{what} has no {what_kind}")
+    return total / n
+
+
+def _nll_from_logits(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, what: str, batch=None
                      ) -> torch.Tensor:
     n = valid.sum()
-    if int(n) == 0:
-        raise ValueError(f"{what} has no answer tokens (every label is -100)")
     tok = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return (tok * valid).sum() / n
+    return _mean((tok * valid).sum(), batch, "answer_tokens", n, what)
 
 
 def sequence_nll(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -173,18 +186,16 @@ def sequence_nll(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """
     _check_batch(batch, "batch")
     logits, targets, valid = answer_logits(model, batch)
-    return _nll_from_logits(logits, targets, valid, "batch")
+    return _nll_from_logits(logits, targets, valid, "batch", batch)
 
 
-def _kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, valid: torch.Tensor, what: str
+def _kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, valid: torch.Tensor, what: str, batch=None
                     ) -> torch.Tensor:
     n = valid.sum()
-    if int(n) == 0:
-        raise ValueError(f"{what} has no answer tokens (every label is -100)")
     logq = torch.log_softmax(logits, dim=-1)
     logp = torch.log_softmax(ref_logits.to(logits.device), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # KL(p_ref || q_theta) per position
-    return (kl * valid).sum() / n
+    return _mean((kl * valid).sum(), batch, "answer_tokens", n, what)
 
 
 def retain_kl(model, reference, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -198,18 +209,18 @@ def retain_kl(model, reference, batch: Mapping[str, torch.Tensor]) -> torch.Tens
     logits, _, valid = answer_logits(model, batch)
     with _frozen(reference):
         ref_logits, _, _ = answer_logits(reference, batch)
-    return _kl_from_logits(logits, ref_logits, valid, "batch")
+    return _kl_from_logits(logits, ref_logits, valid, "batch", batch)
 
 
 def _retain_term(kind: str, model, reference, batch) -> tuple[torch.Tensor, dict[str, float]]:
     """The retain loss (``"nll"`` or ``"kl"``) from one forward pass of ``model`` on the retain batch."""
     logits, targets, valid = answer_logits(model, batch)
-    nll = _nll_from_logits(logits, targets, valid, "retain_batch")
+    nll = _nll_from_logits(logits, targets, valid, "retain_batch", batch)
     if kind == "nll":
         return nll, {"retain_nll": nll.item()}
     with _frozen(reference):
         ref_logits, _, _ = answer_logits(reference, batch)
-    kl = _kl_from_logits(logits, ref_logits, valid, "retain_batch")
+    kl = _kl_from_logits(logits, ref_logits, valid, "retain_batch", batch)
     return kl, {"retain_nll": nll.item(), "retain_kl": kl.item()}
 
 
@@ -389,9 +400,12 @@ class NPO(Objective):
         with _frozen(reference):
             ref_logp, _ = answer_logprobs(reference, forget_batch)
         log_ratio = logp - ref_logp.to(logp.device)
-        npo = -(2.0 / self.beta) * F.logsigmoid(-self.beta * log_ratio).mean()
-        metrics = {"forget_nll": (-logp.sum() / n.sum()).item(), "npo": npo.item(),
-                   "log_ratio": log_ratio.mean().item()}
+        rows = logp.shape[0]
+        npo = -(2.0 / self.beta) * _mean(F.logsigmoid(-self.beta * log_ratio).sum(), forget_batch, "rows", rows,
+                                         "forget_batch")
+        metrics = {"forget_nll": _mean(-logp.sum(), forget_batch, "answer_tokens", n.sum(), "forget_batch").item(),
+                   "npo": npo.item(),
+                   "log_ratio": _mean(log_ratio.sum(), forget_batch, "rows", rows, "forget_batch").item()}
         return self._with_retain(self.retain_loss, self.gamma, npo, metrics, model, retain_batch, reference)
 
 
@@ -430,8 +444,10 @@ class SimNPO(Objective):
     def compute(self, model, forget_batch, retain_batch, reference) -> ObjectiveOutput:
         logp, n = _forget_logprobs(model, forget_batch)
         arg = -self.beta * logp / n - self.delta
-        simnpo = -(2.0 / self.beta) * F.logsigmoid(arg).mean()
-        metrics = {"forget_nll": (-logp.sum() / n.sum()).item(), "simnpo": simnpo.item()}
+        simnpo = -(2.0 / self.beta) * _mean(F.logsigmoid(arg).sum(), forget_batch, "rows", logp.shape[0],
+                                            "forget_batch")
+        metrics = {"forget_nll": _mean(-logp.sum(), forget_batch, "answer_tokens", n.sum(), "forget_batch").item(),
+                   "simnpo": simnpo.item()}
         return self._with_retain(self.retain_loss, self.gamma, simnpo, metrics, model, retain_batch, reference)
 
 

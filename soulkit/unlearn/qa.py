@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +42,10 @@ __all__ = [
     "encode_qa",
     "QADataset",
     "collate_qa",
+    "SHARE_KEY",
+    "BatchShare",
+    "shard_batch",
+    "mean_denominator",
     "batched",
     "qa_batches",
     "read_jsonl",
@@ -288,6 +292,56 @@ def collate_qa(items: Sequence[dict[str, list[int]]], *, pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+#: The key under which a rank's share of a global batch (:func:`shard_batch`) records what it is a share of.
+SHARE_KEY = "share"
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """What a data-parallel rank's batch is a share of: a global batch of ``rows`` sequences with
+    ``answer_tokens`` answer tokens (shifted targets that are not ``-100``), split over ``world`` ranks.
+
+    A mean over a share is its *sum* divided by ``global count / world`` (:meth:`denominator`), not by
+    its own count, so that the ranks' losses, averaged as DDP/FSDP average gradients, are the loss of
+    the global batch exactly, however unevenly its answer tokens fall to the ranks.
+    """
+
+    rows: int
+    answer_tokens: int
+    world: int
+
+    def denominator(self, kind: str) -> float:
+        """``rows / world`` (``kind="rows"``) or ``answer_tokens / world`` (``"answer_tokens"``)."""
+        if kind not in ("rows", "answer_tokens"):
+            raise ValueError(f"kind must be 'rows' or 'answer_tokens', got {kind!r}")
+        return getattr(self, kind) / self.world
+
+
+def shard_batch(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, Any]:
+    """Rank ``rank``'s rows (``rank::world``, as ``DistributedSampler`` deals them) of a
+    :func:`collate_qa` batch, with a :class:`BatchShare` under :data:`SHARE_KEY`.
+
+    Every rank builds the same global batch (same padding width) and takes its rows, so a row is
+    tokenised and padded exactly as in a single-process run. ``world`` must divide the batch's rows.
+    """
+    rows = batch["input_ids"].shape[0]
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world) and world >= 1, got rank {rank}, world {world}")
+    if rows % world:
+        raise ValueError(f"a batch of {rows} rows cannot be split evenly over {world} ranks")
+    answer_tokens = int((causal_lm_targets(batch["labels"], drop_last=True) != IGNORE_INDEX).sum())
+    share = {k: v[rank::world] for k, v in batch.items() if k != SHARE_KEY}
+    share[SHARE_KEY] = BatchShare(rows=rows, answer_tokens=answer_tokens, world=world)
+    return share
+
+
+def mean_denominator(batch: Any, kind: str, local: torch.Tensor | float) -> torch.Tensor | float:
+    """What a mean over ``batch``'s ``kind`` ("rows" or "answer_tokens") divides by: ``local`` (the
+    batch's own count) for a whole batch, :meth:`BatchShare.denominator` for a rank's share."""
+    share = batch.get(SHARE_KEY) if isinstance(batch, Mapping) else None
+    return local if share is None else share.denominator(kind)
+
+
 def batched(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
     """Consecutive slices of ``items`` of ``batch_size`` elements (the last one may be shorter)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -306,7 +360,7 @@ def qa_batches(dataset: QADataset, batch_size: int, *, pad_id: int,
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted float logits ``[B, T-1, V]``, their targets ``[B, T-1]`` and the answer-token mask.
+    """Shifted float32 (float64 for a float64 model) logits ``[B, T-1, V]``, their targets ``[B, T-1]`` and the answer-token mask.
 
     Position ``t`` of the logits predicts token ``t + 1`` (:func:`soulkit.optim.lm_targets.causal_lm_targets`
     with ``drop_last=True``); the last position, which has no target, is dropped.
@@ -316,7 +370,8 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 stays float64
     targets = causal_lm_targets(labels, drop_last=True)
     valid = targets != IGNORE_INDEX
     return logits, targets, valid

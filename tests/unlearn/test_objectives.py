@@ -322,3 +322,33 @@ def test_reference_never_updated_nor_given_grads(tiny_model, batches):
     assert ref.training  # the mode it was handed in is restored
     frozen = frozen_reference(tiny_model)
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("ga", {}), ("graddiff", {"retain_loss": "nll"}), ("graddiff", {"retain_loss": "kl"}),
+    ("npo", {"retain_loss": "kl"}), ("simnpo", {"retain_loss": "nll"}), ("idk", {}),
+    ("npo", {"retain_loss": None}),
+])
+def test_rank_shares_of_a_batch_average_to_the_whole_batch(tiny_model, tiny_tokenizer, name, kwargs):
+    """Two ranks' shares (rows 0::2, 1::2; answer lengths differ between them) give losses, metrics and
+    gradients whose mean is the whole batch's: what DDP's gradient averaging needs to be exact."""
+    from soulkit.unlearn.qa import SHARE_KEY, shard_batch
+
+    model = tiny_model.double()
+    ref = frozen_reference(_perturbed(model))
+    obj = make_objective(name, **kwargs)
+    forget = [FORGET[0], FORGET[1], FORGET[2], QA("Who is Tomas Berg?", "A writer.")]
+    fb = _batch(obj.prepare_forget(forget), tiny_tokenizer)
+    rb = _batch(RETAIN, tiny_tokenizer)
+    whole = obj(model, fb, rb, reference=ref)
+    shares = [obj(model, shard_batch(fb, r, 2), shard_batch(rb, r, 2), reference=ref) for r in (0, 1)]
+    mean_loss = (shares[0].loss + shares[1].loss) / 2
+    torch.testing.assert_close(mean_loss, whole.loss, rtol=1e-12, atol=1e-12)
+    for k, v in whole.metrics.items():
+        assert (shares[0].metrics[k] + shares[1].metrics[k]) / 2 == pytest.approx(v, rel=1e-10, abs=1e-12), k
+    mean_grad = (_grad(model, shares[0].loss) + _grad(model, shares[1].loss)) / 2
+    torch.testing.assert_close(mean_grad, _grad(model, whole.loss), rtol=1e-10, atol=1e-12)
+    share = shard_batch(fb, 1, 2)
+    assert share[SHARE_KEY].rows == 4 and share["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        shard_batch(fb, 0, 3)
