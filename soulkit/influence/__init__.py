@@ -13,6 +13,10 @@
   factored route (:mod:`.factored`, :mod:`.kfac`, :mod:`.modules`): K-FAC / EK-FAC curvature from module
   hooks, scores per sequence or per training token (``scores(train, queries, per_token=True)``),
   low-rank queries (``query_rank``), factors saved as safetensors (``save_factors``/``load_factors``).
+  ``fit(train, store=...)`` / ``scores(..., store=...)`` write factors and chunked scores into an
+  :class:`InfluenceStore` as they go, resume a killed run from it and refuse one made for another model,
+  data set or options (:class:`StoreMismatchError`); under ``torchrun`` the ranks split the work
+  (:mod:`.store`).
 - Solvers (:mod:`.solvers`): :class:`ExactSolver`, :class:`CGSolver`, :class:`LissaSolver`,
   :class:`ArnoldiSolver`, :class:`DiagonalSolver`, :class:`IdentitySolver` (names in :data:`SOLVERS`);
   :class:`ConvergenceError`, :class:`ConvergenceWarning`; ``solver="optimizer_state"``:
@@ -47,6 +51,7 @@ from .solvers import (
     LissaSolver,
     Solver,
 )
+from .store import InfluenceStore, StoreMismatchError
 
 __all__ = [
     "SOLVERS",
@@ -60,12 +65,14 @@ __all__ = [
     "IdentitySolver",
     "InfluenceAnalyzer",
     "InfluenceConfig",
+    "InfluenceStore",
     "LDSResult",
     "LOOCorrelation",
     "LissaSolver",
     "OptimizerStateSolver",
     "OutputLoss",
     "Solver",
+    "StoreMismatchError",
     "brittleness",
     "iter_per_example_grads",
     "lds",

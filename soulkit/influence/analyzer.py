@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,6 +57,7 @@ from .hessian import CURVATURES, ENGINES, CurvatureOperator
 from .kfac import FACTOR_METHODS
 from .optimizer_state import OPTIMIZER_STATE_RULES, OptimizerStateSolver
 from .solvers import Solver, make_solver
+from .store import InfluenceStore
 
 __all__ = ["InfluenceAnalyzer", "InfluenceConfig"]
 
@@ -341,6 +343,11 @@ class InfluenceAnalyzer:
             raise RuntimeError("InfluenceAnalyzer: call fit(train) before scores/self_scores/inverse_hvp")
         return self.operator
 
+    def _no_store(self, store: Any) -> None:
+        if store is not None:
+            raise ValueError("store= keeps K-FAC/EK-FAC factors and chunked scores: it needs the factored route "
+                             "(solver='kfac'/'ekfac', or 'identity'/'optimizer_state' with modules=[...])")
+
     def _check_count(self, n: int, name: str = "train") -> None:
         if n != self.n_train:
             raise ValueError(
@@ -349,15 +356,19 @@ class InfluenceAnalyzer:
 
     # ---- public ----------------------------------------------------------------------------
 
-    def fit(self, train: Any) -> InfluenceAnalyzer:
+    def fit(self, train: Any, *, store: InfluenceStore | str | os.PathLike | None = None) -> InfluenceAnalyzer:
         """Check the loss on ``train``, count it, and fit the solver to its curvature. Returns ``self``.
 
         ``train``: the ``Dataset``/unshuffled ``DataLoader`` the model was trained on (all ``n`` examples).
         The attributed parameters are copied here: later scores refer to the model as it was at ``fit``.
+        ``store`` (factored route): a directory or :class:`~soulkit.influence.InfluenceStore` where the factors
+        are written as they are computed and from which a rerun resumes (:mod:`.store`); under
+        torch.distributed the ranks split the training batches and sum their statistics.
         """
         if self.factored is not None:
-            self.factored.fit(train)
+            self.factored.fit(train, store=store)
             return self
+        self._no_store(store)
         cfg = self.config
         self.bound = BoundLoss(self.model, self.loss_fn, params=cfg.params, dtype=cfg.dtype)  # fresh snapshot
         self.operator, self._train_obj, self._newton_cache = None, None, None
@@ -399,16 +410,21 @@ class InfluenceAnalyzer:
         source = self._source(train, "train", cache=True)
         return torch.cat([g for g, _, _ in self._grads(source, "train")])
 
-    def scores(self, train: Any, queries: Any, *, per_token: bool = False) -> Tensor:
+    def scores(self, train: Any, queries: Any, *, per_token: bool = False,
+               store: InfluenceStore | str | os.PathLike | None = None) -> Tensor:
         """``[n_queries, n_train]``: predicted ``loss_i(theta without j) - loss_i(theta)``.
 
         ``(1/n) g_i^T A^{-1} g_j`` (``loo="first_order"``) or ``(1/n) g_i^T (A - H_j/n)^{-1} g_j``
         (``loo="newton"``). Queries are solved (``m`` solves), training gradients streamed.
         ``per_token=True`` (factored route only): ``[n_queries, n_train, T]``, one score per position of
         the training batches (0 on padding), summing over ``T`` to the sequence's score.
+        ``store`` (factored route): scores are computed in chunks of training batches, each written to the
+        store; a rerun computes only the missing ones (and under torch.distributed each rank scores its share
+        of the chunks). The store must be the one given to :meth:`fit`, or a new one.
         """
         if self.factored is not None:
-            return self.factored.scores(train, queries, per_token=per_token)
+            return self.factored.scores(train, queries, per_token=per_token, store=store)
+        self._no_store(store)
         if per_token:
             raise ValueError("per_token scores need the factored route: solver='kfac'/'ekfac', or 'identity' "
                              "with modules=[...]")

@@ -30,9 +30,11 @@ sums, means and masked prompts all work); for ``likelihood="gaussian"`` (squared
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,6 +58,14 @@ from .kfac import (
 )
 from .modules import ModuleCapture, TrackedModule, per_example_gradients, tracked_modules
 from .optimizer_state import optimizer_state_diagonal
+from .store import (
+    CheckpointClock,
+    InfluenceStore,
+    Sharding,
+    data_fingerprint,
+    model_fingerprint,
+    tensors_digest,
+)
 
 __all__ = ["FACTORED_METHODS", "FISHERS", "LIKELIHOODS", "FactoredInfluence"]
 
@@ -147,6 +157,7 @@ class FactoredInfluence:
         self.batch_size, self.seed, self.progress = batch_size, int(seed), progress
         self.tracked: list[TrackedModule] = tracked_modules(model, modules)
         self.factors: KFACFactors | None = None
+        self._fingerprint: tuple[Any, dict[str, Any]] | None = None
         self.n_train: int | None = None
         self._train_obj: Any = None
         self._device = next(model.parameters()).device
@@ -267,17 +278,24 @@ class FactoredInfluence:
         gen.manual_seed(derive_seed(self.seed, *parts))
         return gen
 
-    def _passes(self, source: DataSource, desc: str) -> Iterator[tuple[int, Batch, int, ModuleCapture]]:
+    def _passes(self, source: DataSource, desc: str, select: Callable[[int], bool] | None = None,
+                ) -> Iterator[tuple[int, int, Batch, int, ModuleCapture]]:
+        """``(k, start, batch, b, capture)`` for the batches ``k`` that ``select`` keeps (default all);
+        ``start`` is the index of the batch's first example in the whole data set. A skipped batch is
+        collated but never run."""
         try:
             total = source._n if source._n is not None else len(source.loader.dataset)
         except TypeError:  # an iterable dataset: no length
             total = None
-        with self._bar(desc, total=total) as bar, \
+        start = 0
+        with self._bar(desc, total=total if select is None else None) as bar, \
                 ModuleCapture(self.tracked) as capture:
             for k, (batch, b) in enumerate(source):
-                yield k, batch, b, capture
-                capture.clear()
-                bar.update(b)
+                if select is None or select(k):
+                    yield k, start, batch, b, capture
+                    capture.clear()
+                    bar.update(b)
+                start += b
 
     def _token_mask(self, batch: Batch, a: Tensor) -> Tensor | None:
         mask = _attention_mask(batch)
@@ -287,50 +305,130 @@ class FactoredInfluence:
 
     # ---- fitting ----------------------------------------------------------------------------
 
-    def fit(self, train: Any) -> FactoredInfluence:
+    def factor_fingerprint(self, train: Any, sharding: Sharding | None = None) -> dict[str, Any]:
+        """What the factors depend on: digests of the model's weights and of the training batches, and the
+        options. Every rank must compute the same (checked under torch.distributed)."""
+        if self._fingerprint is not None and self._fingerprint[0] is train:
+            return self._fingerprint[1]
+        sharding = sharding or Sharding.current()
+        digest, n, batches = data_fingerprint(self._source(train, "train").loader)
+        model = model_fingerprint(self.model)
+        sharding.check_same(digest, "training data")
+        sharding.check_same(model, "model weights")
+        fp = {"model": model, "train": digest, "n_train": n, "train_batches": batches, "method": self.method,
+              "modules": {n_: list(d) for n_, d in self.dims.items()}, "fisher": self.fisher,
+              "likelihood": self.likelihood, "fisher_samples": self.fisher_samples, "seed": self.seed,
+              "optimizer_state": tensors_digest(self.diagonal) if self.diagonal is not None else None}
+        self._fingerprint = (train, fp)
+        return fp
+
+    def _sharded_pass(self, source: DataSource, phase: str, desc: str, sums: dict[str, Tensor],
+                      body: Callable[[int, Batch, int, ModuleCapture], None], store: InfluenceStore | None,
+                      sharding: Sharding) -> None:
+        """Run ``body`` (which adds into ``sums``) on this rank's batches, from the store's partial checkpoint
+        of ``phase`` when there is one, saving one every ``store.checkpoint_seconds``; then sum over ranks."""
+        begin = 0
+        if store is not None and (got := store.load_partial(phase, sharding, self._device)) is not None:
+            saved, meta = got
+            for key, t in sums.items():
+                t.copy_(saved[key])
+            begin = int(meta["next_batch"])
+        clock = CheckpointClock(store.checkpoint_seconds) if store is not None else None
+        select = None if begin == 0 and sharding.world == 1 else (lambda k: k >= begin and sharding.owns(k))
+        for k, _, batch, b, cap in self._passes(source, desc, select):
+            body(k, batch, b, cap)
+            if clock is not None and clock.due():
+                store.save_partial(phase, sharding, sums, {"next_batch": k + 1})  # type: ignore[union-attr]
+        sharding.sum_(sums.values())
+
+    def fit(self, train: Any, *, store: InfluenceStore | str | os.PathLike | None = None) -> FactoredInfluence:
         """Fit the factors on ``train`` (the data the model was trained on): one pass for the covariances
         (K-FAC), a second for EK-FAC's eigenvalues; ``identity`` only counts the examples. The seconds
-        each phase took are left in :attr:`fit_seconds`."""
-        self.factors, self._train_obj = None, None
+        each phase took are left in :attr:`fit_seconds`.
+
+        ``store``: an :class:`~soulkit.influence.store.InfluenceStore` (or its directory) that keeps each
+        phase's results (and partial sums of an unfinished pass) so that a rerun resumes; one made for
+        another model, data set or options is refused. Under torch.distributed each rank takes its share
+        of the batches and the sums are all-reduced (:mod:`.store`)."""
+        self.factors, self._train_obj, self._fingerprint = None, None, None
         self.fit_seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
+        sharding = Sharding.current()
+        st = InfluenceStore.of(store)
         source = self._source(train, "train")
+        if st is not None:
+            st.claim("factors", self.factor_fingerprint(train, sharding), sharding)
         if self.method in ("identity", "optimizer_state"):
             self.n_train = source.n
             self._train_obj = train
             return self
+        t0 = time.perf_counter()
         acc = CovarianceAccumulator(self.dims, self._device)
-        for k, batch, b, cap in self._passes(source, "K-FAC covariances"):
-            logits, leaf, r = self._forward(cap, batch, b, "train")
-            for name, a in cap.inputs().items():
-                mask = self._token_mask(batch, a)
-                acc.add_inputs(name, a, mask)
-            first = next(iter(cap.inputs().values()))
-            m = self._token_mask(batch, first)
-            acc.tokens += int(m.sum()) if m is not None else first.shape[0] * first.shape[1]
-            acc.sequences += b
-            for draw in range(self.fisher_samples):
-                rt = self._pseudo_gradients(leaf, r, self._generator(1, k, draw))
-                s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
-                for name, sm in s.items():
-                    acc.add_output_grads(name, sm, 1.0 / self.fisher_samples)
+        if st is not None and st.has("covariances"):
+            saved, meta = st.load_phase("covariances", self._device)
+            for name in self.dims:
+                acc.a[name].copy_(saved[f"{name}/a"])
+                acc.s[name].copy_(saved[f"{name}/s"])
+            acc.tokens, acc.sequences = int(meta["tokens"]), int(meta["sequences"])
+        else:
+            counts = torch.zeros(2, dtype=torch.int64, device=self._device)  # tokens, sequences
+            sums = {**{f"{n}/a": t for n, t in acc.a.items()}, **{f"{n}/s": t for n, t in acc.s.items()},
+                    "counts": counts}
+
+            def covariances(k: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
+                logits, leaf, r = self._forward(cap, batch, b, "train")
+                for name, a in cap.inputs().items():
+                    acc.add_inputs(name, a, self._token_mask(batch, a))
+                first = next(iter(cap.inputs().values()))
+                m = self._token_mask(batch, first)
+                counts[0] += int(m.sum()) if m is not None else first.shape[0] * first.shape[1]
+                counts[1] += b
+                for draw in range(self.fisher_samples):
+                    rt = self._pseudo_gradients(leaf, r, self._generator(1, k, draw))
+                    s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
+                    for name, sm in s.items():
+                        acc.add_output_grads(name, sm, 1.0 / self.fisher_samples)
+
+            self._sharded_pass(source, "covariances", "K-FAC covariances", sums, covariances, st, sharding)
+            acc.tokens, acc.sequences = int(counts[0]), int(counts[1])
+            if st is not None:
+                st.save_phase("covariances", {k: v for k, v in sums.items() if k != "counts"},
+                              {"tokens": acc.tokens, "sequences": acc.sequences}, sharding)
         self.fit_seconds["covariances"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        factors = acc.factors()
+        if st is not None and st.has("eigendecompositions"):
+            factors = KFACFactors.from_tensors(st.load_phase("eigendecompositions", self._device)[0], self.dims,
+                                               "kfac", source=str(st.directory)).modules
+        else:
+            factors = acc.factors()
+            if st is not None:
+                st.save_phase("eigendecompositions", KFACFactors(factors, "kfac").tensors(), None, sharding)
         self.fit_seconds["eigendecompositions"] = time.perf_counter() - t0
         n = acc.sequences
         t0 = time.perf_counter()
         if self.method == "ekfac":
-            sums = correction_sums(self.dims, self._device)
-            for k, batch, b, cap in self._passes(source, "EK-FAC eigenvalues"):
-                logits, leaf, r = self._forward(cap, batch, b, "train")
-                a = cap.inputs()
-                for draw in range(self.fisher_samples):
-                    rt = self._pseudo_gradients(leaf, r, self._generator(2, k, draw))
-                    s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
-                    for name in a:
-                        add_correction(sums[name], factors[name], a[name], s[name], 1.0 / self.fisher_samples)
-            factors = with_corrections(factors, sums, n)
+            if st is not None and st.has("eigenvalue_corrections"):
+                saved, _ = st.load_phase("eigenvalue_corrections", self._device)
+                factors = {name: dataclasses.replace(f, corrected=saved[f"{name}/corrected"])
+                           for name, f in factors.items()}
+            else:
+                sums = correction_sums(self.dims, self._device)
+
+                def corrections(k: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
+                    logits, leaf, r = self._forward(cap, batch, b, "train")
+                    a = cap.inputs()
+                    for draw in range(self.fisher_samples):
+                        rt = self._pseudo_gradients(leaf, r, self._generator(2, k, draw))
+                        s = cap.output_grads(logits, rt.to(logits.dtype),
+                                             retain_graph=draw < self.fisher_samples - 1)
+                        for name in a:
+                            add_correction(sums[name], factors[name], a[name], s[name], 1.0 / self.fisher_samples)
+
+                self._sharded_pass(source, "eigenvalue_corrections", "EK-FAC eigenvalues", sums, corrections, st,
+                                   sharding)
+                factors = with_corrections(factors, sums, n)
+                if st is not None:
+                    st.save_phase("eigenvalue_corrections", {f"{name}/corrected": f.corrected
+                                                             for name, f in factors.items()}, None, sharding)
             self.fit_seconds["ekfac-eigenvalues"] = time.perf_counter() - t0
         self.factors = KFACFactors(factors, self.method, {
             "sequences": n, "tokens": acc.tokens, "fisher": self.fisher, "likelihood": self.likelihood,
@@ -379,7 +477,7 @@ class FactoredInfluence:
             raise RuntimeError("call fit(train) before scoring")
         parts: dict[str, list[Tensor]] = {tm.name: [] for tm in self.tracked}
         source = self._source(queries, "queries")
-        for _, batch, b, cap in self._passes(source, "query gradients"):
+        for _, _, batch, b, cap in self._passes(source, "query gradients"):
             a, s = self._batch_gradients(cap, batch, b, "queries")
             for name in parts:
                 G = per_example_gradients(a[name], s[name])
@@ -395,45 +493,103 @@ class FactoredInfluence:
             out[name] = low_rank(Q, self.query_rank) if self.query_rank is not None else Q
         return out
 
-    def scores(self, train: Any, queries: Any, *, per_token: bool = False) -> Tensor:
+    def score_fingerprint(self, train: Any, queries: Any, per_token: bool, store: InfluenceStore,
+                          sharding: Sharding) -> dict[str, Any]:
+        """What the scores depend on besides the factors' inputs: the fitted curvature's own bytes, the query
+        batches and the scoring options."""
+        digest, m, _ = data_fingerprint(self._source(queries, "queries").loader)
+        sharding.check_same(digest, "queries")
+        curvature = (self.factors.tensors() if self.factors is not None
+                     else self.diagonal if self.diagonal is not None else {})
+        return {"factors": tensors_digest(curvature), "queries": digest, "n_queries": m, "per_token": per_token,
+                "l2": self.l2, "damping": self.damping, "query_rank": self.query_rank,
+                "chunk_batches": store.chunk_batches}
+
+    def scores(self, train: Any, queries: Any, *, per_token: bool = False,
+               store: InfluenceStore | str | os.PathLike | None = None) -> Tensor:
         """``[m, n]`` scores (``per_token=True``: ``[m, n, T]``, one per training position, 0 on padding,
-        summing over ``T`` to the sequence's score), in loss units."""
+        summing over ``T`` to the sequence's score), in loss units.
+
+        ``store``: training batches are scored in chunks of ``store.chunk_batches``, each written to the
+        store as it is done; a rerun scores only the missing chunks, and once all exist they are joined into
+        ``scores.safetensors`` (which a later call just reads). Under torch.distributed each rank scores its
+        share of the chunks, rank 0 joins them, and every rank returns the whole tensor: the ranks need a
+        store on a file system they all see."""
         if self.n_train is None:
             raise RuntimeError("call fit(train) before scoring")
+        sharding = Sharding.current()
+        st = InfluenceStore.of(store)
+        if st is None and sharding.world > 1:
+            raise ValueError("under torch.distributed the ranks join their scores through a store: pass "
+                             "store=<a directory every rank sees>")
+        n = self.n_train
+        done: set[int] = set()
+        if st is not None:
+            st.claim("factors", self.factor_fingerprint(train, sharding), sharding)
+            st.claim("scores", self.score_fingerprint(train, queries, per_token, st, sharding), sharding)
+            if st.has_scores():
+                return st.load_scores(self._device)["per_token" if per_token else "scores"]
+            done = st.chunks_done()
         Q = self.query_gradients(queries)
         m = next(iter(Q.values()))[0].shape[0] if self.query_rank else next(iter(Q.values())).shape[0]
-        n = self.n_train
-        rows: list[Tensor] = []
-        seen = 0
+        cb = st.chunk_batches if st is not None else None
+        select = None if cb is None else (lambda k: sharding.owns(k // cb) and k // cb not in done)
+        rows: list[Tensor] = []  # [m, b, T or 1] per batch of the current chunk (or of everything)
+        chunk, chunk_start, seen = None, 0, 0
+
+        def flush() -> None:
+            if st is not None and rows:
+                joined = _join(rows, per_token)
+                st.save_chunk(chunk, chunk_start, {"scores": joined.sum(-1), "per_token": joined}
+                              if per_token else {"scores": joined})
+                rows.clear()
+
         source = self._source(train, "train")
-        for _, batch, b, cap in self._passes(source, "scores (train)"):
+        for k, start, batch, b, cap in self._passes(source, "scores (train)", select):
+            if cb is not None and k // cb != chunk:
+                flush()
+                chunk, chunk_start = k // cb, start
             a, s = self._batch_gradients(cap, batch, b, "train")
-            T = next(iter(a.values())).shape[1]
-            block = torch.zeros(m, b, T if per_token else 1, dtype=torch.float32, device=self._device)
-            for name, q in Q.items():
-                am, sm = a[name], s[name]
-                if am.shape[1] != T:
-                    raise ValueError(f"module {name!r} sees {am.shape[1]} positions where others see {T}: "
-                                     "per-token scores need modules that run once per position")
-                if self.query_rank is not None:
-                    U, V = q
-                    contrib = (torch.einsum("bto,mor->mbtr", sm, U) * torch.einsum("bti,mir->mbtr", am, V)).sum(-1)
-                    if not per_token:
-                        contrib = contrib.sum(-1, keepdim=True)
-                elif per_token:
-                    contrib = torch.einsum("bto,moi,bti->mbt", sm, q, am)
-                else:
-                    contrib = torch.einsum("moi,boi->mb", q, per_example_gradients(am, sm)).unsqueeze(-1)
-                block += contrib
-            rows.append(block / n)
-            seen += b
-        if seen != n:
-            raise ValueError(f"train has {seen} sequences but the analyzer was fitted on {n}: pass the training set "
-                             "given to fit")
-        if not per_token:
-            return torch.cat([r.squeeze(-1) for r in rows], dim=1)
-        width = max(r.shape[-1] for r in rows)
-        return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows], dim=1)
+            rows.append(self._score_block(Q, a, s, m, b, per_token) / n)
+            seen = start + b
+        if st is None:
+            if seen != n:
+                raise ValueError(f"train has {seen} sequences but the analyzer was fitted on {n}: pass the training "
+                                 "set given to fit")
+            return _join(rows, per_token)
+        flush()
+        st.assemble_scores(n, sharding)
+        return st.load_scores(self._device)["per_token" if per_token else "scores"]
+
+    def _score_block(self, Q: Mapping[str, Any], a: Mapping[str, Tensor], s: Mapping[str, Tensor], m: int, b: int,
+                     per_token: bool) -> Tensor:
+        """``[m, b, T]`` (``per_token``) or ``[m, b, 1]``: sum over modules of ``<Q_i, G_j>`` for one batch."""
+        T = next(iter(a.values())).shape[1]
+        block = torch.zeros(m, b, T if per_token else 1, dtype=torch.float32, device=self._device)
+        for name, q in Q.items():
+            am, sm = a[name], s[name]
+            if am.shape[1] != T:
+                raise ValueError(f"module {name!r} sees {am.shape[1]} positions where others see {T}: "
+                                 "per-token scores need modules that run once per position")
+            if self.query_rank is not None:
+                U, V = q
+                contrib = (torch.einsum("bto,mor->mbtr", sm, U) * torch.einsum("bti,mir->mbtr", am, V)).sum(-1)
+                if not per_token:
+                    contrib = contrib.sum(-1, keepdim=True)
+            elif per_token:
+                contrib = torch.einsum("bto,moi,bti->mbt", sm, q, am)
+            else:
+                contrib = torch.einsum("moi,boi->mb", q, per_example_gradients(am, sm)).unsqueeze(-1)
+            block += contrib
+        return block
+
+
+def _join(rows: list[Tensor], per_token: bool) -> Tensor:
+    """Batches' score blocks ``[m, b, T]`` side by side: ``[m, n]``, or ``[m, n, max T]`` zero-padded."""
+    if not per_token:
+        return torch.cat([r.squeeze(-1) for r in rows], dim=1)
+    width = max(r.shape[-1] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows], dim=1)
 
 
 def factored_method(solver: Any, modules: Any) -> str | None:

@@ -38,6 +38,7 @@ FACTOR_METHODS = ("kfac", "ekfac")
 DEFAULT_RELATIVE_DAMPING = 0.1
 _FORMAT = "soulkit-kfac-v1"
 _FILES = ("factors.json", "factors.safetensors")
+_TENSORS = ("a_vecs", "a_vals", "s_vecs", "s_vals", "corrected")
 
 
 @dataclass
@@ -157,16 +158,10 @@ class KFACFactors:
             if other:
                 raise ValueError(f"{d} holds other files ({', '.join(other[:5])}); save factors into an empty "
                                  "or a factor directory")
-        tensors = {}
-        for name, f in self.modules.items():
-            for key in ("a_vecs", "a_vals", "s_vecs", "s_vals", "corrected"):
-                t = getattr(f, key)
-                if t is not None:
-                    tensors[f"{name}/{key}"] = t.detach().cpu().contiguous()
         desc = {"format": _FORMAT, "method": self.method, "modules": {n: list(s) for n, s in self.shapes().items()},
                 "meta": self.meta}
         with atomic_directory(d) as tmp:
-            atomic_write_bytes(tmp / _FILES[1], save(tensors))
+            atomic_write_bytes(tmp / _FILES[1], save(self.tensors()))
             atomic_write_text(tmp / _FILES[0], json.dumps(desc, indent=2))
         return d
 
@@ -182,19 +177,35 @@ class KFACFactors:
         desc = json.loads(meta_path.read_text())
         if desc.get("format") != _FORMAT:
             raise ValueError(f"{meta_path} is not a soulkit factor file (format {desc.get('format')!r})")
-        tensors = load_file(str(tensor_path), device=str(device))
+        return cls.from_tensors(load_file(str(tensor_path), device=str(device)), desc["modules"], desc["method"],
+                                desc.get("meta"), source=str(tensor_path))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every factor as ``"<module>/<a_vecs|a_vals|s_vecs|s_vals|corrected>"`` -> CPU tensor (what is saved)."""
+        out = {}
+        for name, f in self.modules.items():
+            for key in _TENSORS:
+                t = getattr(f, key)
+                if t is not None:
+                    out[f"{name}/{key}"] = t.detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], shapes: Mapping[str, Sequence[int]], method: str,
+                     meta: Mapping | None = None, *, source: str = "the factors") -> KFACFactors:
+        """The inverse of :meth:`tensors`, checked against the modules' ``[out, in]`` ``shapes``."""
         modules = {}
-        for name, (out_f, in_f) in desc["modules"].items():
+        for name, (out_f, in_f) in shapes.items():
             try:
-                f = ModuleFactors(*(tensors[f"{name}/{k}"] for k in ("a_vecs", "a_vals", "s_vecs", "s_vals")),
+                f = ModuleFactors(*(tensors[f"{name}/{k}"] for k in _TENSORS[:4]),
                                   corrected=tensors.get(f"{name}/corrected"))
             except KeyError as e:
-                raise ValueError(f"{tensor_path} lacks the tensor {e.args[0]!r}: the file is incomplete") from None
+                raise ValueError(f"{source} lacks the tensor {e.args[0]!r}: the file is incomplete") from None
             if f.shape != (out_f, in_f):
-                raise ValueError(f"{tensor_path}: module {name!r} has shape {f.shape}, its description says "
+                raise ValueError(f"{source}: module {name!r} has shape {f.shape}, its description says "
                                  f"{(out_f, in_f)}")
             modules[name] = f
-        return cls(modules, desc["method"], desc.get("meta"))
+        return cls(modules, method, meta)
 
 
 def correction_sums(dims: Mapping[str, tuple[int, int]], device: torch.device) -> dict[str, Tensor]:
