@@ -37,6 +37,9 @@ pass over the retain set.
     new_model, info = newton_unlearn(model, tokenizer, forget_qa, retain=retain_qa, damping=1e-4)
     new_model, info = newton_unlearn(model, tokenizer, forget_qa, retain=retain_qa, curvature="ekfac",
                                      damping=1e-3, scale=0.3)
+    factors = qa_newton_factors(model, tokenizer, forget_qa, retain=retain_qa)   # fit once, sweep scale:
+    new_model, info = newton_unlearn(model, tokenizer, forget_qa, retain=retain_qa, curvature="kfac",
+                                     factors=factors, scale=3.0)
     # any model and loss (the factored route only):
     new_model, info = factored_newton(model, OutputLoss(output_fn, loss_on_output), forget_ds, retain_ds,
                                       method="kfac", damping=1e-3)
@@ -65,7 +68,7 @@ from ..optim.estimators import DIAGONAL_ESTIMATORS
 from ..optim.lm_targets import causal_lm_targets
 from .qa import IGNORE_INDEX, QA, QADataset, collate_qa, pad_token_id
 
-__all__ = ["CURVATURES", "factored_newton", "newton_unlearn", "qa_loss"]
+__all__ = ["CURVATURES", "factored_newton", "newton_unlearn", "qa_loss", "qa_newton_factors"]
 
 #: ``curvature`` choices of :func:`newton_unlearn`.
 CURVATURES = ("diagonal", *FACTOR_METHODS)
@@ -116,6 +119,11 @@ def _mean_gradient(model: nn.Module, params: dict[str, Tensor], loss: OutputLoss
             if g is not None:
                 out[k] += g / n
     return out
+
+
+def _train_loader(forget: Dataset, retain: Dataset, batch_size: int, collate_fn: Callable | None) -> DataLoader:
+    """The training set the curvature is taken over, retain then forget, in a fixed order."""
+    return DataLoader(ConcatDataset([retain, forget]), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
 
 def _iterate(params: dict[str, Tensor], grad: Callable[[str], Grads], precondition: Callable[[Grads], Grads],
@@ -218,13 +226,12 @@ def factored_newton(model: nn.Module, loss: OutputLoss, forget: Dataset, retain:
         raise ValueError("the retain set is empty: the curvature is taken over forget + retain")
     new = copy.deepcopy(model).eval()
     loader = functools.partial(DataLoader, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
-    train = ConcatDataset([retain, forget])
     fi = FactoredInfluence(new, loss, method=method, modules=modules, damping=damping, fisher=fisher,
                            likelihood=likelihood, fisher_samples=fisher_samples, batch_size=batch_size, seed=seed,
                            progress=progress)
     t0 = time.perf_counter()
     if factors is None:
-        fi.fit(loader(train))
+        fi.fit(_train_loader(forget, retain, batch_size, collate_fn))
         assert fi.factors is not None
         factors = fi.factors
     else:
@@ -275,6 +282,32 @@ def _diagonal_curvature(model: nn.Module, params: dict[str, Tensor], loader: Dat
     return h
 
 
+def _qa_data(tokenizer, forget: Sequence[QA], retain: Sequence[QA], max_length: int
+             ) -> tuple[QADataset, QADataset, Callable]:
+    if not forget:
+        raise ValueError("the forget set is empty")
+    if not retain:
+        raise ValueError("newton_unlearn needs the retain set (the training data the Hessian is taken over)")
+    return (QADataset(forget, tokenizer, max_length=max_length), QADataset(retain, tokenizer, max_length=max_length),
+            functools.partial(collate_qa, pad_id=pad_token_id(tokenizer)))
+
+
+def qa_newton_factors(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[QA], method: str = "ekfac",
+                      modules: Any = None, batch_size: int = 16, max_length: int = 128, seed: int = 0,
+                      progress: bool | None = False) -> KFACFactors:
+    """The K-FAC / EK-FAC factors :func:`newton_unlearn` fits (same data order, loss and seed), to fit once and
+    pass as ``factors=`` to several calls (a sweep over ``scale`` or ``damping``; EK-FAC factors serve
+    ``curvature="kfac"`` too). ``model`` is not modified."""
+    if method not in FACTOR_METHODS:
+        raise ValueError(f"method must be one of {FACTOR_METHODS}, got {method!r}")
+    forget_ds, retain_ds, collate = _qa_data(tokenizer, forget, retain, max_length)
+    fi = FactoredInfluence(model, qa_loss(), method=method, modules=modules, batch_size=batch_size, seed=seed,
+                           progress=progress)
+    fi.fit(_train_loader(forget_ds, retain_ds, batch_size, collate))
+    assert fi.factors is not None
+    return fi.factors
+
+
 def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[QA], curvature: str = "diagonal",
                    estimator: str = "gnb", damping: float = 1e-4, scale: float = 1.0, steps: int = 1,
                    modules: Any = None, factors: KFACFactors | None = None, batch_size: int = 16,
@@ -295,14 +328,8 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
         raise ValueError(f"estimator must be {' or '.join(map(repr, DIAGONAL_ESTIMATORS))}, got {estimator!r}")
     if curvature == "diagonal" and (modules is not None or factors is not None):
         raise ValueError("modules and factors are options of curvature='kfac' or 'ekfac', not 'diagonal'")
-    if not forget:
-        raise ValueError("the forget set is empty")
-    if not retain:
-        raise ValueError("newton_unlearn needs the retain set (the training data the Hessian is taken over)")
     _check_common(damping, scale, steps, batch_size)
-    forget_ds = QADataset(forget, tokenizer, max_length=max_length)
-    retain_ds = QADataset(retain, tokenizer, max_length=max_length)
-    collate = functools.partial(collate_qa, pad_id=pad_token_id(tokenizer))
+    forget_ds, retain_ds, collate = _qa_data(tokenizer, forget, retain, max_length)
     if curvature != "diagonal":
         return factored_newton(model, qa_loss(), forget_ds, retain_ds, method=curvature, damping=damping,
                                scale=scale, steps=steps, modules=modules, factors=factors, batch_size=batch_size,
@@ -313,7 +340,7 @@ def newton_unlearn(model, tokenizer, forget: Sequence[QA], *, retain: Sequence[Q
     device = next(new.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     loader = functools.partial(DataLoader, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    h = _diagonal_curvature(new, params, loader(ConcatDataset([retain_ds, forget_ds])), estimator, gen)
+    h = _diagonal_curvature(new, params, _train_loader(forget_ds, retain_ds, batch_size, collate), estimator, gen)
     sets = {"forget": (forget_ds, len(forget)), "retain": (retain_ds, len(retain))}
 
     def grad(which: str) -> Grads:

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from soulkit.influence import OutputLoss
 from soulkit.influence.factored import FactoredInfluence
 from soulkit.unlearn.evaluate import score_answers
-from soulkit.unlearn.newton import factored_newton, newton_unlearn
+from soulkit.unlearn.newton import factored_newton, newton_unlearn, qa_newton_factors
 
 from ._corpus import FORGET, RETAIN
 
@@ -213,3 +213,13 @@ def test_lm_lowers_forget_probability_tracked_modules_only(memorised, tiny_token
     p_forget, p_retain = _prob(new, tok, FORGET), _prob(new, tok, RETAIN)
     assert p_forget < 0.6 * p_forget0, (p_forget0, p_forget)
     assert p_retain / p_retain0 > p_forget / p_forget0, (p_retain0, p_retain, p_forget0, p_forget)
+
+
+def test_lm_ekfac_factors_fitted_once_serve_kfac(memorised, tiny_tokenizer):
+    """qa_newton_factors fits what newton_unlearn fits (same order, loss, seed); EK-FAC factors hold K-FAC's."""
+    factors = qa_newton_factors(memorised, tiny_tokenizer, FORGET, retain=RETAIN, method="ekfac", seed=3)
+    kw = dict(retain=RETAIN, curvature="kfac", damping=1e-3, scale=0.5, seed=3)
+    a, _ = newton_unlearn(memorised, tiny_tokenizer, FORGET, **kw)
+    b, _ = newton_unlearn(memorised, tiny_tokenizer, FORGET, factors=factors, **kw)
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q)
