@@ -24,20 +24,19 @@ Results are written with ``torch.save`` (plain tensors and lists only; the test 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .. import _dist
 
 IN_FEATURES, HIDDEN, CLASSES = 6, 12, 5
 GLOBAL_BATCH = 16
 MICRO_BATCHES = 2  # per rank, ddp_gnb only
 STEPS = 10
 HYPER = dict(lr=0.05, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1, hessian_update_interval=3)
-WORLD_SIZE = 2
+WORLD_SIZE = _dist.WORLD_SIZE
 SCENARIOS = ("ddp_gnb", "ddp_paper", "fsdp2_paper", "fsdp2_paper_fused")
 
 
@@ -248,53 +247,10 @@ _BODIES = {
 }
 
 
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
 def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:
-    """Entry point of one rank (``torch.multiprocessing.start_processes`` passes ``rank`` first).
-
-    Runs the scenarios one after the other in one process group: starting the ranks (importing
-    torch, and torch._dynamo which DDP and FSDP2 import) costs far more than the scenarios.
-
-    After a clean run the rank leaves with ``os._exit(0)``: gloo's worker threads can still hold
-    references when the interpreter is torn down, and that teardown has aborted a rank (SIGABRT,
-    "terminate called without an active exception") once in CI after every result was written. A
-    failure inside a scenario still raises, and a fatal signal prints every thread's Python stack
-    (faulthandler) so that a crash can be told apart from the exit-time one."""
-    import faulthandler
-
-    import torch.distributed as dist
-
-    faulthandler.enable(all_threads=True)
-    torch.set_num_threads(1)
-    # Triton kernels run under the interpreter without a GPU; set before soulkit.kernels is imported
-    # (tests/conftest.py does the same for the test process, whose environment the ranks inherit).
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Rendezvous through a file (no port to pick) and keep gloo on the loopback interface: the
-    # sandbox's hostname may not resolve, and nothing outside this machine is needed.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()) is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = lo
-    store = Path(out_dir) / "rendezvous"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        for scenario in scenarios:
-            result = _BODIES[scenario](rank, world)
-            target = Path(out_dir) / f"{scenario}_rank{rank}.pt"
-            torch.save(result, target.with_suffix(".tmp"))
-            os.replace(target.with_suffix(".tmp"), target)  # a result file is whole or absent
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    """Entry point of one rank (``torch.multiprocessing.start_processes`` passes ``rank`` first): the
+    scenarios in one process group, as ``tests/_dist.py`` runs them."""
+    _dist.run_rank(rank, world, scenarios, out_dir, _BODIES)
 
 
 if __name__ == "__main__":  # manual run: python -m tests.optim._dist_worker OUT_DIR [SCENARIO ...]

@@ -1,75 +1,27 @@
 """Sophia under DDP and FSDP2: 2 CPU ranks (gloo, loopback) against a single-process run.
 
-The rank body lives in ``tests/optim/_dist_worker.py``; processes are started with
-``torch.multiprocessing`` (spawn) and meet through a rendezvous file, so no port is chosen.
-One launch runs all scenarios (module fixture): starting two ranks that import torch and
-torch._dynamo (DDP and FSDP2 do) costs far more than the scenarios themselves.
+The rank body lives in ``tests/optim/_dist_worker.py``; processes are started and meet as
+``tests/_dist.py`` does it (spawn, a rendezvous file, gloo on loopback). One launch runs all
+scenarios (module fixture): starting two ranks that import torch and torch._dynamo (DDP and
+FSDP2 do) costs far more than the scenarios themselves.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessExitedException
 
+from .. import _dist
 from . import _dist_worker as W
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-        reason="needs torch.distributed with the gloo backend",
-    ),
-]
-
-LAUNCH_TIMEOUT_S = 90.0  # a guard against hung collectives; a launch takes ~15-30 s
-
-
-def _launch(scenarios: tuple[str, ...], out_dir) -> dict[str, list[dict]]:
-    """Run ``scenarios`` on ``W.WORLD_SIZE`` spawned ranks; return each scenario's per-rank results."""
-    ctx = mp.start_processes(
-        W.main, args=(W.WORLD_SIZE, list(scenarios), str(out_dir)), nprocs=W.WORLD_SIZE, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    expected = [out_dir / f"{s}_rank{r}.pt" for s in scenarios for r in range(W.WORLD_SIZE)]
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the ranks did not finish {scenarios} within {LAUNCH_TIMEOUT_S:.0f} s")
-    except ProcessExitedException as exc:
-        # Every result is written before the last barrier, so a rank that dies after all of them
-        # exist died in the process-group teardown (torch/gloo, not soulkit): the results stand.
-        if exc.signal_name is None or not all(p.exists() for p in expected):
-            raise
-        warnings.warn(f"a rank died in process-group teardown after writing every result: {exc}", stacklevel=1)
-    finally:
-        for proc in ctx.processes:  # only the ranks started above
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    return {
-        s: [torch.load(out_dir / f"{s}_rank{r}.pt", weights_only=True) for r in range(W.WORLD_SIZE)]
-        for s in scenarios
-    }
+pytestmark = [pytest.mark.distributed, _dist.needs_gloo]
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory) -> dict[str, list[dict]]:
-    try:
-        return _launch(W.SCENARIOS, tmp_path_factory.mktemp("dist"))
-    except ProcessExitedException as exc:
-        # A rank killed by a signal (not a Python error: those raise ProcessRaisedException) is
-        # relaunched once; a defect that crashes deterministically still fails the second launch.
-        if exc.signal_name is None:
-            raise
-        warnings.warn(f"relaunching the ranks once after a crash: {exc}", stacklevel=1)
-        return _launch(W.SCENARIOS, tmp_path_factory.mktemp("dist_retry"))
+    return _dist.launch(W.main, W.SCENARIOS, tmp_path_factory, W.WORLD_SIZE)
 
 
 def _assert_params_close(actual, expected, what: str, rtol: float = 1e-9, atol: float = 1e-11) -> None:
