@@ -220,7 +220,8 @@ class InfluenceStore:
         if d.exists() and not d.is_dir():
             raise FileExistsError(f"the influence store {d} is a file; give a directory")
         if d.is_dir() and not (d / META_FILE).is_file():
-            other = sorted(p.name for p in d.iterdir() if p.name not in _OWNED)
+            other = sorted(p.name for p in d.iterdir()
+                           if p.name not in _OWNED and not p.name.startswith("."))  # "." : atomic writes' temps
             if other:
                 raise FileExistsError(f"{d} holds other files ({', '.join(other[:5])}), not an influence store; "
                                       "give an empty or new directory")
