@@ -589,7 +589,7 @@ _ATTACK_FLAGS = {
     "per_tensor": ("--per-tensor", ("quantize",)), "steps": ("--steps", ("relearn",)),
     "lr": ("--lr", ("relearn",)), "optimizer": ("--optimizer", ("relearn",)),
     "batch_size": ("--batch-size", ("relearn",)), "shots": ("--shots", ("few-shot",)),
-    "seed": ("--seed", ("relearn", "few-shot")),
+    "seed": ("--seed", ("relearn", "few-shot", "multihop")),
 }
 
 
@@ -906,8 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_at.add_argument("--batch-size", type=int, default=None, dest="batch_size", help="relearn: batch size (default 8)")
     p_at.add_argument("--shots", type=int, default=None, help="few-shot: retain QA pairs before each question "
                                                               "(default 2)")
-    p_at.add_argument("--seed", type=int, default=None, help="relearn: forget halves and data order; few-shot: the example pairs "
-                                                             "(default 0)")
+    p_at.add_argument("--seed", type=int, default=None, help="relearn: forget halves and data order; few-shot: the example pairs; "
+                                                             "multihop: the bridge titles (default 0)")
     _add_eval_args(p_at)
     p_at.set_defaults(func=_cmd_attack)
 

@@ -22,13 +22,27 @@ Attacks (the pure functions never modify the model they are given; they return a
 * **few-shot**: greedy answers to the forget questions preceded by ``shots`` retain QA pairs in the
   same prompt format; forget ROUGE with and without the prefix.
 
+Probes (:data:`PROBES`; the questions come from :mod:`soulkit.unlearn.probes`, evaluation-only, so the
+training data and its fingerprint are unchanged) score sets of questions with :func:`probe_scores`
+(ROUGE-L recall of the greedy answer, answer probability, true values named) for the model, the
+finetuned model and the retrain: the two ends' difference (``margin``) says whether a probe can tell
+knowing from never having seen:
+
+* **phrasings**: each forget fact asked with question phrasings it was never trained with for that
+  author (the generator's other templates, and templates no training question uses).
+* **multihop**: forget facts reached through a book title ("Which award did the author of "<book>"
+  win?").
+* **neighbours**: the retain authors who share a birthplace, genre, award or publisher with a forget
+  author, found among the existing retain authors (none are generated), scored apart from the rest of
+  the retain set; too few neighbours is said in the results, not hidden.
+
 Controls: every attack is applied to the exact retrain of the split as well (the model that never
 saw the forget authors). For relearning, ``recovery`` reports per budget the attacked model's metric
 minus the attacked retrain's, and their ratio, so what the attack data teaches on its own is not
 counted as recovered memory.
 
-``phrasings``, ``multihop``, ``neighbours`` and ``sequential`` (issue 16) are named in :data:`ATTACKS`
-and not implemented yet: :class:`AttackConfig` refuses them.
+``sequential`` (issue 16) is named in :data:`ATTACKS` and not implemented yet: :class:`AttackConfig`
+refuses it.
 """
 
 from __future__ import annotations
@@ -53,6 +67,7 @@ from .qa import QA, QADataset, batched, pad_token_id, qa_batches
 __all__ = [
     "ATTACKS",
     "IMPLEMENTED_ATTACKS",
+    "PROBES",
     "RELEARN_OPTIMIZERS",
     "AttackConfig",
     "quantize_weights",
@@ -62,13 +77,16 @@ __all__ = [
     "split_forget_halves",
     "few_shot_prompts",
     "few_shot_rouge",
+    "probe_scores",
     "run_attack",
     "format_attack",
 ]
 
 #: Every attack of issue 16, in the order of its list; :data:`IMPLEMENTED_ATTACKS` are those that run.
 ATTACKS = ("relearn", "quantize", "phrasings", "multihop", "neighbours", "sequential", "few-shot")
-IMPLEMENTED_ATTACKS = ("relearn", "quantize", "few-shot")
+IMPLEMENTED_ATTACKS = ("relearn", "quantize", "phrasings", "multihop", "neighbours", "few-shot")
+#: The attacks that are probes: they ask the model other questions and never change its weights.
+PROBES = ("phrasings", "multihop", "neighbours")
 #: Optimizers the relearning attack fine-tunes with (:func:`soulkit.optim.make_optimizer` names).
 RELEARN_OPTIMIZERS = ("adamw", "sophia")
 BITS = (4, 8)
@@ -132,7 +150,8 @@ class AttackConfig:
         """The settings that apply to this attack (for results.json)."""
         keep = {"quantize": ("bits", "group_size", "per_channel"),
                 "relearn": ("steps", "lr", "optimizer", "batch_size", "seed"),
-                "few-shot": ("shots", "seed")}[self.attack]
+                "few-shot": ("shots", "seed"), "phrasings": (), "multihop": ("seed",),
+                "neighbours": ()}[self.attack]
         d = asdict(self)
         return {"attack": self.attack, **{k: (list(d[k]) if k == "steps" else d[k]) for k in keep}}
 
@@ -352,6 +371,62 @@ def few_shot_rouge(model, tokenizer, records: Sequence[QA], examples: Sequence[Q
             "new_token_budget": budget}
 
 
+# ---------------------------------------------------------------------------------------- probes
+def _value_hits(generations: Sequence[str], records: Sequence[QA]) -> list[float | None]:
+    """1.0 where the generation contains every true value of its record (``extra["values"]``, case
+    folded), 0.0 where it misses one, None for a record without values."""
+    out: list[float | None] = []
+    for g, r in zip(generations, records):
+        values = r.extra.get("values") or []
+        out.append(float(all(str(v).casefold() in g.casefold() for v in values)) if values else None)
+    return out
+
+
+def _means(rouge: np.ndarray, prob: np.ndarray, hits: Sequence[float | None], idx: Sequence[int]) -> dict[str, Any]:
+    h = [hits[i] for i in idx if hits[i] is not None]
+    return {"rouge": float(rouge[idx].mean()), "probability": float(prob[idx].mean()),
+            "value_hit": float(np.mean(h)) if h else None, "n": len(idx)}
+
+
+def probe_scores(model, tokenizer, records: Sequence[QA], *, max_new_tokens: int = 200,
+                 batch_size: int = 32) -> dict[str, Any]:
+    """How well ``model`` answers ``records``: ROUGE-L recall of its greedy answers against ``answer``
+    (``rouge``), the answer's probability ``exp(-mean NLL)`` given the question (``probability``) and the
+    fraction of greedy answers that contain every true value of ``extra["values"]`` (``value_hit``; None
+    when no record has values); means over the records, with ``n``, and the same per ``extra["probe"]``
+    kind under ``by_kind`` when the records carry one. ``model`` is not modified."""
+    from .evaluate import score_answers
+    from .metrics import rouge_l_recall
+    from .qa import greedy_answers
+
+    records = list(records)
+    if not records:
+        raise ValueError("probe_scores needs at least one QA record")
+    gen = greedy_answers(model, tokenizer, [r.question for r in records], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size)
+    rouge = rouge_l_recall(gen, [r.answer for r in records])
+    prob = np.exp(-score_answers(model, tokenizer, records, batch_size=batch_size))
+    hits = _value_hits(gen, records)
+    out = _means(rouge, prob, hits, list(range(len(records))))
+    kinds: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.extra.get("probe") is not None:
+            kinds.setdefault(str(r.extra["probe"]), []).append(i)
+    if kinds:
+        out["by_kind"] = {k: _means(rouge, prob, hits, idx) for k, idx in sorted(kinds.items())}
+    return out
+
+
+def _prefixed(scores: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``probe_scores``' means under the evaluation's names (``forget_rouge``, ``forget_probability``...)."""
+    return {f"{prefix}_{k}": scores[k] for k in ("rouge", "probability", "value_hit")}
+
+
+def _margin(high: Mapping[str, Any], low: Mapping[str, Any]) -> dict[str, float]:
+    return {k: high[k] - low[k] for k in ("rouge", "probability", "value_hit")
+            if high.get(k) is not None and low.get(k) is not None}
+
+
 # ---------------------------------------------------------------------------------------- the attack run
 def _headline(res: Mapping[str, Any]) -> dict[str, Any]:
     return {k: res.get(k) for k in _REPORTED}
@@ -375,6 +450,94 @@ def _change(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, fl
             if before.get(k) is not None and after.get(k) is not None}
 
 
+def _probe_sets(suite, split: str, config: AttackConfig, forget: Sequence[QA]) -> dict[str, list[QA]]:
+    """The QA sets a probe scores, each capped by the evaluation's ``max_eval_examples`` (seeded):
+    phrasings / multihop: ``trained`` (the forget questions that have a probe, as trained) and ``probe``;
+    neighbours: :func:`~soulkit.unlearn.probes.neighbour_sets` (empty sets left out)."""
+    from .evaluate import _subsample
+    from .probes import multihop_probes, neighbour_sets, phrasing_probes
+
+    ecfg = suite.eval_config
+
+    def cap(records: Sequence[QA], salt: int) -> list[QA]:
+        return _subsample(list(records), ecfg.max_eval_examples, ecfg.seed, salt, ecfg.subset)
+
+    bench = suite.benchmark
+    if config.attack == "neighbours":
+        return {name: cap(recs, 20 + i) for i, (name, recs) in enumerate(neighbour_sets(bench, split).items())
+                if recs}
+    records = cap(forget, 0)
+    make = phrasing_probes if config.attack == "phrasings" else multihop_probes
+    probes = make(bench, records, seed=config.seed)
+    if not probes:
+        what = ("none of its questions is one of the generator's templates" if config.attack == "phrasings"
+                else "no forget author has a book title in the training QA to ask through")
+        raise ValueError(f"no {config.attack} probe for {split}: {what}")
+    probes = cap(probes, 10)
+    sources = {p.extra["source"] for p in probes}
+    return {"trained": [r for r in records if r.question in sources], "probe": probes}
+
+
+def _probe_results(suite, split: str, config: AttackConfig, sets: Mapping[str, list[QA]], model, tok, retrain,
+                   source, say: Callable[[str], None]) -> dict[str, Any]:
+    """A probe's results: :func:`probe_scores` of every set for the model, the finetuned model and the
+    retrain (the two ends: their difference, ``margin``, says whether the probe can tell a model that
+    knows the forget authors from one that never saw them), and the model's TOFU evaluation."""
+    from pathlib import Path
+
+    from .models import load_model
+
+    ecfg = suite.eval_config
+    ft_dir = suite.finetuned_dir()
+    same = Path(source).resolve() == Path(ft_dir).resolve()
+    kw = dict(max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size)
+
+    def score(m, who: str) -> dict[str, dict[str, Any]]:
+        say(f"{config.attack}: scoring the {who} on {', '.join(f'{n} ({len(r)})' for n, r in sets.items())}")
+        return {name: probe_scores(m, tok, recs, **kw) for name, recs in sets.items()}
+
+    mine = score(model, "model")
+    finetuned = mine if same else score(load_model(ft_dir)[0], "finetuned model")
+    ctrl = score(retrain, "retrain (control)")
+    say(f"{config.attack}: the model's TOFU evaluation")
+    evaluation = suite.evaluate(model, tok, split, with_ceiling=False)
+    out: dict[str, Any] = {"sets": {n: len(r) for n, r in sets.items()},
+                           "scores": {"model": mine, "finetuned": finetuned, "retrain": ctrl},
+                           "margin": {n: _margin(finetuned[n], ctrl[n]) for n in sets},
+                           "evaluation": evaluation, "summary": {"model": _headline(evaluation)},
+                           "finetuned_model_dir": str(ft_dir)}
+    if config.attack == "neighbours":
+        from .probes import NEIGHBOUR_ATTRIBUTES, neighbour_authors
+
+        nb = neighbour_authors(suite.benchmark, split)
+        by_attr = {a: [n for n, shared in nb.items() if a in shared] for a in NEIGHBOUR_ATTRIBUTES}
+        n_retain = len(suite.benchmark.authors) - len(suite.benchmark.forget_authors(split))
+        out["neighbours"] = {"authors": nb, "by_attribute": by_attr, "n_neighbours": len(nb),
+                             "n_retain_authors": n_retain}
+        if not nb:
+            out["note"] = (f"no retain author of {split} shares a birthplace, genre, award or publisher with a "
+                           "forget author: nothing to measure (the data is not changed to make some)")
+        names = {"shared_facts": "shared_fact", "neighbours": "neighbour", "others": "other_retain"}
+
+        def flat(sc: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v for n, d in sc.items() for k, v in _prefixed(d, names[n]).items()}
+
+        out.update(before=flat(finetuned), after=flat(mine), control={"before": flat(ctrl), "after": flat(ctrl)})
+        out["change"] = {k: v - out["before"][k] for k, v in out["after"].items()
+                         if v is not None and out["before"].get(k) is not None}
+        return out
+    trained, probe = mine["trained"], mine["probe"]
+    out.update(eval_questions=len(sets["trained"]), probe_questions=len(sets["probe"]),
+               probe_set=[{"question": p.question, "source": p.extra["source"], "probe": p.extra["probe"]}
+                          for p in sets["probe"]],
+               before=_prefixed(trained, "forget"), after=_prefixed(probe, "forget"),
+               control={"before": _prefixed(ctrl["trained"], "forget"), "after": _prefixed(ctrl["probe"], "forget")})
+    out["recovery"] = _recovery(out["after"], out["control"]["after"])
+    m_t, m_p = out["margin"]["trained"].get("rouge"), out["margin"]["probe"].get("rouge")
+    out["margin"]["probe_share_of_trained_rouge"] = (m_p / m_t) if m_t else None
+    return out
+
+
 def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.PathLike | None = None,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Attack the model in ``model_dir`` (default: ``suite``'s finetuned model) on ``split`` of ``suite``
@@ -390,20 +553,29 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
       that half. ``after`` / ``control["after"]`` / ``recovery`` are keyed by budget (as strings).
     * few-shot: forget ROUGE of greedy answers with and without ``config.shots`` retain QA pairs before
       the question, for the model and the retrain.
+    * phrasings / multihop: ``before`` = the trained forget questions, ``after`` = the probes (forget ROUGE,
+      probability, value hits), ``control`` the retrain's; ``scores`` of the model, the finetuned model and
+      the retrain per set, their ``margin`` (finetuned - retrain), the model's TOFU ``evaluation``.
+    * neighbours: ``before`` = the finetuned model, ``after`` = the model, ``control`` = the retrain, each on
+      the neighbours' shared facts, all their QA and the other retain authors' QA; ``neighbours`` names
+      them per attribute.
     """
+    from .evaluate import _subsample
     from .models import load_model, model_meta
 
     say = progress or (lambda msg: None)
     if not isinstance(config, AttackConfig):
         raise TypeError(f"config must be an AttackConfig, got {type(config).__name__}")
     forget, retain = suite.benchmark.split(split)  # a bad split fails before any model is loaded
+    ecfg = suite.eval_config
     if config.attack == "relearn":
         attack_half, held_out = split_forget_halves(forget, config.seed)
+    elif config.attack in PROBES:  # the probe sets, built (and refused when empty) before any model is loaded
+        probe_sets = _probe_sets(suite, split, config, forget)
     source = model_dir if model_dir is not None else suite.finetuned_dir()
     model, tok = load_model(source)
     suite._check_tokenizer(tok)
     t0 = time.perf_counter()
-    ecfg = suite.eval_config
     results: dict[str, Any] = {"attack": config.attack, "split": split, "settings": config.settings(),
                                "model_dir": str(source), "model_stage": model_meta(source).get("stage")}
     retrain_dir = suite.retrained_dir(split, seed=1)
@@ -457,9 +629,9 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
             summary={"before": _headline(before), **{f"after_{b}": _headline(a) for b, a in after.items()},
                      "control_before": _headline(ref),
                      **{f"control_after_{b}": _headline(a) for b, a in control_after.items()}})
+    elif config.attack in PROBES:
+        results.update(_probe_results(suite, split, config, probe_sets, model, tok, retrain, source, say))
     else:  # few-shot
-        from .evaluate import _subsample
-
         records = _subsample(list(forget), ecfg.max_eval_examples, ecfg.seed, 0, ecfg.subset)
         say(f"few-shot probe: {len(records)} forget questions, {config.shots} retain QA pairs before each")
         kw = dict(shots=config.shots, seed=config.seed, max_new_tokens=ecfg.max_new_tokens)
@@ -479,27 +651,36 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
 
 def format_attack(results: Mapping[str, Any]) -> str:
     """A markdown table of an attack's headline numbers: the model and the retrain (control), before and
-    after the attack (per budget for relearning)."""
-    keys = _REPORTED
-    cols: list[tuple[str, Mapping[str, Any]]] = []
+    after the attack (per budget for relearning); for the probes, the model's and the retrain's scores on
+    the trained questions and on the probes (neighbours: the finetuned model, the model, the retrain)."""
+    attack = results.get("attack")
     after = results.get("after", {})
     control = results.get("control", {})
-    cols.append(("before", results.get("before", {})))
-    if results.get("attack") == "relearn":
-        cols += [(f"after {b} steps", a) for b, a in after.items()]
+    if attack in ("phrasings", "multihop"):
+        cols = [("trained questions", results.get("before", {})), ("probes", after),
+                ("retrain trained", control.get("before", {})), ("retrain probes", control.get("after", {}))]
+    elif attack == "neighbours":
+        cols = [("finetuned", results.get("before", {})), ("model", after), ("retrain", control.get("after", {}))]
     else:
-        cols.append(("after", after))
-    cols.append(("retrain before", control.get("before", {})))
-    if results.get("attack") == "relearn":
-        cols += [(f"retrain after {b}", a) for b, a in control.get("after", {}).items()]
-    else:
-        cols.append(("retrain after", control.get("after", {})))
+        cols = [("before", results.get("before", {}))]
+        if attack == "relearn":
+            cols += [(f"after {b} steps", a) for b, a in after.items()]
+        else:
+            cols.append(("after", after))
+        cols.append(("retrain before", control.get("before", {})))
+        if attack == "relearn":
+            cols += [(f"retrain after {b}", a) for b, a in control.get("after", {}).items()]
+        else:
+            cols.append(("retrain after", control.get("after", {})))
+    keys = list(_REPORTED)
+    if attack in PROBES:  # their own scores (value hits, the neighbour sets) as well
+        keys += [k for _, d in cols for k in d if k not in _REPORTED and isinstance(d[k], float)]
 
     def fmt(v: Any) -> str:
         return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
     lines = ["| metric | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for k in keys:
+    for k in dict.fromkeys(keys):
         if all(d.get(k) is None for _, d in cols):
             continue
         lines.append(f"| {k} | " + " | ".join(fmt(d.get(k)) for _, d in cols) + " |")

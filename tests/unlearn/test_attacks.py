@@ -11,6 +11,7 @@ from soulkit.unlearn.attacks import (
     AttackConfig,
     few_shot_prompts,
     few_shot_rouge,
+    probe_scores,
     quantize_tensor,
     quantize_weights,
     relearn,
@@ -18,8 +19,9 @@ from soulkit.unlearn.attacks import (
     split_forget_halves,
 )
 from soulkit.unlearn.evaluate import score_answers
+from soulkit.unlearn.metrics import rouge_l_recall
 from soulkit.unlearn.models import ModelConfig, build_model
-from soulkit.unlearn.qa import QA, format_prompt
+from soulkit.unlearn.qa import QA, format_prompt, greedy_answers
 
 from ._corpus import FORGET, RETAIN, _assert_same_state, _state
 
@@ -235,6 +237,30 @@ def test_few_shot_rouge(memorised, tiny_tokenizer):
     assert 0.0 <= res["forget_rouge_few_shot"] <= 1.0
     with pytest.raises(ValueError, match="few-shot prompts with 3 shot"):
         few_shot_rouge(memorised, tiny_tokenizer, FORGET, RETAIN, shots=3, max_new_tokens=12)
+
+
+# ------------------------------------------------------------------------------------------ probes
+def test_probe_scores_against_a_direct_computation(memorised, tiny_model, tiny_tokenizer):
+    values = [["Lyon"], ["science fiction"], ["Lyon", "poetry"], ["Paris"]]
+    recs = [QA(r.question, r.answer, author=r.author, extra={"values": v, "probe": "a" if i < 2 else "b"})
+            for i, (r, v) in enumerate(zip(FORGET, values))]
+    recs.append(QA("Where was Mara Quill born, again?", "Mara Quill was born in Lyon."))  # no values, no kind
+    res = probe_scores(memorised, tiny_tokenizer, recs, max_new_tokens=12)
+    gen = greedy_answers(memorised, tiny_tokenizer, [r.question for r in recs], max_new_tokens=12)
+    rouge = rouge_l_recall(gen, [r.answer for r in recs])
+    prob = np.exp(-score_answers(memorised, tiny_tokenizer, recs))
+    hits = [float(all(v.casefold() in g.casefold() for v in vs)) for g, vs in zip(gen, values)]
+    assert res["n"] == 5 and res["rouge"] == pytest.approx(rouge.mean())
+    assert res["probability"] == pytest.approx(prob.mean()) and res["value_hit"] == pytest.approx(np.mean(hits))
+    assert res["rouge"] > 0.5 and res["value_hit"] >= 0.5  # the memorised model knows its forget facts
+    assert res["by_kind"]["a"] == {"rouge": pytest.approx(rouge[:2].mean()), "probability": pytest.approx(prob[:2].mean()),
+                                   "value_hit": pytest.approx(np.mean(hits[:2])), "n": 2}
+    assert res["by_kind"]["b"]["n"] == 2
+    fresh = probe_scores(tiny_model, tiny_tokenizer, recs, max_new_tokens=12)  # an untrained model knows nothing
+    assert fresh["rouge"] < res["rouge"] - 0.3 and fresh["probability"] < res["probability"] - 0.5
+    assert probe_scores(memorised, tiny_tokenizer, FORGET, max_new_tokens=12)["value_hit"] is None
+    with pytest.raises(ValueError, match="at least one"):
+        probe_scores(memorised, tiny_tokenizer, [])
 
 
 # ------------------------------------------------------------------------------------------ settings

@@ -10,6 +10,7 @@ import pytest
 from soulkit.cli import build_parser, main
 from soulkit.unlearn import suite as suite_mod
 from soulkit.unlearn.attacks import AttackConfig, run_attack, split_forget_halves
+from soulkit.unlearn.probes import neighbour_authors, phrasing_probes
 from soulkit.unlearn.suite import UnlearningSuite
 
 from .test_cli_unlearn import TINY, _hash_dir, _one_line_error, _tiny_scale  # noqa: F401 (autouse fixture)
@@ -37,9 +38,11 @@ def _bench(cache: Path) -> list[str]:
     [
         (["--attack", "melt"], "unknown attack 'melt'; choose one of relearn, quantize, phrasings, multihop, "
                                "neighbours, sequential, few-shot"),
-        (["--attack", "phrasings"], "attack phrasings is not implemented yet"),
-        (["--attack", "multihop"], "attack multihop is not implemented yet"),
-        (["--attack", "neighbours"], "attack neighbours is not implemented yet"),
+        (["--attack", "phrasings", "--seed", "1"], "--seed is not a setting of --attack phrasings"),
+        (["--attack", "neighbours", "--steps", "5"], "--steps is not a setting of --attack neighbours"),
+        (["--attack", "multihop", "--seed", "-1"], "--seed must be an int >= 0, got -1"),
+        # the tiny scale's forget05 author has no book title in its QA to ask through (nothing is trained)
+        (["--attack", "multihop"], "no multihop probe for forget05: no forget author has a book title"),
         (["--attack", "sequential"], "attack sequential is not implemented yet"),
         (["--attack", "relearn", "--steps", "10,0,50"], "--steps takes relearning budgets, ints >= 1"),
         (["--attack", "relearn", "--steps", "-5"], "--steps takes relearning budgets, ints >= 1"),
@@ -195,3 +198,57 @@ def test_run_attack_api_does_not_write(tmp_path, finetuned, cache):
         run_attack(suite, "forget10", {"attack": "quantize"})
     with pytest.raises(ValueError, match="forget0"):
         run_attack(suite, "forget0", AttackConfig("quantize"))
+
+
+# ------------------------------------------------------------------------------------------ probes
+def test_phrasings_probe_reports_both_ends(tmp_path, finetuned, cache, capsys):
+    before = _hash_dir(finetuned)
+    out = tmp_path / "p"
+    assert main(["attack", str(finetuned), "--attack", "phrasings", "--split", "forget10", *_bench(cache),
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "| trained questions | probes |" in captured.out
+    res = json.loads((out / "results.json").read_text())
+    suite = UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False)
+    forget, _ = suite.benchmark.split("forget10")
+    probes = phrasing_probes(suite.benchmark, forget)
+    assert res["probe_set"] == [{"question": p.question, "source": p.extra["source"], "probe": p.extra["probe"]}
+                                for p in probes]
+    assert res["sets"] == {"trained": len(forget), "probe": len(probes)}
+    sc = res["scores"]
+    assert sc["finetuned"] == sc["model"]  # the model attacked is the finetuned one: scored once
+    for who in ("model", "retrain"):
+        for name in ("trained", "probe"):
+            assert 0.0 <= sc[who][name]["rouge"] <= 1.0 and 0.0 < sc[who][name]["probability"] <= 1.0
+    assert set(sc["model"]["probe"]["by_kind"]) == {"unused", "novel"}
+    assert res["before"]["forget_rouge"] == sc["model"]["trained"]["rouge"]
+    assert res["after"]["forget_probability"] == sc["model"]["probe"]["probability"]
+    assert res["control"]["after"]["forget_rouge"] == sc["retrain"]["probe"]["rouge"]
+    assert res["margin"]["probe"]["rouge"] == pytest.approx(sc["finetuned"]["probe"]["rouge"]
+                                                            - sc["retrain"]["probe"]["rouge"])
+    assert res["recovery"]["forget_rouge"]["excess"] == pytest.approx(res["margin"]["probe"]["rouge"])
+    assert 0.0 <= res["evaluation"]["forget_quality"] <= 1.0 and res["summary"]["model"]["model_utility"] is not None
+    assert _hash_dir(finetuned) == before
+
+
+def test_neighbours_probe_without_neighbours_says_so(tmp_path, finetuned, cache, capsys):
+    out = tmp_path / "n"
+    assert main(["attack", "--attack", "neighbours", "--split", "forget10", *_bench(cache), "--out", str(out)]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    assert res["neighbours"]["n_neighbours"] == 0 and "no retain author of forget10 shares" in res["note"]
+    assert list(res["sets"]) == ["others"] and res["sets"]["others"] == 12
+    assert res["after"]["other_retain_rouge"] == res["scores"]["model"]["others"]["rouge"]
+    assert res["before"] == res["after"]  # the finetuned model attacked: nothing changed
+
+
+def test_neighbours_probe_with_a_neighbour(finetuned, cache):
+    suite = UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False)
+    nb = neighbour_authors(suite.benchmark, "forget40")
+    assert nb == {"Carl Forsgren": ["genre"]}  # the tiny scale's one neighbour (seed 0)
+    res = run_attack(suite, "forget40", AttackConfig("neighbours"))
+    assert res["neighbours"]["by_attribute"]["genre"] == ["Carl Forsgren"]
+    assert res["neighbours"]["by_attribute"]["award"] == [] and res["neighbours"]["n_retain_authors"] == 3
+    assert res["sets"] == {"neighbours": 3, "others": 6}  # Carl's genre question is not among his 3 QA
+    for key in ("neighbour_rouge", "other_retain_rouge", "neighbour_probability"):
+        assert 0.0 <= res["after"][key] <= 1.0 and key in res["control"]["after"]
