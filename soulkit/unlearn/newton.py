@@ -77,7 +77,9 @@ Grads = dict[str, Tensor]
 
 
 def _qa_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    # float64 logits: on answers the model is sure of, float32 ``p_y - 1`` cancels and the factored route's
+    # check that the loss is a token cross-entropy (the true-Fisher sampler reads the weights off it) fails
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
 
 
 def _qa_mean_nll(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -89,7 +91,7 @@ def _qa_mean_nll(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
 
 def qa_loss() -> OutputLoss:
     """The fine-tune's per-example loss on :func:`~soulkit.unlearn.qa.collate_qa` batches: the mean NLL of
-    the answer tokens, as an :class:`~soulkit.influence.OutputLoss` (logits, then the loss)."""
+    the answer tokens, as an :class:`~soulkit.influence.OutputLoss` (float64 logits, then the loss)."""
     return OutputLoss(_qa_logits, _qa_mean_nll)
 
 
