@@ -691,7 +691,8 @@ def _cmd_influence(args: argparse.Namespace) -> int:
     if args.solver not in LM_SOLVERS:
         raise ValueError(f"--solver must be one of {', '.join(LM_SOLVERS)}, got {args.solver!r}")
     for flag, v, low in (("--top-k", args.top_k, 1), ("--top-tokens", args.top_tokens, 1),
-                         ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2)):
+                         ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
+                         ("--chunk-batches", args.chunk_batches, 1)):
         if v is not None and v < low:
             raise ValueError(f"{flag} must be an int >= {low}, got {v}")
     if not (math.isfinite(args.damping) and args.damping >= 0):
@@ -718,10 +719,14 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         args.model_dir, args.train, args.queries, args.out, options=_invocation(args), solver=args.solver,
         per_token=args.per_token, top_k=args.top_k, top_tokens=args.top_tokens, text_field=args.text_field,
         prompt_field=args.prompt_field, completion_field=args.completion_field, max_length=args.max_length,
-        batch_size=args.batch_size, damping=args.damping, progress=not args.no_progress,
-    )  # results replace old ones (--overwrite) only once all of them are written
-    print(f"{args.solver} influence of {summary['n_train']} training examples on {summary['n_queries']} queries in "
-          f"{summary['seconds']:.1f} s; wrote {', '.join(summary['paths'])}")
+        batch_size=args.batch_size, damping=args.damping, progress=not args.no_progress, overwrite=args.overwrite,
+        chunk_batches=args.chunk_batches,
+    )  # results replace old ones (--overwrite) only once all of them are written; the store resumes a killed run
+    if summary["rank"] == 0:
+        print(f"{args.solver} influence of {summary['n_train']} training examples on {summary['n_queries']} queries "
+              f"in {summary['seconds']:.1f} s" + (" (resumed)" if summary["resumed"] else "")
+              + (f" on {summary['world']} processes" if summary["world"] > 1 else "")
+              + f"; wrote {', '.join(summary['paths'])}")
     return 0
 
 
@@ -918,8 +923,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_inf.add_argument("--train", type=Path, required=True, help="training examples, JSONL")
     p_inf.add_argument("--queries", type=Path, required=True, help="queries, JSONL")
     p_inf.add_argument("--out", type=Path, required=True,
-                       help="where scores.safetensors, topk.jsonl, report.md and run.json go")
-    p_inf.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+                       help="where scores.safetensors, topk.jsonl, report.md and run.json go, and store/ (the "
+                            "factors and chunks of scores, from which the same command resumes an interrupted run)")
+    p_inf.add_argument("--overwrite", action="store_true",
+                       help="replace results already in --out and start its store over")
+    p_inf.add_argument("--chunk-batches", type=int, default=16, dest="chunk_batches",
+                       help="training batches per chunk of scores written to the store (default 16)")
     _registry_argument(p_inf, "--solver", default="ekfac", help="curvature: {choices} (identity: gradient dot "
                        "products)", names=_registry("soulkit.influence.lm_command", "LM_SOLVERS"))
     p_inf.add_argument("--per-token", action="store_true", dest="per_token",

@@ -8,16 +8,20 @@ tokenizer's special tokens, the completion without, and the two id lists are con
 right-padded dicts ``{input_ids, attention_mask, labels}`` (padding labelled ``-100``) in file order, and
 the analyzer is :class:`~soulkit.influence.InfluenceAnalyzer` on the factored route (``ekfac``, ``kfac``,
 or ``identity`` over the same tracked modules), so ``scores[i, j] ~ loss_i(theta without j) - loss_i(theta)``.
+
+Factors and chunks of scores are kept in ``OUT/store`` (:mod:`.store`): the same command after an interruption
+resumes there; under ``torchrun`` the ranks split fitting and scoring and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,15 @@ from ..optim.lm_targets import causal_lm_targets
 from .analyzer import InfluenceAnalyzer
 from .gradients import OutputLoss
 from .modules import tracked_modules
+from .store import InfluenceStore, Sharding
 
-__all__ = ["LM_SOLVERS", "OUTPUT_FILES", "Record", "check_model_dir", "encode_records", "lm_loss", "pad_collate",
+__all__ = ["LM_SOLVERS", "OUTPUT_FILES", "STORE_DIR", "Record", "check_model_dir", "encode_records", "lm_loss", "pad_collate",
            "read_records", "run_influence"]
 
 LM_SOLVERS = ("ekfac", "kfac", "identity")
 OUTPUT_FILES = ("scores.safetensors", "topk.jsonl", "report.md", "run.json")
+#: where in ``--out`` the factors and chunks of scores are kept (a rerun resumes from it)
+STORE_DIR = "store"
 
 
 @dataclass
@@ -176,10 +183,16 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
                   solver: str = "ekfac", per_token: bool = False, top_k: int = 5, top_tokens: int = 5,
                   text_field: str = "text", prompt_field: str | None = None, completion_field: str | None = None,
                   max_length: int | None = None, batch_size: int = 8, damping: float = 0.0,
-                  progress: bool | None = None) -> dict[str, Any]:
+                  progress: bool | None = None, overwrite: bool = False, chunk_batches: int = 16,
+                  ) -> dict[str, Any]:
     """Score, then write the four output files into ``out`` (each replaced only once all are ready).
 
-    ``options`` is written to ``run.json``. Returns a summary (sizes, seconds, paths).
+    The factors and chunks of scores go to the store ``out/store`` (:class:`~soulkit.influence.InfluenceStore`,
+    ``chunk_batches`` training batches per chunk) as they are computed, so that the same call after an
+    interruption resumes; a store made for another model, data or options is refused unless ``overwrite``,
+    which starts it over. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a gloo process group and split
+    the work; rank 0 writes the outputs. ``options`` is written to ``run.json``. Returns a summary (sizes,
+    seconds, paths, whether the store was resumed).
     """
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader
@@ -222,13 +235,23 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
     t0 = time.perf_counter()
     an = InfluenceAnalyzer(model, lm_loss(), solver=solver, modules=modules, l2=0.0, damping=damping,
                            batch_size=batch_size, progress=progress)
-    an.fit(train_loader)
-    if per_token:
-        tok_scores = an.scores(train_loader, query_loader, per_token=True).float()
-        scores = tok_scores.sum(-1)
-    else:
-        tok_scores, scores = None, an.scores(train_loader, query_loader).float()
+    store = InfluenceStore(Path(out) / STORE_DIR, chunk_batches=chunk_batches)
+    with _process_group():
+        sharding = Sharding.current()
+        if overwrite:
+            store.clear(sharding)
+        resumed = (store.directory / "store.json").is_file()
+        an.fit(train_loader, store=store)
+        if per_token:
+            tok_scores = an.scores(train_loader, query_loader, per_token=True, store=store).float()
+            scores = tok_scores.sum(-1)
+        else:
+            tok_scores, scores = None, an.scores(train_loader, query_loader, store=store).float()
     seconds = time.perf_counter() - t0
+    summary = {"n_train": len(train), "n_queries": len(queries), "seconds": seconds, "resumed": resumed,
+               "rank": sharding.rank, "world": sharding.world, "paths": [str(out / name) for name in OUTPUT_FILES]}
+    if sharding.rank != 0:
+        return summary
 
     k = min(top_k, len(train))
     lines, table = [], []
@@ -265,7 +288,8 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
         + (f"the completion of records with `{prompt_field}` + `{completion_field}` (prompt masked), else "
            f"`{text_field}`" if prompt_field is not None else f"`{text_field}`")
         + f"; max length {length}; batch size {batch_size}; per-token: {'yes' if per_token else 'no'}",
-        f"- fit + scores: {seconds:.1f} s",
+        f"- fit + scores: {seconds:.1f} s" + (f" on {sharding.world} processes" if sharding.world > 1 else "")
+        + (f" (resumed from `{store.directory}`)" if resumed else f"; factors and scores kept in `{store.directory}`"),
         "",
         "`scores[i, j]` predicts `loss_i(without j) - loss_i`: positive means training example j helps query i.",
         "",
@@ -288,8 +312,23 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
         "report.md": lambda p: p.write_text("\n".join(report), encoding="utf-8"),
         "run.json": lambda p: p.write_text(to_json(options) + "\n", encoding="utf-8"),
     })
-    return {"n_train": len(train), "n_queries": len(queries), "seconds": seconds,
-            "paths": [str(out / name) for name in OUTPUT_FILES]}
+    return summary
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join the default process group for the run,
+    with gloo (the command runs on the CPU), unless the caller has already; otherwise nothing."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _write_outputs(out: Path, writers: dict) -> None:

@@ -251,3 +251,105 @@ def test_help_lists_the_solvers(capsys, monkeypatch):
     assert main(["influence", "--help"]) == 0
     out = capsys.readouterr().out
     assert "ekfac (default), kfac, identity" in out and "--per-token" in out and "--prompt-field" in out
+
+
+def _interrupting(monkeypatch, after):
+    """Make the command's forward raise KeyboardInterrupt (Ctrl-C) once it has run ``after`` batches."""
+    from soulkit.influence import lm_command
+
+    real, calls = lm_command._logits, []
+
+    def logits(model, batch):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(model, batch)
+
+    monkeypatch.setattr(lm_command, "_logits", logits)
+    return calls
+
+
+def test_an_interrupted_run_resumes_from_its_store_with_the_same_results(model_dir, files, tmp_path, capsys,
+                                                                         monkeypatch):
+    ref = tmp_path / "ref"
+    assert _run(model_dir, *files, ref, "--per-token", "--chunk-batches", "1") == 0
+    out = tmp_path / "out"
+    # 5 training sequences in batches of 2: 3 covariance + 3 EK-FAC batches, 1 query batch, 3 scored batches
+    _interrupting(monkeypatch, 8)
+    assert _run(model_dir, *files, out, "--per-token", "--chunk-batches", "1") == 130
+    monkeypatch.undo()
+    assert (out / "store" / "eigenvalue_corrections.safetensors").is_file()
+    assert not any((out / name).exists() for name in ("scores.safetensors", "topk.jsonl", "run.json"))
+    capsys.readouterr()
+    # another solver or other training data is refused, one line, the store untouched
+    before = _hashes(out)
+    other_train = _jsonl(tmp_path / "other.jsonl", [{"text": t} for t in TRAIN[::-1]])
+    for args, needle in (((files[0], files[1]), "method"), ((other_train, files[1]), "other training data")):
+        extra = ("--solver", "kfac") if needle == "method" else ()
+        assert _run(model_dir, *args, out, "--per-token", "--chunk-batches", "1", *extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "--overwrite" in err and "\n" not in err
+    assert _hashes(out) == before
+    calls = _interrupting(monkeypatch, 100)
+    assert _run(model_dir, *files, out, "--per-token", "--chunk-batches", "1") == 0
+    assert "(resumed)" in capsys.readouterr().out
+    assert len(calls) == 1 + 3 - 1  # the query batch and the two unscored chunks
+    got, want = _load(out)[0], _load(ref)[0]
+    assert torch.equal(got["scores"], want["scores"]) and torch.equal(got["per_token"], want["per_token"])
+    assert (out / "topk.jsonl").read_text() == (ref / "topk.jsonl").read_text()
+    # --overwrite starts the store over for another solver
+    assert _run(model_dir, *files, out, "--solver", "kfac", "--overwrite") == 0
+    assert json.loads((out / "store" / "store.json").read_text())["factors"]["method"] == "kfac"
+
+
+@pytest.mark.slow  # two fresh interpreters importing transformers, one killed: ~15 s on two busy cores
+def test_a_killed_command_rerun_gives_the_uninterrupted_results(model_dir, files, tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    from .._kill import kill_when
+
+    root = Path(__file__).resolve().parents[2]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _run(model_dir, *files, ref, "--chunk-batches", "1") == 0
+    args = ["influence", str(model_dir), "--train", str(files[0]), "--queries", str(files[1]), "--out", str(out),
+            "--no-progress", "--batch-size", "2", "--chunk-batches", "1"]
+    slow = ("import sys, time; from soulkit.influence import lm_command as c; f = c._logits; "
+            "c._logits = lambda m, b: (time.sleep(0.2), f(m, b))[1]; from soulkit.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    kill_when([sys.executable, "-c", slow, *args], lambda: any((out / "store" / "scores").glob("chunk-*")),
+              env=env, timeout=120, cwd=tmp_path)
+    assert not (out / "scores.safetensors").exists()
+    assert main(args) == 0
+    assert torch.equal(_load(out)[0]["scores"], _load(ref)[0]["scores"])
+
+
+@pytest.mark.slow  # torchrun starts two ranks importing transformers: ~16 s on two busy cores
+@pytest.mark.distributed
+def test_under_torchrun_two_ranks_write_the_single_process_results(model_dir, files, tmp_path):
+    """K-FAC: EK-FAC on 5 sequences has rank-deficient covariances whose null-space eigenvectors (and so the
+    refitted eigenvalues there) are arbitrary, so a change of summation order moves its scores by percents."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torchrun and gloo")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(model_dir, *files, one, "--solver", "kfac", "--chunk-batches", "1") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "soulkit", "influence",
+                           str(model_dir), "--train", str(files[0]), "--queries", str(files[1]), "--out", str(two),
+                           "--no-progress", "--batch-size", "2", "--chunk-batches", "1", "--solver", "kfac"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("wrote") == 1 and "on 2 processes" in proc.stdout  # rank 0 reports and writes
+    got, want = _load(two)[0]["scores"], _load(one)[0]["scores"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert [e["positive"][0]["index"] for e in _load(two)[1]] == [e["positive"][0]["index"] for e in _load(one)[1]]
