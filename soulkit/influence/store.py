@@ -286,8 +286,11 @@ class InfluenceStore:
         """Rank 0 writes a complete phase's tensors; then the ranks' partial files of it are removed."""
         if sharding.rank == 0:
             self._write(self.directory / PHASE_FILES[phase], tensors, meta)
-            for p in (self.directory / "partial").glob(f"{phase}.rank*.safetensors"):
+            partial = self.directory / "partial"
+            for p in partial.glob(f"{phase}.rank*.safetensors"):
                 p.unlink(missing_ok=True)
+            if partial.is_dir() and not any(partial.iterdir()):
+                partial.rmdir()
         sharding.barrier()
 
     def load_phase(self, phase: str, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
