@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +56,21 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(directory: str | os.PathLike, model, states: Mapping[str, Mapping[str, Any]],
-                    info: Mapping[str, Any]) -> Path:
+                    info: Mapping[str, Any], *, weights: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``model``'s weights, the named state dicts ``states`` (optimizer, scheduler...) and the JSON
-    record ``info`` as the checkpoint ``directory``, replacing the one there. Returns the directory."""
+    record ``info`` as the checkpoint ``directory``, replacing the one there. Returns the directory.
+
+    ``weights``: the state dict to write instead of ``model.state_dict()`` (a sharded model's, gathered
+    into full tensors); ``model`` still tells which output embedding is tied."""
     if not isinstance(states, Mapping) or not all(isinstance(k, str) for k in states):
         raise TypeError("states must be a dict of name -> state dict (e.g. {'optimizer': opt.state_dict()})")
     from safetensors.torch import save as safetensors_bytes
 
     with atomic_directory(directory) as tmp:
-        weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        drop_tied_weights(model, weights)
-        atomic_write_bytes(tmp / MODEL_FILE, safetensors_bytes(weights))
+        source = model.state_dict() if weights is None else weights
+        tensors = {k: v.detach().contiguous().clone() for k, v in source.items()}
+        drop_tied_weights(model, tensors)
+        atomic_write_bytes(tmp / MODEL_FILE, safetensors_bytes(tensors))
         buf = io.BytesIO()
         torch.save(dict(states), buf)
         atomic_write_bytes(tmp / STATES_FILE, buf.getvalue())
@@ -75,9 +79,14 @@ def save_checkpoint(directory: str | os.PathLike, model, states: Mapping[str, Ma
     return final
 
 
-def load_checkpoint(directory: str | os.PathLike, model) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(directory: str | os.PathLike, model, *,
+                    load_weights: Callable[[dict[str, torch.Tensor]], Any] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore ``model``'s weights from the checkpoint ``directory``; returns ``(states, info)``: the
     named state dicts and the JSON record given to :func:`save_checkpoint`.
+
+    ``load_weights(weights)`` puts the checked weights into the model instead of
+    ``model.load_state_dict(weights, strict=False)`` (a sharded model shards them first).
 
     Raises ``FileNotFoundError`` when there is no complete checkpoint, and ``ValueError`` when its
     weights do not fit ``model`` (a missing or unknown tensor). An ``optimizer.pt`` that holds a bare
@@ -97,7 +106,10 @@ def load_checkpoint(directory: str | os.PathLike, model) -> tuple[dict[str, Any]
     missing = sorted(set(expected) - set(weights))
     if missing or unknown:
         raise ValueError(f"checkpoint {d} does not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
-    model.load_state_dict(weights, strict=False)
+    if load_weights is None:
+        model.load_state_dict(weights, strict=False)
+    else:
+        load_weights(weights)
     states = torch.load(d / STATES_FILE, weights_only=True)
     if isinstance(states, dict) and "state" in states and "param_groups" in states:
         states = {"optimizer": states}

@@ -46,7 +46,7 @@ import torch
 
 from .._io import atomic_write_text
 from ..optim import Sophia, differentiable_attention
-from ..optim.estimators import DIAGONAL_ESTIMATORS
+from ..optim.estimators import DIAGONAL_ESTIMATORS, LABEL_STREAM, sampled_label_loss, seeded_generator
 from ..optim.factory import make_optimizer
 from ..optim.lm_targets import causal_lm_targets
 from .checkpoint import INFO_FILE, has_checkpoint, load_checkpoint, save_checkpoint
@@ -61,10 +61,12 @@ from .masks import (
     wagle_mask,
 )
 from .models import save_model
-from .objectives import Objective, frozen_reference
-from .qa import QA, QADataset, batched, collate_qa, pad_token_id
+from .objectives import RMU, KLRetain, Objective, frozen_reference
+from .parallel import PARALLEL, make_parallel
+from .qa import IGNORE_INDEX, QA, QADataset, batched, collate_qa, pad_token_id
 
-__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS", "MASKS", "finished_run"]
+__all__ = ["UnlearnConfig", "Unlearner", "UnlearnResult", "OPTIMIZERS", "ESTIMATORS", "MASKS", "PARALLEL",
+           "finished_run"]
 
 #: The optimizers of :data:`soulkit.optim.OPTIMIZERS` this loop drives. AdaHessian is not among
 #: them: its refresh steps need ``backward(create_graph=True)``, which the loop does not do.
@@ -204,12 +206,24 @@ class Unlearner:
         out_dir: where checkpoints, ``log.jsonl`` and the final ``model/`` go (``None``: memory only).
         evaluate_fn: ``(model, step) -> dict`` run every ``config.eval_every`` steps and at the end.
         resume: continue from ``out_dir/checkpoint`` when it exists (default True).
+        parallel: ``None`` (one process), ``"ddp"`` or ``"fsdp2"``: data parallelism over the initialised
+            ``torch.distributed`` process group (:mod:`soulkit.unlearn.parallel`; start with ``torchrun``,
+            call ``init_process_group()`` first, build the Unlearner with the same arguments on every
+            rank). Each rank takes ``batch_size / world_size`` rows of every global batch (so the world
+            size must divide ``config.batch_size`` and the sizes of the epochs' last batches), gradients
+            and Sophia's Hessian refresh see the global batch, and the run follows the one-process
+            trajectory. ``out_dir`` must be one directory all ranks see; rank 0 writes. ``evaluate_fn``
+            runs on every rank (under ``"fsdp2"`` with the sharded model, so its forward passes must be
+            the same on every rank). Under ``"fsdp2"`` the result's model is a plain (unsharded) copy of
+            ``model`` with the unlearned weights, on every rank. Not supported: RMU objectives, the
+            Hutchinson estimator, and (under ``"fsdp2"``) weight-saliency masks.
     """
 
     def __init__(self, model, tokenizer, objective: Objective, *, forget: Sequence[QA],
                  retain: Sequence[QA] | None = None, optimizer: str | Callable = "adamw",
                  config: UnlearnConfig | None = None, out_dir: str | os.PathLike | None = None,
-                 evaluate_fn: Callable[[Any, int], dict] | None = None, resume: bool = True):
+                 evaluate_fn: Callable[[Any, int], dict] | None = None, resume: bool = True,
+                 parallel: str | None = None):
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be a soulkit.unlearn.objectives.Objective, got {type(objective).__name__}"
                             " (use make_objective(name))")
@@ -227,6 +241,14 @@ class Unlearner:
                 raise ValueError(f"forget and retain sets share {len(overlap)} question(s), e.g. "
                                  f"{sorted(overlap)[0]!r}: a forget split must not overlap its retain split")
         self.config = config or UnlearnConfig()
+        if parallel is not None and parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL} or None, got {parallel!r}")
+        if parallel is not None:
+            _check_parallel_support(parallel, objective, self.config)
+        self._par = make_parallel(parallel)
+        self.parallel = parallel
+        # under FSDP2 the copy below is sharded in place; the result is a fresh copy of this with its weights
+        self._source = model if parallel == "fsdp2" else None
         self.tokenizer = tokenizer
         self.objective = objective
         self.optimizer_spec = optimizer
@@ -241,7 +263,8 @@ class Unlearner:
         # e.g. RMU: only a few MLP weights train (bad layer / parameter names fail here, before any work)
         trainable = objective.trainable_parameters(self.model)
         self._trainable = None if trainable is None else set(trainable)
-        self.reference = frozen_reference(model) if objective.needs_reference else None
+        self.reference = (self._par.wrap_reference(frozen_reference(model)) if objective.needs_reference
+                          else None)
         c = self.config
         pad = pad_token_id(tokenizer)
         forget_records = objective.prepare_forget(list(forget))
@@ -250,6 +273,9 @@ class Unlearner:
         self.retain = (_Cycler(QADataset(list(retain), tokenizer, max_length=c.max_length), c.batch_size,
                                c.seed + 1, pad) if retain else None)
         self.total_steps = c.total_steps(len(forget))
+        self._check_split("forget", len(forget_records), self.forget)
+        if self.retain is not None:
+            self._check_split("retain", len(retain), self.retain)
         # the mask's data: the forget QA as given (for IDK, the real answers, not the refusals), in order
         self._mask_forget = QADataset(list(forget), tokenizer, max_length=c.max_length) if c.mask else None
         self._mask_retain = (QADataset(list(retain), tokenizer, max_length=c.max_length)
@@ -276,20 +302,64 @@ class Unlearner:
             return 0.5 * (1.0 + math.cos(math.pi * frac))
         return 1.0
 
-    def _refresh_hessian(self, opt: Sophia, pairs: list[tuple[dict, dict | None]]) -> None:
-        model = self.model
+    def _check_split(self, name: str, n_records: int, cycler: _Cycler) -> None:
+        """Every global batch of ``cycler`` must split evenly over the ranks."""
+        world, bs = self._par.world, self.config.batch_size
+        if world == 1:
+            return
+        if bs % world:
+            raise ValueError(f"UnlearnConfig.batch_size={bs} must be a multiple of the world size {world}: each "
+                             "rank takes an equal share of every global batch")
+        sizes = {cycler.bs, n_records % cycler.bs} - {0}
+        bad = sorted(n for n in sizes if n % world)
+        if bad:
+            raise ValueError(f"the {name} set ({n_records} records) has batches of {bad[0]} records with "
+                             f"UnlearnConfig.batch_size={bs}, which do not split over the world size {world}: "
+                             f"use a {name} set whose size is a multiple of {world}")
+
+    @staticmethod
+    def _to(batch: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
+        if batch is None:
+            return None
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _refresh_gnb(self, opt: Sophia, net, batches: list[tuple[dict, dict | None]], step: int,
+                     device: torch.device) -> None:
+        """Sophia's GNB refresh on the step's global batches (forget and retain, every micro-batch).
+
+        Each answer position's label is drawn from the model's softmax with a uniform keyed by the seed,
+        the step, the micro-batch, forget/retain and the position in the *global* batch, so every rank
+        draws, for its rows, the labels a single process draws. The summed sampled-label loss over all
+        ``B`` terms, divided by ``B``, is backpropagated (DDP/FSDP2 average it over ranks: hence the world
+        size factor) and folded as ``h_hat = B * grad**2`` (:meth:`Sophia.update_hessian`)."""
+        par = self._par
+        parts = [(micro, which, b) for micro, pair in enumerate(batches) for which, b in enumerate(pair)
+                 if b is not None]
+        targets = [causal_lm_targets(b["labels"], drop_last=True) for _, _, b in parts]
+        n_terms = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
+        opt.zero_grad(set_to_none=True)
+        for k, ((micro, which, b), t) in enumerate(zip(parts, targets)):
+            gen = seeded_generator(torch.device("cpu"), self.config.seed, LABEL_STREAM, step, micro, which)
+            u = par.rows(torch.rand(t.shape, generator=gen, dtype=torch.float64)).to(device)
+            share = self._to(par.share(b), device)
+            with par.gradient_sync(net, k == len(parts) - 1):
+                logits = net(input_ids=share["input_ids"], attention_mask=share["attention_mask"]).logits
+                loss_sum, _ = sampled_label_loss(logits[:, :-1], uniforms=u,
+                                                 labels=causal_lm_targets(share["labels"], drop_last=True))
+                (loss_sum * (par.world / n_terms)).backward()
+        opt.update_hessian(batch_size=n_terms)
+        opt.zero_grad(set_to_none=True)
+
+    def _refresh_hessian(self, opt: Sophia, net, pairs: list[tuple[dict, dict | None]],
+                         batches: list[tuple[dict, dict | None]], step: int, device: torch.device) -> None:
         if self.config.estimator == "gnb":
+            self._refresh_gnb(opt, net, batches, step, device)
+            return
+        model = self.model
+        with differentiable_attention(model):
             for fb, rb in pairs:
-                for b in (fb, rb):
-                    if b is None:
-                        continue
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    opt.accumulate_gnb(logits[:, :-1], labels=causal_lm_targets(b["labels"], drop_last=True))
-        else:
-            with differentiable_attention(model):
-                for fb, rb in pairs:
-                    opt.accumulate_hutchinson(lambda fb=fb, rb=rb: self.objective(
-                        model, fb, rb, reference=self.reference).loss / len(pairs))
+                opt.accumulate_hutchinson(lambda fb=fb, rb=rb: self.objective(
+                    model, fb, rb, reference=self.reference).loss / len(pairs))
 
     def _compute_mask(self) -> dict[str, torch.Tensor]:
         c = self.config
@@ -318,29 +388,42 @@ class Unlearner:
         if resuming:
             raise FileNotFoundError(f"the checkpoint in {self.out_dir} has no {MASK_FILE}: the mask cannot be "
                                     "recomputed from weights that have moved; use a new out_dir")
-        mask = self._compute_mask()
+        mask = self._compute_mask()  # every rank computes the same mask from the same data
         if path is not None:
-            save_mask(path, mask, {"mask": c.mask, "mask_ratio": repr(float(c.mask_ratio)),
-                                   "mask_mu": repr(float(c.mask_mu))})
+            if self._par.is_writer:
+                save_mask(path, mask, {"mask": c.mask, "mask_ratio": repr(float(c.mask_ratio)),
+                                       "mask_mu": repr(float(c.mask_mu))})
+            self._par.barrier()
         return mask
 
     def _ckpt_dir(self) -> Path | None:
         return self.out_dir / "checkpoint" if self.out_dir is not None else None
 
     def _save_checkpoint(self, opt, step: int, log: list, evals: list) -> None:
-        save_checkpoint(self._ckpt_dir(), self.model, {"optimizer": opt.state_dict()},
-                        {"step": step, "log": log, "evaluations": evals, "config": self.config.to_dict()})
+        par = self._par
+        weights = par.full_state_dict(self.model)  # gathers under FSDP2: every rank takes part
+        states = {"optimizer": par.full_optimizer_state(opt)}
+        if par.is_writer:
+            save_checkpoint(self._ckpt_dir(), self.model, states,
+                            {"step": step, "log": log, "evaluations": evals, "config": self.config.to_dict()},
+                            weights=weights)
+        par.barrier()
 
-    def _load_checkpoint(self, opt) -> tuple[int, list, list]:
+    def _check_checkpoint_config(self) -> None:
         d = self._ckpt_dir()
-        info = json.loads((d / INFO_FILE).read_text(encoding="utf-8"))  # check the config before loading
+        info = json.loads((d / INFO_FILE).read_text(encoding="utf-8"))
         saved = {k: v for k, v in info["config"].items() if k not in ("show_progress", "eval_every")}
         now = {k: v for k, v in self.config.to_dict().items() if k not in ("show_progress", "eval_every")}
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(now)):
             raise ValueError(f"{d} was written by a run with another configuration; use a new out_dir or "
                              f"remove the checkpoint")
-        states, info = load_checkpoint(d, self.model)
-        opt.load_state_dict(states["optimizer"])
+
+    def _load_checkpoint(self, opt) -> tuple[int, list, list]:
+        d = self._ckpt_dir()
+        self._check_checkpoint_config()  # before loading anything
+        states, info = load_checkpoint(d, self.model,
+                                       load_weights=lambda w: self._par.load_full_state_dict(self.model, w))
+        self._par.load_optimizer_state(opt, states["optimizer"])
         return info["step"], info["log"], info["evaluations"]
 
     # ------------------------------------------------------------------ loop
@@ -365,29 +448,34 @@ class Unlearner:
         from tqdm.auto import tqdm
 
         c = self.config
+        par = self._par
         model = self.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = self._optimizer(params)
-        for g in opt.param_groups:
-            g.setdefault("initial_lr", g["lr"])
         step, log, evals = 0, [], []
         ckpt = self._ckpt_dir()
         if self.out_dir is not None and (self.out_dir / "model").exists():
             raise FileExistsError(f"{self.out_dir / 'model'} already exists; choose a new out_dir")
         resuming = ckpt is not None and self.resume and has_checkpoint(ckpt)
+        if resuming:
+            self._check_checkpoint_config()  # before the mask is read back
         masked = None
+        if c.mask is not None:
+            # computed once, at the starting weights (before any wrapping); a resumed run reads it back, as
+            # the masked-out weights never moved and the checkpoint holds their starting values
+            masked = MaskedWeights(model, self._weight_mask(resuming))
+        net = par.wrap(model)  # DDP wrapper, or the model sharded in place (FSDP2), or the model itself
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = self._optimizer(params)
+        for g in opt.param_groups:
+            g.setdefault("initial_lr", g["lr"])
         if resuming:
             step, log, evals = self._load_checkpoint(opt)
-            # the masked-out weights never moved, so the checkpoint holds their starting values
-            masked = MaskedWeights(model, self._weight_mask(True)) if c.mask is not None else None
-            _write_log(self.out_dir / "log.jsonl", log)
-        else:
-            if c.mask is not None:  # computed once, at the starting weights
-                masked = MaskedWeights(model, self._weight_mask(False))
-            if ckpt is not None:
+            if par.is_writer:
+                _write_log(self.out_dir / "log.jsonl", log)
+        elif ckpt is not None:
+            if par.is_writer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 _write_log(self.out_dir / "log.jsonl", [])
-                self._save_checkpoint(opt, 0, [], [])  # the last good state until the first checkpoint
+            self._save_checkpoint(opt, 0, [], [])  # the last good state until the first checkpoint
         snapshot = None if ckpt is not None else _snapshot(model, opt)
         good_step = step
         stopped = "completed"
@@ -396,32 +484,34 @@ class Unlearner:
         is_sophia = isinstance(opt, Sophia)
         logs_win_rate = callable(getattr(opt, "win_rate", None))  # Sophia, soul-released
         bar = tqdm(total=self.total_steps, initial=step, desc=f"unlearn {self.objective.name}", unit="step",
-                   leave=False, disable=None if c.show_progress is None else not c.show_progress)
+                   leave=False, disable=(True if not par.is_writer else
+                                         None if c.show_progress is None else not c.show_progress))
         try:
             while step < self.total_steps:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * self._lr_factor(step)
-                pairs = []
+                batches = []  # the step's global (forget, retain) batches, one pair per micro-batch
                 for micro in range(c.grad_accum):
                     i = step * c.grad_accum + micro
-                    fb = {k: v.to(device) for k, v in self.forget.batch(i).items()}
-                    rb = ({k: v.to(device) for k, v in self.retain.batch(i).items()}
-                          if self.retain is not None else None)
-                    pairs.append((fb, rb))
+                    batches.append((self.forget.batch(i), self.retain.batch(i) if self.retain is not None else None))
+                # this rank's shares of them (the batches themselves in one process), on the device
+                pairs = [(self._to(par.share(fb), device), self._to(par.share(rb) if rb is not None else None, device))
+                         for fb, rb in batches]
                 if is_sophia and opt.hessian_due():
-                    self._refresh_hessian(opt, pairs)
+                    self._refresh_hessian(opt, net, pairs, batches, step, device)
                 opt.zero_grad(set_to_none=True)
                 total, metrics = 0.0, {}
                 finite = True
-                for fb, rb in pairs:
-                    out = self.objective(model, fb, rb, reference=self.reference)
-                    if not torch.isfinite(out.loss):
-                        finite = False
-                        break
-                    (out.loss / c.grad_accum).backward()
+                for k, (fb, rb) in enumerate(pairs):
+                    with par.gradient_sync(net, k == len(pairs) - 1):
+                        out = self.objective(net, fb, rb, reference=self.reference)
+                        if not par.all_true(bool(torch.isfinite(out.loss))):
+                            finite = False
+                            break
+                        (out.loss / c.grad_accum).backward()
                     total += float(out.loss.detach()) / c.grad_accum
-                    for k, v in out.metrics.items():
-                        metrics[k] = metrics.get(k, 0.0) + float(v) / c.grad_accum
+                    for name, v in out.metrics.items():
+                        metrics[name] = metrics.get(name, 0.0) + float(v) / c.grad_accum
                 if not finite:
                     stopped = "nonfinite_loss"
                     break
@@ -433,14 +523,17 @@ class Unlearner:
                 if masked is not None:
                     masked.restore()
                 step += 1
-                entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **metrics}
+                # the global batch's loss and metrics: each rank's share is a part of their mean
+                names = sorted(metrics)
+                total, *values = par.mean([total] + [metrics[n] for n in names])
+                entry = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], **dict(zip(names, values))}
                 if logs_win_rate:
                     try:
                         entry["win_rate"] = float(opt.win_rate()[0])
                     except (RuntimeError, IndexError):
                         pass
                 log.append(entry)
-                if self.out_dir is not None:
+                if self.out_dir is not None and par.is_writer:
                     with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(entry) + "\n")
                 bar.update(1)
@@ -459,7 +552,8 @@ class Unlearner:
         if stopped == "nonfinite_loss":
             if ckpt is not None:
                 step, log, evals = self._load_checkpoint(opt)
-                _write_log(self.out_dir / "log.jsonl", log)
+                if par.is_writer:
+                    _write_log(self.out_dir / "log.jsonl", log)
             else:
                 _restore(model, opt, snapshot)
                 step, log = good_step, log[:good_step]
@@ -468,14 +562,25 @@ class Unlearner:
         if self.evaluate_fn is not None:
             evals.append({"step": step, **self._evaluate(step)})
         seconds = time.perf_counter() - t0
+        if self._source is not None:  # FSDP2: a plain copy of the input model with the gathered weights
+            weights = par.full_state_dict(model)
+            model = copy.deepcopy(self._source)
+            model.load_state_dict(weights)
+            model.eval()
+            self.model = model
         model_dir = None
         if self.out_dir is not None:
-            model_dir = save_model(model, self.tokenizer, self.out_dir / "model",
-                                   {"stage": "unlearned", "objective": self.objective.name,
-                                    "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str)
-                                    else "custom", "steps": step, "stopped": stopped,
-                                    "config": self.config.to_dict(), "seconds": seconds, "evaluations": evals})
-            shutil.rmtree(ckpt, ignore_errors=True)
+            meta = {"stage": "unlearned", "objective": self.objective.name,
+                    "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str) else "custom",
+                    "steps": step, "stopped": stopped, "config": self.config.to_dict(), "seconds": seconds,
+                    "evaluations": evals}
+            if self.parallel is not None:
+                meta["parallel"] = {"kind": self.parallel, "world_size": par.world}
+            model_dir = self.out_dir / "model"
+            if par.is_writer:
+                save_model(model, self.tokenizer, model_dir, meta)
+                shutil.rmtree(ckpt, ignore_errors=True)
+            par.barrier()
         return UnlearnResult(model=model, steps=step, stopped=stopped, log=log, evaluations=evals,
                              seconds=seconds, model_dir=model_dir)
 
@@ -505,6 +610,21 @@ def finished_run(out_dir: str | os.PathLike) -> UnlearnResult | None:
     return UnlearnResult(model=model, steps=int(meta["steps"]), stopped=meta["stopped"], log=log,
                          evaluations=list(meta.get("evaluations", [])), seconds=float(meta.get("seconds", math.nan)),
                          model_dir=d)
+
+
+def _check_parallel_support(parallel: str, objective: Objective, config: UnlearnConfig) -> None:
+    """What the data-parallel loop cannot do yet, refused before any work."""
+    inner = objective.objective if isinstance(objective, KLRetain) else objective
+    if isinstance(inner, RMU):
+        raise ValueError(f"objective {objective.name!r} is not supported with parallel={parallel!r}: RMU stops the "
+                         "forward pass at the steered block, which DDP/FSDP2 cannot synchronise; run it in one "
+                         "process")
+    if config.estimator != "gnb":
+        raise ValueError(f"UnlearnConfig.estimator={config.estimator!r} is not supported with parallel={parallel!r}; "
+                         "use 'gnb'")
+    if parallel == "fsdp2" and config.mask is not None:
+        raise ValueError(f"UnlearnConfig.mask={config.mask!r} is not supported with parallel='fsdp2'; use "
+                         "parallel='ddp' or no mask")
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:

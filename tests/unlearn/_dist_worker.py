@@ -1,0 +1,142 @@
+"""Rank bodies and the shared run recipe of ``tests/unlearn/test_unlearner_distributed.py``.
+
+Each scenario runs the :class:`~soulkit.unlearn.Unlearner` on a tiny float64 Llama, on 2 CPU ranks
+(gloo; ``tests/_dist.py`` starts them) with ``parallel="ddp"`` or ``"fsdp2"``; the test runs the same
+recipe (:func:`run`) in one process and compares. Scenarios with ``interrupt_at`` are stopped by their
+``evaluate_fn`` after that step and resumed from their checkpoint by a second Unlearner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _dist
+from ._corpus import ARCH, FORGET, RETAIN
+from .conftest import _TEXTS
+
+WORLD_SIZE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    objective: str
+    objective_kwargs: dict[str, Any]
+    optimizer: str
+    config: dict[str, Any]
+    interrupt_at: int | None = None  # stop after this step, then resume from the checkpoint
+
+
+_BASE = dict(lr=1e-2, steps=5, batch_size=4, show_progress=False, seed=3)
+SPECS = {
+    "graddiff_adamw": Spec("graddiff", {"retain_loss": "nll"}, "adamw",
+                           dict(_BASE, grad_accum=2, schedule="linear", warmup_steps=1, weight_decay=0.01)),
+    "npo_sophia": Spec("npo", {"retain_loss": "kl"}, "sophia",
+                       dict(_BASE, checkpoint_every=2, optimizer_kwargs={"hessian_update_interval": 2}),
+                       interrupt_at=3),
+}
+SCENARIOS = ("ddp_graddiff_adamw", "ddp_npo_sophia", "fsdp2_graddiff_adamw", "fsdp2_npo_sophia", "bad_batch")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def build():
+    """The tokenizer and the float64 starting model (the same in every process)."""
+    from soulkit.unlearn.models import build_model, train_tokenizer
+
+    tok = train_tokenizer(_TEXTS * 4, vocab_size=320, min_frequency=1)
+    return tok, build_model(ARCH, tok, seed=0).double().eval()
+
+
+def vocab_digest(tok) -> str:
+    return hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()
+
+
+def run(name: str, parallel: str | None, out_dir: Path, *, interrupt: bool = True):
+    """Scenario ``name``'s Unlearner run (with ``interrupt``, resumed after an interruption if its spec says
+    so): the tokenizer, the result, whether the input model was left untouched, and the step resumed from
+    (or None)."""
+    from soulkit.unlearn import UnlearnConfig, Unlearner, make_objective
+    from soulkit.unlearn.checkpoint import INFO_FILE
+
+    spec = SPECS[name]
+    tok, model = build()
+    cfg = UnlearnConfig(**spec.config)
+
+    def unlearner(config, evaluate_fn=None):
+        return Unlearner(model, tok, make_objective(spec.objective, **spec.objective_kwargs), forget=FORGET,
+                         retain=RETAIN, optimizer=spec.optimizer, config=config, out_dir=out_dir,
+                         evaluate_fn=evaluate_fn, parallel=parallel)
+
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    resumed_from = None
+    if interrupt and spec.interrupt_at is not None:
+        def stop(_model, step):
+            if step == spec.interrupt_at:
+                raise Interrupted
+            return {}
+
+        try:
+            unlearner(dataclasses.replace(cfg, eval_every=1), stop).run()
+        except Interrupted:
+            pass
+        else:
+            raise AssertionError("the run was not interrupted")
+        resumed_from = json.loads((out_dir / "checkpoint" / INFO_FILE).read_text())["step"]
+    result = unlearner(cfg).run()
+    untouched = all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    return tok, result, untouched, resumed_from
+
+
+def _body(rank: int, world: int, scenario: str, out_dir: Path) -> dict:
+    if scenario == "bad_batch":
+        from soulkit.unlearn import UnlearnConfig, Unlearner, make_objective
+
+        tok, model = build()
+        try:
+            Unlearner(model, tok, make_objective("graddiff"), forget=FORGET, retain=RETAIN,
+                      config=UnlearnConfig(batch_size=3, steps=1), parallel="ddp")
+            return {"error": ""}
+        except ValueError as exc:
+            return {"error": str(exc)}
+    parallel, name = scenario.split("_", 1)
+    tok, result, untouched, resumed_from = run(name, parallel, out_dir / scenario)
+    d = out_dir / scenario
+    return {
+        "params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "is_plain": not any(hasattr(p, "device_mesh") for p in result.model.parameters()),
+        "losses": [e["loss"] for e in result.log],
+        "steps": result.steps,
+        "untouched": untouched,
+        "resumed_from": -1 if resumed_from is None else resumed_from,
+        "vocab": vocab_digest(tok),
+        "model_dir": result.model_dir is not None and (d / "model").is_dir(),
+        "checkpoint_left": (d / "checkpoint").exists(),
+        "log_lines": len((d / "log.jsonl").read_text().splitlines()),
+        "stray": sorted(p.name for p in d.iterdir() if p.name not in ("model", "log.jsonl")),
+    }
+
+
+BODIES = {s: functools.partial(_body, scenario=s) for s in SCENARIOS}
+
+
+def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:
+    """Entry point of one rank: the scenarios in one process group, as ``tests/_dist.py`` runs them."""
+    bodies = {s: functools.partial(BODIES[s], out_dir=Path(out_dir)) for s in scenarios}
+    _dist.run_rank(rank, world, scenarios, out_dir, bodies)
+
+
+if __name__ == "__main__":  # manual run: python -m tests.unlearn._dist_worker OUT_DIR [SCENARIO ...]
+    import torch.multiprocessing as mp
+
+    chosen = sys.argv[2:] or list(SCENARIOS)
+    mp.start_processes(main, args=(WORLD_SIZE, chosen, sys.argv[1]), nprocs=WORLD_SIZE, start_method="spawn")

@@ -1,0 +1,61 @@
+"""The Unlearner on torch.distributed: 2 CPU ranks (gloo) with parallel="ddp" and "fsdp2" against one
+process running the same recipe, in float64.
+
+GradDiff + AdamW (2 micro-batches, warmup and linear decay, clipping) and NPO (KL retain term, so the
+frozen reference runs on each rank: a full copy under DDP, sharded under FSDP2) + Sophia (GNB refresh
+with sampled labels), the latter interrupted after step 3 and resumed from the step-2 checkpoint that
+rank 0 wrote. The recipes and rank bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py``
+starts the ranks. One launch runs every scenario (~45 s on 2 busy cores): marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .. import _dist
+from . import _dist_worker as W
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, _dist.needs_gloo]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory) -> dict[str, list[dict]]:
+    return _dist.launch(W.main, W.SCENARIOS, tmp_path_factory, W.WORLD_SIZE)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> dict[str, tuple]:
+    """Each recipe run in this process (parallel=None), uninterrupted."""
+    return {name: W.run(name, None, tmp_path_factory.mktemp(name) / "run", interrupt=False) for name in W.SPECS}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("name", list(W.SPECS))
+def test_ranks_follow_the_single_process_trajectory(dist_results, single_process, parallel, name):
+    r0, r1 = dist_results[f"{parallel}_{name}"]
+    tok, ref, _, _ = single_process[name]
+    spec = W.SPECS[name]
+    assert r0["vocab"] == r1["vocab"] == W.vocab_digest(tok)  # every process started from the same data
+    ref_params = ref.model.state_dict()
+    start = W.build()[1].state_dict()
+    for r in (r0, r1):
+        assert r["steps"] == ref.steps == spec.config["steps"]
+        assert r["untouched"] and r["is_plain"]  # the input model is never modified; the result is unsharded
+        assert r["params"].keys() == ref_params.keys()
+        for k, v in ref_params.items():
+            assert r["params"][k].dtype == torch.float64
+            torch.testing.assert_close(r["params"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+            assert torch.equal(r["params"][k], r0["params"][k])  # replicas agree bit for bit
+        assert r["losses"] == pytest.approx([e["loss"] for e in ref.log], rel=1e-9, abs=1e-11)
+        # rank 0 wrote the model and the log once; the checkpoint is gone and no temporary file is left
+        assert r["model_dir"] and not r["checkpoint_left"] and r["log_lines"] == ref.steps and r["stray"] == []
+        assert r["resumed_from"] == (-1 if spec.interrupt_at is None else 2)
+    moved = max((ref_params[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-2, "the trajectory barely moved: the comparison would be vacuous"
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_one_clear_error(dist_results):
+    for r in dist_results["bad_batch"]:
+        assert r["error"] == ("UnlearnConfig.batch_size=3 must be a multiple of the world size 2: each rank takes "
+                              "an equal share of every global batch")
