@@ -210,6 +210,7 @@ def _bad_cases(tmp_path, model_dir, train, queries):
         "no config": ([train, queries], ["MODEL", no_config], "config.json"),
         "no safetensors": ([train, queries], ["MODEL", no_weights], "safetensors"),
         "top-k 0": ([train, queries], ["--top-k", "0"], "--top-k"),
+        "chunk-batches 0": ([train, queries], ["--chunk-batches", "0"], "--chunk-batches"),
         "unknown solver": ([train, queries], ["--solver", "cg"], "--solver"),
         "prompt without completion": ([train, queries], ["--prompt-field", "prompt"], "--completion-field"),
         "pair fields missing in a query": ([train, queries], ["--prompt-field", "p", "--completion-field", "c"],
