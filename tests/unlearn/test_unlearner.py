@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from soulkit.optim import Sophia
 from soulkit.unlearn.evaluate import score_answers
 from soulkit.unlearn.models import load_model, model_meta
 from soulkit.unlearn.objectives import Objective, ObjectiveOutput, make_objective
-from soulkit.unlearn.qa import QA
+from soulkit.unlearn.qa import QA, QADataset
 from soulkit.unlearn.unlearner import ESTIMATORS, OPTIMIZERS, UnlearnConfig, Unlearner
 
 from ._corpus import FORGET, RETAIN, _assert_same_state, _state
@@ -478,6 +479,37 @@ def test_unknown_optimizer_and_bad_objective(tiny_model, tiny_tokenizer):
         Unlearner(tiny_model, tiny_tokenizer, make_objective("ga"), forget=FORGET, optimizer="adahessian")
     with pytest.raises(TypeError, match="make_objective"):
         Unlearner(tiny_model, tiny_tokenizer, "npo", forget=FORGET)
+
+
+def test_parallel_settings_it_cannot_run_are_refused_before_any_work(tiny_model, tiny_tokenizer):
+    """What the data-parallel loop does not support fails at construction with one line naming the option
+    (the runs themselves: tests/unlearn/test_unlearner_distributed.py)."""
+
+    def make(objective="graddiff", parallel="ddp", **cfg):
+        return Unlearner(tiny_model, tiny_tokenizer, make_objective(objective), forget=FORGET, retain=RETAIN,
+                         config=_cfg(**cfg), parallel=parallel)
+
+    with pytest.raises(ValueError, match=r"^parallel must be one of \('ddp', 'fsdp2'\) or None, got 'dp'$"):
+        make(parallel="dp")
+    with pytest.raises(ValueError, match="objective 'rmu' is not supported with parallel='ddp'"):
+        make("rmu")
+    with pytest.raises(ValueError, match=r"^UnlearnConfig.estimator='hutchinson' is not supported with "
+                                         r"parallel='fsdp2'; use 'gnb'$"):
+        make(parallel="fsdp2", estimator="hutchinson")
+    with pytest.raises(ValueError, match=r"^UnlearnConfig.mask='salun' is not supported with parallel='fsdp2'"):
+        make(parallel="fsdp2", mask="salun")
+    if not torch.distributed.is_initialized():
+        with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group: start the "
+                                               "script with torchrun"):
+            make()
+    # an epoch's last batch must split too (checked with a stand-in for 2 ranks: no process group here)
+    u = make(parallel=None)
+    u._par = types.SimpleNamespace(world=2)
+    five = FORGET + [QA("Who is Tomas Berg?", "A writer.")]
+    with pytest.raises(ValueError, match=r"^the forget set \(5 records\) has batches of 1 records with "
+                                         r"UnlearnConfig.batch_size=4, which do not split over the world size 2: "
+                                         r"use a forget set whose size is a multiple of 2$"):
+        u._check_split("forget", len(five), unlearner_mod._Cycler(QADataset(five, tiny_tokenizer), 4, 0, 0))
 
 
 def test_tokenizer_larger_than_embedding(tiny_model, tiny_tokenizer):
