@@ -12,8 +12,14 @@ gradient norm, and steps the optimizer under a warmup + constant/linear/cosine l
 SOUL (Jia et al. 2024) is this loop with :class:`soulkit.optim.Sophia`: every
 ``hessian_update_interval`` steps the Hessian-diagonal estimate is refreshed, by default with the
 Gauss-Newton-Bartlett estimator on the answer tokens of the step's forget and retain batches (one
-extra forward and backward per refresh), or with Hutchinson's estimator of the objective's own
-Hessian (``estimator="hutchinson"``; double backward through an attention path that has one).
+extra forward and backward per refresh; each answer position's label is drawn with a uniform keyed
+by the seed, the step, the micro-batch and the position in the batch, so data-parallel ranks draw
+what one process draws), or with Hutchinson's estimator of the objective's own Hessian
+(``estimator="hutchinson"``; double backward through an attention path that has one).
+
+With ``parallel="ddp"`` or ``"fsdp2"`` the loop runs under ``torch.distributed`` (``torchrun``): each
+rank takes its rows of every global batch and the run follows the one-process trajectory
+(:mod:`soulkit.unlearn.parallel`).
 
 With ``out_dir`` the run checkpoints (``checkpoint/``, written by
 :func:`soulkit.unlearn.checkpoint.save_checkpoint`: weights, optimizer state, step, logs) every

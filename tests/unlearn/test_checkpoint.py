@@ -98,3 +98,20 @@ def test_reads_a_bare_optimizer_state_dict(tiny_tokenizer, tmp_path):
     assert list(states) == ["optimizer"] and info == {"step": 2}
     assert states["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
     assert json.loads((ckpt / "trainer.json").read_text()) == {"step": 2}
+
+
+def test_given_weights_are_written_and_a_loader_puts_them_in(tiny_tokenizer, tmp_path):
+    """weights= (a sharded model's state gathered to full tensors) is what gets written, the model still
+    telling which output embedding is tied; load_weights= receives the checked weights instead of
+    load_state_dict (a sharded model shards them first)."""
+    model, opt, _ = _trained(tiny_tokenizer)
+    full = {k: v * 2 for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "ckpt", model, {"optimizer": opt.state_dict()}, {"step": 2}, weights=full)
+    other, _, _ = _trained(tiny_tokenizer, seed=7)
+    before = _state(other)
+    received = {}
+    load_checkpoint(tmp_path / "ckpt", other, load_weights=received.update)
+    _assert_same_state(_state(other), before)  # the loader, not load_state_dict, had the weights
+    assert "lm_head.weight" not in received  # tied: stored once
+    assert received.keys() == full.keys() - {"lm_head.weight"}
+    assert all(torch.equal(received[k], full[k]) for k in received)
