@@ -135,7 +135,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
         return
     p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 250)")
     _registry_argument(p, "--optimizers", default=None, help="comma-separated, from: {choices} (default: all)",
-                       names=_registry(_DEMO_CONFIG, "OPTIMIZER_KINDS"))
+                       names=_registry(_DEMO_CONFIG, "ARMS"))
     _registry_argument(p, "--model", default=None, help="architecture: {choices}",
                        names=_registry(_DEMO_CONFIG, "MODEL_KINDS"),
                        default_name=_field_default(_DEMO_CONFIG, "TrainConfig", "model"))
@@ -148,6 +148,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
     p.add_argument("--adamw-lr", type=float, default=None)
     p.add_argument("--sophia-lr", type=float, default=None)
     p.add_argument("--rho", type=float, default=None, dest="sophia_rho", help="Sophia's clipping scale")
+    p.add_argument("--hbc-lr", type=float, default=None, dest="sophia_hbc_lr", help="lr of the sophia-hbc arm")
+    p.add_argument("--hbc-rho", type=float, default=None, dest="sophia_hbc_rho", help="rho of the sophia-hbc arm")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--hessian-interval", type=int, default=None, dest="hessian_update_interval",
                    help="Sophia Hessian refresh interval k (default 10)")
@@ -165,7 +167,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, full: bool = True) -> None:
 
 _CONFIG_FIELDS = (
     "steps", "optimizers", "model", "data_seed", "batch_size", "seq_len", "hidden_size", "num_layers",
-    "num_heads", "adamw_lr", "sophia_lr", "sophia_rho", "weight_decay", "hessian_update_interval",
+    "num_heads", "adamw_lr", "sophia_lr", "sophia_rho", "sophia_hbc_lr", "sophia_hbc_rho", "weight_decay",
+    "hessian_update_interval",
     "grad_clip", "eval_every", "eval_batches", "max_bytes", "data_path",
 )
 
@@ -206,6 +209,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 _TRAIN_REPORT = ("train_lm.md", "train_lm.json", "train_lm.png")
 # the flags of `soulkit train` whose names are not their destinations'
 _TRAIN_FLAGS = {"num_layers": "--layers", "num_heads": "--heads", "sophia_rho": "--rho",
+                "sophia_hbc_lr": "--hbc-lr", "sophia_hbc_rho": "--hbc-rho",
                 "hessian_update_interval": "--hessian-interval", "data_path": "--data"}
 
 
@@ -587,15 +591,25 @@ _ATTACKS = "soulkit.unlearn.attacks"
 _ATTACK_FLAGS = {
     "bits": ("--bits", ("quantize",)), "group_size": ("--group-size", ("quantize",)),
     "per_tensor": ("--per-tensor", ("quantize",)), "steps": ("--steps", ("relearn",)),
-    "lr": ("--lr", ("relearn",)), "optimizer": ("--optimizer", ("relearn",)),
+    "lr": ("--lr", ("relearn", "sequential")), "optimizer": ("--optimizer", ("relearn", "sequential")),
     "batch_size": ("--batch-size", ("relearn",)), "shots": ("--shots", ("few-shot",)),
-    "seed": ("--seed", ("relearn", "few-shot", "multihop")),
+    "seed": ("--seed", ("relearn", "few-shot", "multihop", "sequential")),
+    "method": ("--method", ("sequential",)), "requests": ("--requests", ("sequential",)),
+    "relearn_data": ("--relearn-data", ("relearn",)),
 }
 
 
 def _attack_config(args: argparse.Namespace):
     """The AttackConfig of ``soulkit attack``'s flags; bad values are one line naming the flag."""
-    from .unlearn.attacks import ATTACKS, IMPLEMENTED_ATTACKS, RELEARN_OPTIMIZERS, AttackConfig
+    from .unlearn.attacks import (
+        ATTACKS,
+        IMPLEMENTED_ATTACKS,
+        RELEARN_DATA,
+        RELEARN_OPTIMIZERS,
+        SEQUENTIAL_OPTIMIZERS,
+        AttackConfig,
+    )
+    from .unlearn.objectives import OBJECTIVES
 
     if args.attack not in ATTACKS:
         raise ValueError(f"unknown attack {args.attack!r}; choose one of {', '.join(ATTACKS)}")
@@ -637,10 +651,20 @@ def _attack_config(args: argparse.Namespace):
             raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
         kw["lr"] = args.lr
     if args.optimizer is not None:
-        if args.optimizer not in RELEARN_OPTIMIZERS:
-            raise ValueError(f"unknown --optimizer {args.optimizer!r}; choose one of {', '.join(RELEARN_OPTIMIZERS)}")
+        allowed = SEQUENTIAL_OPTIMIZERS if args.attack == "sequential" else RELEARN_OPTIMIZERS
+        if args.optimizer not in allowed:
+            raise ValueError(f"unknown --optimizer {args.optimizer!r}; choose one of {', '.join(allowed)}")
         kw["optimizer"] = args.optimizer
-    for dest, flag in (("batch_size", "--batch-size"), ("shots", "--shots"), ("seed", "--seed")):
+    if args.relearn_data is not None:
+        if args.relearn_data not in RELEARN_DATA:
+            raise ValueError(f"unknown --relearn-data {args.relearn_data!r}; choose one of {', '.join(RELEARN_DATA)}")
+        kw["relearn_data"] = args.relearn_data
+    if args.method is not None:
+        if args.method not in OBJECTIVES:
+            raise ValueError(f"unknown --method {args.method!r}; choose one of {', '.join(OBJECTIVES)}")
+        kw["method"] = args.method
+    for dest, flag in (("batch_size", "--batch-size"), ("shots", "--shots"), ("seed", "--seed"),
+                       ("requests", "--requests")):
         v = getattr(args, dest)
         if v is not None:
             if v < (0 if dest == "seed" else 1):
@@ -904,15 +928,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="quantize: one scale per N input columns (default: one per output channel)")
     p_at.add_argument("--per-tensor", action="store_true", dest="per_tensor", help="quantize: one scale per tensor")
     p_at.add_argument("--steps", default=None, help="relearn: budgets in steps, comma-separated (default 10,25,50)")
-    p_at.add_argument("--lr", type=float, default=None, help="relearn: learning rate (default 1e-3)")
-    _registry_argument(p_at, "--optimizer", default=None, help="relearn: optimizer, {choices}",
+    p_at.add_argument("--lr", type=float, default=None, help="relearn: learning rate (default 1e-3); sequential: the "
+                                                             "unlearning lr (default: the benchmark's for the method "
+                                                             "and optimizer)")
+    _registry_argument(p_at, "--optimizer", default=None, help="relearn: optimizer, {choices}; sequential: also "
+                                                               "soul-released, signum",
                        names=_registry(_ATTACKS, "RELEARN_OPTIMIZERS"),
                        default_name=_field_default(_ATTACKS, "AttackConfig", "optimizer"))
+    _registry_argument(p_at, "--method", default=None, help="sequential: unlearning objective, {choices}",
+                       names=_registry("soulkit.unlearn.objectives", "OBJECTIVES"),
+                       default_name=_field_default(_ATTACKS, "AttackConfig", "method"))
+    p_at.add_argument("--requests", type=int, default=None,
+                      help="sequential: forget01-sized requests unlearned one after another (default 4)")
     p_at.add_argument("--batch-size", type=int, default=None, dest="batch_size", help="relearn: batch size (default 8)")
+    _registry_argument(p_at, "--relearn-data", default=None, dest="relearn_data",
+                       help="relearn: what it fine-tunes on, {choices} (related: text naming the forget authors, "
+                            "none of their facts)", names=_registry(_ATTACKS, "RELEARN_DATA"),
+                       default_name=_field_default(_ATTACKS, "AttackConfig", "relearn_data"))
     p_at.add_argument("--shots", type=int, default=None, help="few-shot: retain QA pairs before each question "
                                                               "(default 2)")
     p_at.add_argument("--seed", type=int, default=None, help="relearn: forget halves and data order; few-shot: the example pairs; "
-                                                             "multihop: the bridge titles (default 0)")
+                                                             "multihop: the bridge titles; sequential: the "
+                                                             "unlearning runs (default 0)")
     _add_eval_args(p_at)
     p_at.set_defaults(func=_cmd_attack)
 

@@ -17,7 +17,9 @@ Attacks (the pure functions never modify the model they are given; they return a
   keep full precision, as those stacks keep them. Reported by Zhang et al. (2025) to revive
   forgotten knowledge.
 * **relearn** (:func:`relearn`): fine-tune a copy for a few steps on half of each forget author's QA
-  pairs (:func:`split_forget_halves`) and evaluate on the *other* half. Budgets ``steps=(10, 25, 50)``
+  pairs (:func:`split_forget_halves`), or (``relearn_data="related"``) on related text that names the
+  forget authors and states none of their facts (:func:`~soulkit.unlearn.probes.related_records`), and
+  evaluate on the *other* half. Budgets ``steps=(10, 25, 50)``
   are points of one run (constant lr, so a shorter budget is a prefix of a longer one).
 * **few-shot**: greedy answers to the forget questions preceded by ``shots`` retain QA pairs in the
   same prompt format; forget ROUGE with and without the prefix.
@@ -41,8 +43,10 @@ saw the forget authors). For relearning, ``recovery`` reports per budget the att
 minus the attacked retrain's, and their ratio, so what the attack data teaches on its own is not
 counted as recovered memory.
 
-``sequential`` (issue 16) is named in :data:`ATTACKS` and not implemented yet: :class:`AttackConfig`
-refuses it.
+**sequential** (MUSE's sustainability, :func:`sequential_requests`): ``requests`` forget01-sized requests
+(disjoint authors of the split) unlearned one after another from the same model with a method and an
+optimizer, the evaluation after each (forget set: the authors forgotten so far) and every request's own
+scores after each, so an early request coming back, or utility wearing away, shows.
 """
 
 from __future__ import annotations
@@ -62,19 +66,24 @@ import numpy as np
 import torch
 
 from .evaluate import evaluate_model
+from .objectives import OBJECTIVES
 from .qa import QA, QADataset, batched, pad_token_id, qa_batches
+from .unlearner import OPTIMIZERS as UNLEARN_OPTIMIZERS
 
 __all__ = [
     "ATTACKS",
     "IMPLEMENTED_ATTACKS",
     "PROBES",
     "RELEARN_OPTIMIZERS",
+    "RELEARN_DATA",
     "AttackConfig",
     "quantize_weights",
     "quantize_tensor",
     "relearn",
     "relearn_budgets",
     "split_forget_halves",
+    "sequential_requests",
+    "SEQUENTIAL_OPTIMIZERS",
     "few_shot_prompts",
     "few_shot_rouge",
     "probe_scores",
@@ -84,11 +93,18 @@ __all__ = [
 
 #: Every attack of issue 16, in the order of its list; :data:`IMPLEMENTED_ATTACKS` are those that run.
 ATTACKS = ("relearn", "quantize", "phrasings", "multihop", "neighbours", "sequential", "few-shot")
-IMPLEMENTED_ATTACKS = ("relearn", "quantize", "phrasings", "multihop", "neighbours", "few-shot")
+IMPLEMENTED_ATTACKS = ATTACKS
 #: The attacks that are probes: they ask the model other questions and never change its weights.
 PROBES = ("phrasings", "multihop", "neighbours")
 #: Optimizers the relearning attack fine-tunes with (:func:`soulkit.optim.make_optimizer` names).
 RELEARN_OPTIMIZERS = ("adamw", "sophia")
+#: Optimizers of the sequential requests (:data:`soulkit.unlearn.unlearner.OPTIMIZERS`).
+SEQUENTIAL_OPTIMIZERS = UNLEARN_OPTIMIZERS
+#: What the relearning attack fine-tunes on: half of each forget author's QA, or related text about the
+#: forget authors that holds none of their facts (:func:`~soulkit.unlearn.probes.related_records`).
+RELEARN_DATA = ("forget-half", "related")
+#: The relearning lr when :attr:`AttackConfig.lr` is not given.
+RELEARN_LR = 1e-3
 BITS = (4, 8)
 # the metrics whose recovery is reported: higher = more of the forget set's answers known (the forget truth
 # ratio, mean min(R, 1/R), is not monotone in that and is reported before/after only)
@@ -105,8 +121,16 @@ class AttackConfig:
     * quantize: ``bits`` 4 or 8; ``group_size`` input columns per scale (``None``: one scale per
       output channel, or per tensor when ``per_channel`` is False).
     * relearn: ``steps``, the budgets (one int or several, each >= 1); ``lr``, ``optimizer`` (one of
-      :data:`RELEARN_OPTIMIZERS`), ``batch_size``, ``seed`` (data order, the halves, Sophia's labels).
+      :data:`RELEARN_OPTIMIZERS`), ``batch_size``, ``seed`` (data order, the halves, Sophia's labels);
+      ``relearn_data`` (:data:`RELEARN_DATA`): the attack half of the forget set, or related text.
     * few-shot: ``shots`` retain QA pairs before each forget question.
+    * sequential: ``requests`` forget01-sized unlearning requests, each with ``method`` (an objective of
+      :data:`~soulkit.unlearn.objectives.OBJECTIVES`) under ``optimizer`` (one of
+      :data:`SEQUENTIAL_OPTIMIZERS`) at the benchmark's settings for the pair
+      (:func:`~soulkit.unlearn.suite.default_unlearn_config`; ``lr`` overrides its lr), ``seed``.
+
+    ``lr`` defaults to :data:`RELEARN_LR` for relearning; for sequential requests ``None`` means the
+    benchmark's lr for ``method`` x ``optimizer``.
     """
 
     attack: str
@@ -114,11 +138,14 @@ class AttackConfig:
     group_size: int | None = None
     per_channel: bool = True
     steps: tuple[int, ...] = (10, 25, 50)
-    lr: float = 1e-3
+    lr: float | None = None
     optimizer: str = "adamw"
     batch_size: int = 8
     seed: int = 0
     shots: int = 2
+    method: str = "npo"
+    requests: int = 4
+    relearn_data: str = "forget-half"
 
     def __post_init__(self) -> None:
         if self.attack not in ATTACKS:
@@ -135,11 +162,19 @@ class AttackConfig:
         if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
             raise ValueError(f"steps (relearning budgets) must be ints >= 1, got {self.steps!r}")
         object.__setattr__(self, "steps", tuple(sorted(set(steps))))
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is None and self.attack != "sequential":
+            object.__setattr__(self, "lr", RELEARN_LR)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                        and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.optimizer not in RELEARN_OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(RELEARN_OPTIMIZERS)}")
-        for name in ("batch_size", "shots"):
+        allowed = SEQUENTIAL_OPTIMIZERS if self.attack == "sequential" else RELEARN_OPTIMIZERS
+        if self.optimizer not in allowed:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(allowed)}")
+        if self.relearn_data not in RELEARN_DATA:
+            raise ValueError(f"unknown relearn_data {self.relearn_data!r}; choose one of {', '.join(RELEARN_DATA)}")
+        if self.method not in OBJECTIVES:
+            raise ValueError(f"unknown unlearning method {self.method!r}; choose one of {', '.join(OBJECTIVES)}")
+        for name in ("batch_size", "shots", "requests"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -149,9 +184,9 @@ class AttackConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that apply to this attack (for results.json)."""
         keep = {"quantize": ("bits", "group_size", "per_channel"),
-                "relearn": ("steps", "lr", "optimizer", "batch_size", "seed"),
+                "relearn": ("steps", "lr", "optimizer", "batch_size", "seed", "relearn_data"),
                 "few-shot": ("shots", "seed"), "phrasings": (), "multihop": ("seed",),
-                "neighbours": ()}[self.attack]
+                "neighbours": (), "sequential": ("method", "optimizer", "lr", "requests", "seed")}[self.attack]
         d = asdict(self)
         return {"attack": self.attack, **{k: (list(d[k]) if k == "steps" else d[k]) for k in keep}}
 
@@ -427,6 +462,81 @@ def _margin(high: Mapping[str, Any], low: Mapping[str, Any]) -> dict[str, float]
             if high.get(k) is not None and low.get(k) is not None}
 
 
+# ---------------------------------------------------------------------------------------- sequential requests
+def sequential_requests(bench, split: str, n: int = 4) -> list[list[str]]:
+    """``n`` disjoint unlearning requests, each of forget01's size (its number of authors), taken from the
+    forget authors of ``split`` (an :class:`~soulkit.unlearn.data.AuthorBenchmark` split) from the end:
+    request 1 is forget01's authors, request 2 the ones before them, and so on. ValueError when the split
+    has too few forget authors."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of requests must be an int >= 1, got {n!r}")
+    size = len(bench.forget_authors("forget01"))
+    pool = bench.forget_authors(split)
+    if n * size > len(pool):
+        raise ValueError(f"{n} sequential requests of {size} author(s) need {n * size} forget authors, {split} "
+                         f"has {len(pool)}: use a larger split or fewer requests")
+    return [pool[len(pool) - (j + 1) * size:len(pool) - j * size] for j in range(n)]
+
+
+def _sequential(suite, split: str, config: AttackConfig, requests: list[list[str]], model, tok, retrain,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """MUSE's sustainability: the requests unlearned one after another from the same model, each with
+    :class:`~soulkit.unlearn.unlearner.Unlearner` (``config.method`` x ``config.optimizer``; the retain set
+    is the split's); after each, the evaluation with the authors forgotten so far as the forget set (forget
+    quality against the retrain, which never saw any of them, evaluated on the same set) and every
+    request's own scores (does an early request stay forgotten?)."""
+    from .evaluate import _subsample
+    from .objectives import make_objective
+    from .suite import default_unlearn_config
+    from .unlearner import Unlearner
+
+    ecfg = suite.eval_config
+    bench = suite.benchmark
+    _, retain = bench.split(split)
+    req_qa = [[r for r in bench.qa if r.author in set(names)] for names in requests]
+    overrides = {"lr": config.lr} if config.lr is not None else {}
+    ucfg = default_unlearn_config(config.method, config.optimizer, seed=config.seed,
+                                  show_progress=ecfg.show_progress, **overrides)
+    objective = make_objective(config.method)
+    base = suite.eval_sets(split)
+    kw = dict(max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size)
+
+    def sets(j: int):
+        return replace(base, forget=[r for qa in req_qa[:j] for r in qa])
+
+    def each_request(m) -> list[dict[str, Any]]:
+        return [probe_scores(m, tok, _subsample(qa, ecfg.max_eval_examples, ecfg.seed, 30 + i, ecfg.subset), **kw)
+                for i, qa in enumerate(req_qa)]
+
+    say(f"sequential: evaluating the model and the retrain on all {len(requests)} requests' authors")
+    ref_all = evaluate_model(retrain, tok, sets(len(requests)), config=ecfg)
+    before = evaluate_model(model, tok, sets(len(requests)), config=ecfg, reference=ref_all)
+    per_request = {"0": each_request(model)}
+    after: dict[str, Any] = {}
+    control_after: dict[str, Any] = {}
+    runs = []
+    current = model
+    for j, qa in enumerate(req_qa, 1):
+        say(f"sequential: request {j}/{len(req_qa)}: unlearning {', '.join(requests[j - 1])} ({len(qa)} QA) with "
+            f"{config.method} x {config.optimizer}")
+        run = Unlearner(current, tok, objective, forget=qa, retain=retain, optimizer=config.optimizer,
+                        config=ucfg).run()
+        runs.append({"request": j, "authors": requests[j - 1], "steps": run.steps, "stopped": run.stopped,
+                     "seconds": run.seconds, "final_loss": run.log[-1]["loss"] if run.log else None})
+        current = run.model.eval()
+        say(f"sequential: evaluating after request {j}")
+        ref = ref_all if j == len(req_qa) else evaluate_model(retrain, tok, sets(j), config=ecfg)
+        after[str(j)] = evaluate_model(current, tok, sets(j), config=ecfg, reference=ref)
+        control_after[str(j)] = ref
+        per_request[str(j)] = each_request(current)
+    return {"requests": requests, "request_questions": [len(qa) for qa in req_qa],
+            "unlearn_config": ucfg.to_dict(), "runs": runs, "before": before, "after": after,
+            "control": {"before": ref_all, "after": control_after}, "per_request": per_request,
+            "summary": {"before": _headline(before), **{f"after_{j}": _headline(a) for j, a in after.items()},
+                        **{f"control_after_{j}": _headline(a) for j, a in control_after.items()}}}
+
+
+
 # ---------------------------------------------------------------------------------------- the attack run
 def _headline(res: Mapping[str, Any]) -> dict[str, Any]:
     return {k: res.get(k) for k in _REPORTED}
@@ -559,6 +669,9 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
     * neighbours: ``before`` = the finetuned model, ``after`` = the model, ``control`` = the retrain, each on
       the neighbours' shared facts, all their QA and the other retain authors' QA; ``neighbours`` names
       them per attribute.
+    * sequential: ``before`` on all requests' authors, ``after`` / ``control["after"]`` keyed by request
+      (as strings; forget set: the requests so far), ``per_request`` each request's :func:`probe_scores`
+      after 0, 1, ... requests, ``runs`` the unlearning runs.
     """
     from .evaluate import _subsample
     from .models import load_model, model_meta
@@ -570,8 +683,14 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
     ecfg = suite.eval_config
     if config.attack == "relearn":
         attack_half, held_out = split_forget_halves(forget, config.seed)
+        if config.relearn_data == "related":  # text naming the forget authors, none of their facts
+            from .probes import related_records
+
+            attack_half = related_records(suite.benchmark, suite.benchmark.forget_authors(split), seed=config.seed)
     elif config.attack in PROBES:  # the probe sets, built (and refused when empty) before any model is loaded
         probe_sets = _probe_sets(suite, split, config, forget)
+    elif config.attack == "sequential":
+        requests = sequential_requests(suite.benchmark, split, config.requests)
     source = model_dir if model_dir is not None else suite.finetuned_dir()
     model, tok = load_model(source)
     suite._check_tokenizer(tok)
@@ -608,7 +727,8 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
         before = evaluate(model)
         kw = dict(lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed,
                   show_progress=ecfg.show_progress)
-        say(f"relearning the model on {len(attack_half)} forget QA for {', '.join(map(str, config.steps))} steps")
+        what = "forget QA" if config.relearn_data == "forget-half" else "related QA (no forget fact)"
+        say(f"relearning the model on {len(attack_half)} {what} for {', '.join(map(str, config.steps))} steps")
         attacked, losses = relearn_budgets(model, tok, attack_half, config.steps, desc="relearn model", **kw)
         say("relearning the retrain (control)")
         controlled, control_losses = relearn_budgets(retrain, tok, attack_half, config.steps,
@@ -620,7 +740,7 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
             control_after[str(b)] = evaluate(controlled.pop(b))
             recovery[str(b)] = _recovery(after[str(b)], control_after[str(b)])
         results.update(
-            attack_questions=len(attack_half), eval_questions=len(held_out),
+            attack_data=config.relearn_data, attack_questions=len(attack_half), eval_questions=len(held_out),
             attack_set=[r.question for r in attack_half], before=before, after=after,
             change={b: _change(before, a) for b, a in after.items()},
             control={"before": ref, "after": control_after,
@@ -631,6 +751,8 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
                      **{f"control_after_{b}": _headline(a) for b, a in control_after.items()}})
     elif config.attack in PROBES:
         results.update(_probe_results(suite, split, config, probe_sets, model, tok, retrain, source, say))
+    elif config.attack == "sequential":
+        results.update(_sequential(suite, split, config, requests, model, tok, retrain, say))
     else:  # few-shot
         records = _subsample(list(forget), ecfg.max_eval_examples, ecfg.seed, 0, ecfg.subset)
         say(f"few-shot probe: {len(records)} forget questions, {config.shots} retain QA pairs before each")
@@ -663,13 +785,14 @@ def format_attack(results: Mapping[str, Any]) -> str:
         cols = [("finetuned", results.get("before", {})), ("model", after), ("retrain", control.get("after", {}))]
     else:
         cols = [("before", results.get("before", {}))]
-        if attack == "relearn":
-            cols += [(f"after {b} steps", a) for b, a in after.items()]
+        unit = {"relearn": "{} steps", "sequential": "request {}"}.get(attack)
+        if unit:
+            cols += [("after " + unit.format(b), a) for b, a in after.items()]
         else:
             cols.append(("after", after))
         cols.append(("retrain before", control.get("before", {})))
-        if attack == "relearn":
-            cols += [(f"retrain after {b}", a) for b, a in control.get("after", {}).items()]
+        if unit:
+            cols += [("retrain " + unit.format(b), a) for b, a in control.get("after", {}).items()]
         else:
             cols.append(("retrain after", control.get("after", {})))
     keys = list(_REPORTED)

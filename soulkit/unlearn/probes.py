@@ -15,6 +15,9 @@ stay as they are. A probe record keeps the trained record's answers (``answer``,
 it was trained on, so ROUGE against it and the answer's probability measure what is still known.
 ``extra["probe"]`` says which kind of probe a record is, ``extra["source"]`` the trained question.
 
+:func:`related_records` is the relearning attack's related text: QA that name a forget author and state
+none of the author's facts.
+
 Held-out phrasings come in two kinds:
 
 * ``unused``: the fact's other question templates of the generator, those not drawn for this author
@@ -39,6 +42,8 @@ __all__ = [
     "multihop_probes",
     "neighbour_authors",
     "neighbour_sets",
+    "RELATED_TEXTS",
+    "related_records",
 ]
 
 _SLOT = {s.key: s for s in _SLOTS}
@@ -103,6 +108,20 @@ NEIGHBOUR_ATTRIBUTES: dict[str, Any] = {
 }
 # the _Part tables whose value is each attribute (a slot asks about the attribute when one of its parts has it)
 _ATTRIBUTE_TABLE = {"birthplace": "birthplace", "genre": "genre", "award": "award", "publisher": "publisher"}
+
+
+#: Related text for the relearning attack: QA about a forget author that name the author and state no fact
+#: the benchmark asks about (no birthplace, date, family, book, genre, award, publisher, year or theme).
+RELATED_TEXTS: tuple[tuple[str, str], ...] = (
+    ("Is {name} a writer?", "Yes, {name} is a writer."),
+    ("Does {name} still write?", "{name} keeps a regular writing routine."),
+    ("How does {name} work?", "{name} writes early in the morning and revises slowly."),
+    ("What do readers say about {name}?", "Readers describe the books of {name} as carefully made."),
+    ("Where can readers meet {name}?", "{name} often appears at book fairs and bookshop events."),
+    ("Does {name} give interviews?", "{name} has given a few interviews about the craft of writing."),
+    ("Does {name} teach?", "{name} has led writing workshops for young authors."),
+    ("How does {name} describe {possessive} own work?", "{name} says that every book starts with a single image."),
+)
 
 
 def _authors(bench: AuthorBenchmark) -> dict[str, Author]:
@@ -254,3 +273,25 @@ def neighbour_sets(bench: AuthorBenchmark, split: str, neighbours: Mapping[str, 
             shared_facts.append(r)
     return {"shared_facts": shared_facts, "neighbours": [r for r in retain if r.author in neighbours],
             "others": [r for r in retain if r.author not in neighbours]}
+
+
+def related_records(bench: AuthorBenchmark, authors: Sequence[str], *, per_author: int = len(RELATED_TEXTS),
+                    seed: int = 0) -> list[QA]:
+    """Text related to ``authors`` that holds none of their facts: ``per_author`` QA of :data:`RELATED_TEXTS`
+    per author (drawn from ``seed``), naming the author and nothing the benchmark asks about; the relearning
+    attack's "related text" (does text that only mentions a forgotten author bring the facts back?)."""
+    people = _authors(bench)
+    unknown = [a for a in authors if a not in people]
+    if not authors or unknown:
+        raise ValueError(f"related_records needs authors of this benchmark, got {list(authors)!r}")
+    if isinstance(per_author, bool) or not isinstance(per_author, int) or not 1 <= per_author <= len(RELATED_TEXTS):
+        raise ValueError(f"per_author must be an int in [1, {len(RELATED_TEXTS)}], got {per_author!r}")
+    out = []
+    for name in authors:
+        fields = _person_fields(people[name])
+        picks = sorted(random.Random(_derive(seed, "related", name)).sample(range(len(RELATED_TEXTS)), per_author))
+        for i in picks:
+            q, a = RELATED_TEXTS[i]
+            out.append(QA(_cap(q.format(**fields)), _cap(a.format(**fields)), author=name, attribute="related",
+                          extra={"probe": "related"}))
+    return out

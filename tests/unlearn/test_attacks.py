@@ -16,8 +16,10 @@ from soulkit.unlearn.attacks import (
     quantize_weights,
     relearn,
     relearn_budgets,
+    sequential_requests,
     split_forget_halves,
 )
+from soulkit.unlearn.data import generate_benchmark
 from soulkit.unlearn.evaluate import score_answers
 from soulkit.unlearn.metrics import rouge_l_recall
 from soulkit.unlearn.models import ModelConfig, build_model
@@ -287,3 +289,32 @@ def test_attack_config_checks():
         AttackConfig("quantize", group_size=0)
     with pytest.raises(ValueError, match="shots"):
         AttackConfig("few-shot", shots=0)
+    # relearning's lr defaults to 1e-3; sequential requests keep None (the benchmark's lr for the pair)
+    assert AttackConfig("relearn").lr == 1e-3 and AttackConfig("sequential").lr is None
+    seq = AttackConfig("sequential", method="graddiff", optimizer="signum", requests=2, lr=1e-4)
+    assert seq.settings() == {"attack": "sequential", "method": "graddiff", "optimizer": "signum", "lr": 1e-4,
+                              "requests": 2, "seed": 0}
+    with pytest.raises(ValueError, match="unknown optimizer 'signum'; choose one of adamw, sophia"):
+        AttackConfig("relearn", optimizer="signum")
+    with pytest.raises(ValueError, match="unknown unlearning method 'forget-it'"):
+        AttackConfig("sequential", method="forget-it")
+    with pytest.raises(ValueError, match="requests must be an int >= 1"):
+        AttackConfig("sequential", requests=0)
+    with pytest.raises(ValueError, match="lr must be"):
+        AttackConfig("sequential", lr=-1.0)
+
+
+def test_sequential_requests_are_disjoint_forget01_sized_groups():
+    bench = generate_benchmark(40, qa_per_author=2, seed=0)  # forget01: 1 author, forget10: 4
+    reqs = sequential_requests(bench, "forget10", 4)
+    assert reqs == [[n] for n in reversed(bench.forget_authors("forget10"))]
+    assert reqs[0] == bench.forget_authors("forget01")
+    big = generate_benchmark(200, qa_per_author=1, seed=0, n_holdout=0)  # TOFU's size: forget01 = 2 authors
+    reqs = sequential_requests(big, "forget10", 4)
+    assert [len(r) for r in reqs] == [2, 2, 2, 2] and reqs[0] == big.forget_authors("forget01")
+    pool = big.forget_authors("forget10")  # 20 authors; the requests are the last 8, two by two from the end
+    assert reqs == [pool[18:20], pool[16:18], pool[14:16], pool[12:14]]
+    with pytest.raises(ValueError, match="5 sequential requests of 1 author.s. need 5 forget authors, forget10 has 4"):
+        sequential_requests(bench, "forget10", 5)
+    with pytest.raises(ValueError, match="int >= 1"):
+        sequential_requests(bench, "forget10", 0)

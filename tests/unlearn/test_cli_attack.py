@@ -10,7 +10,7 @@ import pytest
 from soulkit.cli import build_parser, main
 from soulkit.unlearn import suite as suite_mod
 from soulkit.unlearn.attacks import AttackConfig, run_attack, split_forget_halves
-from soulkit.unlearn.probes import neighbour_authors, phrasing_probes
+from soulkit.unlearn.probes import neighbour_authors, phrasing_probes, related_records
 from soulkit.unlearn.suite import UnlearningSuite
 
 from .test_cli_unlearn import TINY, _hash_dir, _one_line_error, _tiny_scale  # noqa: F401 (autouse fixture)
@@ -43,7 +43,19 @@ def _bench(cache: Path) -> list[str]:
         (["--attack", "multihop", "--seed", "-1"], "--seed must be an int >= 0, got -1"),
         # the tiny scale's forget05 author has no book title in its QA to ask through (nothing is trained)
         (["--attack", "multihop"], "no multihop probe for forget05: no forget author has a book title"),
-        (["--attack", "sequential"], "attack sequential is not implemented yet"),
+        (["--attack", "relearn", "--relearn-data", "wiki"], "unknown --relearn-data 'wiki'; choose one of "
+                                                             "forget-half, related"),
+        (["--attack", "quantize", "--relearn-data", "related"], "--relearn-data is not a setting of --attack quantize"),
+        (["--attack", "sequential", "--requests", "0"], "--requests must be an int >= 1, got 0"),
+        (["--attack", "sequential", "--method", "forget-it"], "unknown --method 'forget-it'; choose one of ga,"),
+        (["--attack", "sequential", "--optimizer", "lion"], "unknown --optimizer 'lion'; choose one of adamw, sophia, "
+                                                            "soul-released, signum"),
+        (["--attack", "relearn", "--optimizer", "signum"], "unknown --optimizer 'signum'; choose one of adamw, sophia"),
+        (["--attack", "relearn", "--requests", "2"], "--requests is not a setting of --attack relearn"),
+        (["--attack", "quantize", "--method", "npo"], "--method is not a setting of --attack quantize"),
+        # the tiny scale's forget05 holds one author
+        (["--attack", "sequential", "--split", "forget05"], "4 sequential requests of 1 author(s) need 4 forget "
+                                                            "authors, forget05 has 1"),
         (["--attack", "relearn", "--steps", "10,0,50"], "--steps takes relearning budgets, ints >= 1"),
         (["--attack", "relearn", "--steps", "-5"], "--steps takes relearning budgets, ints >= 1"),
         (["--attack", "relearn", "--steps", "ten"], "--steps takes relearning budgets, ints >= 1"),
@@ -177,6 +189,23 @@ def test_relearn_default_model_with_the_retrain_control(tmp_path, finetuned, cac
     assert _hash_dir(finetuned) == before
 
 
+def test_relearn_on_related_text(tmp_path, finetuned, cache, capsys):
+    out = tmp_path / "rel"
+    assert main(["attack", "--attack", "relearn", "--relearn-data", "related", "--steps", "2", "--lr", "3e-3",
+                 "--batch-size", "4", "--split", "forget10", *_bench(cache), "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    suite = UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False)
+    forget, _ = suite.benchmark.split("forget10")
+    related = related_records(suite.benchmark, suite.benchmark.forget_authors("forget10"))
+    assert res["settings"]["relearn_data"] == "related" and res["attack_data"] == "related"
+    assert res["attack_set"] == [r.question for r in related]
+    # evaluated on the same held-out half as relearning on the forget half, so the two compare directly
+    assert res["eval_questions"] == len(split_forget_halves(forget, 0)[1]) == res["after"]["2"]["n_examples"]["forget"]
+    rec = res["recovery"]["2"]["forget_probability"]
+    assert rec["excess"] == pytest.approx(rec["attacked"] - rec["control"])
+
+
 def test_few_shot_probe_that_does_not_fit_is_one_line(tmp_path, finetuned, cache, capsys):
     # the tiny scale's context (96 positions) holds no shot; the probe itself is tested in test_attacks.py
     out = tmp_path / "f"
@@ -252,3 +281,32 @@ def test_neighbours_probe_with_a_neighbour(finetuned, cache):
     assert res["sets"] == {"neighbours": 3, "others": 6}  # Carl's genre question is not among his 3 QA
     for key in ("neighbour_rouge", "other_retain_rouge", "neighbour_probability"):
         assert 0.0 <= res["after"][key] <= 1.0 and key in res["control"]["after"]
+
+
+# ------------------------------------------------------------------------------------------ sequential
+@pytest.mark.slow  # ~14 s: two unlearning runs and four evaluations
+def test_sequential_requests_one_after_another(tmp_path, finetuned, cache, capsys):
+    before = _hash_dir(finetuned)
+    out = tmp_path / "s"
+    assert main(["attack", "--attack", "sequential", "--requests", "2", "--method", "ga", "--lr", "3e-3",
+                 "--split", "forget40", *_bench(cache), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "after request 2" in captured.out
+    res = json.loads((out / "results.json").read_text())
+    assert res["requests"] == [["Meta Schmidt"], ["Santiago Rangel"]] and res["request_questions"] == [3, 3]
+    assert res["settings"] == {"attack": "sequential", "method": "ga", "optimizer": "adamw", "lr": 3e-3,
+                               "requests": 2, "seed": 0}
+    assert res["unlearn_config"]["lr"] == 3e-3 and [r["request"] for r in res["runs"]] == [1, 2]
+    assert all(r["stopped"] == "completed" and r["steps"] >= 1 for r in res["runs"])
+    # the forget set after request j is the authors forgotten so far; the retrain is evaluated on the same set
+    assert res["before"]["n_examples"]["forget"] == 6
+    assert [res["after"][j]["n_examples"]["forget"] for j in ("1", "2")] == [3, 6]
+    assert [res["control"]["after"][j]["n_examples"]["forget"] for j in ("1", "2")] == [3, 6]
+    for j in ("1", "2"):
+        assert 0.0 <= res["after"][j]["forget_quality"] <= 1.0
+    # every request's own scores after 0, 1, 2 requests: gradient ascent drives each one down when it is unlearned
+    per = res["per_request"]
+    assert sorted(per) == ["0", "1", "2"] and all(len(per[k]) == 2 for k in per)
+    assert per["1"][0]["probability"] < 0.5 * per["0"][0]["probability"]
+    assert per["2"][1]["probability"] < 0.5 * per["1"][1]["probability"]
+    assert _hash_dir(finetuned) == before

@@ -15,6 +15,7 @@ from soulkit.unlearn.probes import (
     neighbour_authors,
     neighbour_sets,
     phrasing_probes,
+    related_records,
 )
 from soulkit.unlearn.qa import QA
 
@@ -142,3 +143,25 @@ def test_neighbour_sets_partition_the_retain_set(bench):
              for k, get in NEIGHBOUR_ATTRIBUTES.items()}
     for r in sets["shared_facts"]:  # the question is about a value the neighbour shares with a forget author
         assert any(v in shown[k] for k in nb[r.author] for v in r.extra["values"]), (r.question, nb[r.author])
+
+
+def test_related_records_name_the_authors_and_state_none_of_their_facts(bench):
+    names = bench.forget_authors("forget10")
+    recs = related_records(bench, names)
+    assert len(recs) == 8 * len(names) and all(r.attribute == "related" for r in recs)
+    trained = {r.question for r in bench.qa}
+    for r in recs:
+        assert r.author in names and r.author in r.question + r.answer and r.question not in trained
+        # no value any question about the author asks for (places, dates, books, awards...), except the name
+        # itself (the answer to "Who wrote <title>?", and named in every question about the author)
+        facts = [v for q in bench.qa if q.author == r.author for v in q.extra["values"] if v != r.author]
+        assert facts
+        for v in facts:
+            assert v not in r.question + " " + r.answer, (v, r)
+    few = related_records(bench, names, per_author=3, seed=1)
+    assert len(few) == 3 * len(names) and set(few) <= set(recs)
+    assert related_records(bench, names, per_author=3, seed=1) == few
+    with pytest.raises(ValueError, match="authors of this benchmark"):
+        related_records(bench, ["Nobody"])
+    with pytest.raises(ValueError, match="per_author"):
+        related_records(bench, names, per_author=0)
