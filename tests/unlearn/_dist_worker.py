@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from soulkit.unlearn.objectives import Objective, ObjectiveOutput
+
 from .. import _dist
 from ._corpus import ARCH, FORGET, RETAIN
 from .conftest import _TEXTS
@@ -32,6 +34,8 @@ class Spec:
     optimizer: str
     config: dict[str, Any]
     interrupt_at: int | None = None  # stop after this step, then resume from the checkpoint
+    nan_at_call: int | None = None  # the objective's loss is NaN at this call (1-based) on the last rank only
+    kinds: tuple[str, ...] = ("ddp", "fsdp2")
 
 
 _BASE = dict(lr=1e-2, steps=5, batch_size=4, show_progress=False, seed=3)
@@ -41,8 +45,39 @@ SPECS = {
     "npo_sophia": Spec("npo", {"retain_loss": "kl"}, "sophia",
                        dict(_BASE, checkpoint_every=2, optimizer_kwargs={"hessian_update_interval": 2}),
                        interrupt_at=3),
+    # a weight-saliency mask (computed by every rank from the whole forget set, written by rank 0)
+    "graddiff_salun": Spec("graddiff", {}, "sophia", dict(_BASE, steps=4, mask="salun", mask_ratio=0.3,
+                                                          checkpoint_every=2), kinds=("ddp",)),
+    # a NaN seen by one rank only: every rank stops and restores the step-2 checkpoint
+    "nonfinite": Spec("graddiff", {}, "adamw", dict(_BASE, checkpoint_every=2), nan_at_call=4),
 }
-SCENARIOS = ("ddp_graddiff_adamw", "ddp_npo_sophia", "fsdp2_graddiff_adamw", "fsdp2_npo_sophia", "bad_batch")
+SCENARIOS = (*(f"{kind}_{name}" for name, spec in SPECS.items() for kind in spec.kinds), "bad_batch")
+
+
+class _NaNOnLastRank(Objective):
+    """``inner``, except that call ``at`` (1-based) returns a NaN loss on the last rank (the only one in
+    one process)."""
+
+    def __init__(self, inner: Objective, at: int):
+        self.inner, self.at, self.calls = inner, at, 0
+        self.name = inner.name
+
+    @property
+    def needs_retain(self) -> bool:
+        return self.inner.needs_retain
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.inner.needs_reference
+
+    def compute(self, model, forget_batch, retain_batch, reference) -> ObjectiveOutput:
+        self.calls += 1
+        out = self.inner.compute(model, forget_batch, retain_batch, reference)
+        dist = torch.distributed
+        last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        if self.calls == self.at and last:
+            out.loss = out.loss * float("nan")
+        return out
 
 
 class Interrupted(Exception):
@@ -73,7 +108,10 @@ def run(name: str, parallel: str | None, out_dir: Path, *, interrupt: bool = Tru
     cfg = UnlearnConfig(**spec.config)
 
     def unlearner(config, evaluate_fn=None):
-        return Unlearner(model, tok, make_objective(spec.objective, **spec.objective_kwargs), forget=FORGET,
+        objective = make_objective(spec.objective, **spec.objective_kwargs)
+        if spec.nan_at_call is not None:
+            objective = _NaNOnLastRank(objective, spec.nan_at_call)
+        return Unlearner(model, tok, objective, forget=FORGET,
                          retain=RETAIN, optimizer=spec.optimizer, config=config, out_dir=out_dir,
                          evaluate_fn=evaluate_fn, parallel=parallel)
 
@@ -122,7 +160,9 @@ def _body(rank: int, world: int, scenario: str, out_dir: Path) -> dict:
         "model_dir": result.model_dir is not None and (d / "model").is_dir(),
         "checkpoint_left": (d / "checkpoint").exists(),
         "log_lines": len((d / "log.jsonl").read_text().splitlines()),
-        "stray": sorted(p.name for p in d.iterdir() if p.name not in ("model", "log.jsonl")),
+        "stopped": result.stopped,
+        "stray": sorted(p.name for p in d.iterdir() if p.name not in ("model", "log.jsonl", "mask.safetensors")),
+        "mask_file": (d / "mask.safetensors").is_file(),
     }
 
 
