@@ -603,7 +603,6 @@ def _attack_config(args: argparse.Namespace):
     """The AttackConfig of ``soulkit attack``'s flags; bad values are one line naming the flag."""
     from .unlearn.attacks import (
         ATTACKS,
-        IMPLEMENTED_ATTACKS,
         RELEARN_DATA,
         RELEARN_OPTIMIZERS,
         SEQUENTIAL_OPTIMIZERS,
@@ -613,9 +612,6 @@ def _attack_config(args: argparse.Namespace):
 
     if args.attack not in ATTACKS:
         raise ValueError(f"unknown attack {args.attack!r}; choose one of {', '.join(ATTACKS)}")
-    if args.attack not in IMPLEMENTED_ATTACKS:
-        raise NotImplementedError(f"attack {args.attack} is not implemented yet (implemented: "
-                                  f"{', '.join(IMPLEMENTED_ATTACKS)})")
     foreign = [flag for dest, (flag, attacks) in _ATTACK_FLAGS.items()
                if getattr(args, dest) not in (None, False) and args.attack not in attacks]
     if foreign:
