@@ -121,9 +121,9 @@ def test_train_help_lists_the_registries(capsys, monkeypatch):
     import soulkit.demos.lm.config as config
 
     out = _help(["train"], capsys, monkeypatch)
-    assert "llama (default), gpt2" in out and "adamw, sophia" in out
+    assert "llama (default), gpt2" in out and "adamw, sophia, sophia-hbc" in out
     monkeypatch.setattr(config, "MODEL_KINDS", (*config.MODEL_KINDS, "brand_new_arch"))
-    monkeypatch.setattr(config, "OPTIMIZER_KINDS", (*config.OPTIMIZER_KINDS, "brand_new_opt"))
+    monkeypatch.setattr(config, "ARMS", (*config.ARMS, "brand_new_opt"))
     out = _help(["train"], capsys, monkeypatch)
     assert "brand_new_arch" in out and "brand_new_opt" in out
 

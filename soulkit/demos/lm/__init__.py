@@ -14,7 +14,8 @@ the AdamW arm's final loss, and the step-time overhead of each arm measured in t
 - :mod:`.run`: all of the above in one call (:func:`run_training_demo`, behind ``soulkit train``).
 
 Defaults: hidden size 192, 4 layers, 4 heads, ``seq_len=128``, batch 16 (2,048 tokens per step),
-1.87 M parameters, 250 steps; AdamW lr 1e-3, Sophia lr 5e-4 with rho 0.04.
+1.87 M parameters, 250 steps; AdamW lr 1e-3, Sophia as published lr 5e-4 with rho 0.04, and Sophia with
+Hessian bias correction (``sophia-hbc``) lr 2.5e-4 with rho 0.5.
 ``soulkit train --threads 1`` is often faster when other jobs share the cores.
 
 Library use::
@@ -24,7 +25,7 @@ Library use::
     print(result.table)
 """
 
-from .config import MODEL_KINDS, OPTIMIZER_KINDS, OptimizerSpec, TrainConfig
+from .config import ARMS, MODEL_KINDS, OPTIMIZER_KINDS, OptimizerSpec, TrainConfig
 from .corpus import load_text_bytes
 from .loop import ArmResult, train_arms
 from .model import build_model
@@ -33,6 +34,7 @@ from .report import TrainResult, format_table, plot_curves, summarize, write_out
 from .run import run_training_demo
 
 __all__ = [
+    "ARMS",
     "MODEL_KINDS",
     "OPTIMIZER_KINDS",
     "ArmResult",

@@ -1,7 +1,8 @@
 """What a run of the byte-level LM demo depends on: :class:`TrainConfig` and one arm's :class:`OptimizerSpec`.
 
 Both validate on construction (``ValueError`` naming the field and the allowed range). The
-optimizers an arm can use are :data:`OPTIMIZER_KINDS`; the model architectures :data:`MODEL_KINDS`.
+optimizers an arm can use are :data:`OPTIMIZER_KINDS`, the arms a run can train :data:`ARMS`; the model
+architectures :data:`MODEL_KINDS`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Any
 from ..._causal_lm import ARCHS
 
 __all__ = [
+    "ARMS",
     "DEFAULT_ADAMW_LR",
     "DEFAULT_SOPHIA_LR",
     "DEFAULT_SOPHIA_RHO",
+    "DEFAULT_SOPHIA_HBC_LR",
+    "DEFAULT_SOPHIA_HBC_RHO",
     "MODEL_KINDS",
     "OPTIMIZER_KINDS",
     "OptimizerSpec",
@@ -32,8 +36,16 @@ __all__ = [
 DEFAULT_ADAMW_LR = 1e-3
 DEFAULT_SOPHIA_LR = 5e-4
 DEFAULT_SOPHIA_RHO = 0.04
+# The ``sophia-hbc`` arm: Sophia with its Hessian EMA bias-corrected (h / (1 - beta2**n)), so h has its
+# steady scale from the first refresh and rho clips only the coordinates it should; lr and rho are the
+# ones benchmarks/optimizers.py --hessian-bias-correction selected (results/optimizers_hbc.md).
+DEFAULT_SOPHIA_HBC_LR = 2.5e-4
+DEFAULT_SOPHIA_HBC_RHO = 0.5
 
 OPTIMIZER_KINDS = ("adamw", "sophia")
+#: The arms a run can train: AdamW, Sophia as published (rho 0.04, no bias correction of h) and Sophia
+#: with Hessian bias correction (``sophia-hbc``).
+ARMS = ("adamw", "sophia", "sophia-hbc")
 MODEL_KINDS = ARCHS
 
 
@@ -101,10 +113,12 @@ class TrainConfig:
     num_heads: int = 4
     intermediate_size: int | None = None  # None: 8/3 x hidden (Llama, multiple of 16) or 4 x hidden (GPT-2)
     dropout: float = 0.0  # GPT-2 only (Llama has none by default)
-    optimizers: tuple[str, ...] = ("adamw", "sophia")
+    optimizers: tuple[str, ...] = ARMS
     adamw_lr: float = DEFAULT_ADAMW_LR
     sophia_lr: float = DEFAULT_SOPHIA_LR
     sophia_rho: float = DEFAULT_SOPHIA_RHO
+    sophia_hbc_lr: float = DEFAULT_SOPHIA_HBC_LR
+    sophia_hbc_rho: float = DEFAULT_SOPHIA_HBC_RHO
     weight_decay: float = 0.1
     hessian_update_interval: int = 10
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -159,15 +173,17 @@ class TrainConfig:
             self.optimizers = tuple(s.strip() for s in self.optimizers.split(",") if s.strip())
         self.optimizers = tuple(self.optimizers)
         if not self.optimizers:
-            raise ValueError(f"TrainConfig.optimizers must name at least one of {OPTIMIZER_KINDS}")
+            raise ValueError(f"TrainConfig.optimizers must name at least one of {ARMS}")
         for name in self.optimizers:
-            if name not in OPTIMIZER_KINDS:
-                raise ValueError(f"TrainConfig.optimizers: unknown optimizer {name!r}; choose from {OPTIMIZER_KINDS}")
+            if name not in ARMS:
+                raise ValueError(f"TrainConfig.optimizers: unknown optimizer {name!r}; choose from {ARMS}")
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ValueError(f"TrainConfig.optimizers has duplicates: {self.optimizers!r}")
         need_num("adamw_lr", 0.0, 10.0, lo_open=True)
         need_num("sophia_lr", 0.0, 10.0, lo_open=True)
         need_num("sophia_rho", 0.0, 1e6, lo_open=True)
+        need_num("sophia_hbc_lr", 0.0, 10.0, lo_open=True)
+        need_num("sophia_hbc_rho", 0.0, 1e6, lo_open=True)
         need_num("weight_decay", 0.0, 10.0)
         need_int("hessian_update_interval", 1)
         need_num("grad_clip", 0.0, 1e6)
@@ -202,10 +218,12 @@ class TrainConfig:
             if name == "adamw":
                 specs.append(OptimizerSpec("adamw", self.adamw_lr, weight_decay=self.weight_decay))
             else:
+                hbc = name == "sophia-hbc"
                 specs.append(
                     OptimizerSpec(
-                        "sophia", self.sophia_lr, rho=self.sophia_rho, weight_decay=self.weight_decay,
-                        hessian_update_interval=self.hessian_update_interval,
+                        "sophia", self.sophia_hbc_lr if hbc else self.sophia_lr, label=name,
+                        rho=self.sophia_hbc_rho if hbc else self.sophia_rho, weight_decay=self.weight_decay,
+                        hessian_update_interval=self.hessian_update_interval, hessian_bias_correction=hbc,
                     )
                 )
         return specs

@@ -3,7 +3,7 @@
 import pytest
 
 from soulkit._causal_lm import ARCHS
-from soulkit.demos.lm.config import MODEL_KINDS, OPTIMIZER_KINDS, OptimizerSpec, TrainConfig
+from soulkit.demos.lm.config import ARMS, MODEL_KINDS, OPTIMIZER_KINDS, OptimizerSpec, TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,8 @@ def test_optimizers_string_and_spec_validation():
 def test_registries():
     assert MODEL_KINDS == ARCHS == ("llama", "gpt2")  # the demo builds every architecture the factory knows
     assert OPTIMIZER_KINDS == ("adamw", "sophia")
-    assert TrainConfig().model in MODEL_KINDS and set(TrainConfig().optimizers) == set(OPTIMIZER_KINDS)
+    assert ARMS == ("adamw", "sophia", "sophia-hbc")
+    assert TrainConfig().model in MODEL_KINDS and TrainConfig().optimizers == ARMS
 
 
 def test_derived_values():
@@ -53,9 +54,13 @@ def test_derived_values():
     assert cfg.resolved_intermediate_size == 512  # 8/3 x 192, a multiple of 16
     assert TrainConfig(model="gpt2", hidden_size=64).resolved_intermediate_size == 256
     assert TrainConfig(intermediate_size=40).resolved_intermediate_size == 40
-    adamw, sophia = cfg.optimizer_specs()
+    adamw, sophia, hbc = cfg.optimizer_specs()
     assert (adamw.kind, adamw.lr, adamw.weight_decay, adamw.resolved_betas) == ("adamw", cfg.adamw_lr, 0.2, (0.9, 0.95))
     assert (sophia.kind, sophia.lr, sophia.rho) == ("sophia", cfg.sophia_lr, cfg.sophia_rho)
     assert sophia.hessian_update_interval == 7 and sophia.resolved_betas == (0.965, 0.99)
+    assert not sophia.hessian_bias_correction  # "sophia" is the published setting
+    assert (hbc.kind, hbc.label, hbc.lr, hbc.rho, hbc.hessian_bias_correction) == (
+        "sophia", "sophia-hbc", cfg.sophia_hbc_lr, cfg.sophia_hbc_rho, True)
+    assert hbc.hessian_update_interval == 7 and hbc.weight_decay == 0.2
     d = cfg.to_dict()
-    assert d["optimizers"] == ["adamw", "sophia"] and d["seed"] == 3
+    assert d["optimizers"] == ["adamw", "sophia", "sophia-hbc"] and d["seed"] == 3

@@ -1,4 +1,4 @@
-"""The lockstep training loop: both optimizers learn from the same init; schedule; bad arms."""
+"""The lockstep training loop: every arm learns from the same init; schedule; bad arms."""
 
 import math
 
@@ -8,9 +8,9 @@ from soulkit.demos.lm.config import OptimizerSpec, TrainConfig
 from soulkit.demos.lm.loop import lr_lambda, train_arms
 
 
-def test_both_optimizers_learn(tiny_run):
+def test_every_arm_learns(tiny_run):
     result, _ = tiny_run
-    assert [a.spec.kind for a in result.arms] == ["adamw", "sophia"]
+    assert [a.spec.label for a in result.arms] == ["adamw", "sophia", "sophia-hbc"]
     for arm in result.arms:
         assert arm.eval_steps == [0, 4, 8, 12]
         assert arm.diverged_at is None
@@ -20,11 +20,12 @@ def test_both_optimizers_learn(tiny_run):
         assert arm.val_loss[-1] < arm.val_loss[0] - 0.2, (arm.spec.label, arm.val_loss)
         assert len(arm.step_time) == len(arm.train_loss) == 12
     sophia = result.arms[1]
-    assert sophia.refresh_steps == [0, 10]
-    assert len(sophia.win_rate) == 2 and all(0.0 <= w <= 1.0 for w in sophia.win_rate)
+    for arm in result.arms[1:]:
+        assert arm.refresh_steps == [0, 10]
+        assert len(arm.win_rate) == 2 and all(0.0 <= w <= 1.0 for w in arm.win_rate)
     assert sophia.warmup_s > 0 and result.arms[0].warmup_s > 0
     # same initial weights and same validation windows: identical loss before training
-    assert result.arms[0].val_loss[0] == sophia.val_loss[0]
+    assert result.arms[0].val_loss[0] == sophia.val_loss[0] == result.arms[2].val_loss[0]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
