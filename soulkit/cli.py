@@ -34,13 +34,16 @@ dependency is reported with the extra that installs it (``pip install 'soulkit[u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._extras import MissingExtraError, check_extra, missing_extra, missing_extra_message
 
@@ -328,7 +331,8 @@ def _check_out(out: Path, overwrite: bool, owned: Sequence[str]) -> None:
 # the record of the options a long job was started with, so that the same command resumes it
 RUN_RECORD = "run.json"
 # options that never change what a job computes
-_NOT_RECORDED = ("out", "overwrite", "no_progress", "threads", "cache_dir", "func", "command")
+# parallel: a run resumes on any number of ranks (the checkpoint format and the trajectory are the same)
+_NOT_RECORDED = ("out", "overwrite", "no_progress", "threads", "cache_dir", "func", "command", "parallel")
 
 
 def _invocation(args: argparse.Namespace) -> dict:
@@ -559,31 +563,101 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         objective_kwargs["gamma"] = args.gamma
     objective_kwargs.update(_rmu_kwargs(args))
     objective = make_objective(args.method, **objective_kwargs)  # bad objective options fail before any work
+    world, parallel = _unlearn_parallel(args.parallel)
+    if parallel is not None:
+        from .unlearn.unlearner import check_parallel_support
+
+        check_parallel_support(parallel, objective, config)
     _set_threads(args)
     suite = _suite(args, eval_overrides)
-    suite.benchmark.split(args.split)  # validates the split name before anything slow
+    forget, retain = suite.benchmark.split(args.split)  # validates the split name before anything slow
+    if parallel is not None:
+        from .unlearn.unlearner import check_split
+
+        check_split(len(forget), config.batch_size, world, "forget")
+        check_split(len(retain), config.batch_size, world, "retain")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
     _check_trainable(objective, args.model, suite)
-    state = _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl", "checkpoint",
-                                                        "mask.safetensors"],
-                             _invocation(args))
-    if state == "complete":
-        print(format_results(json.loads((args.out / "results.json").read_text())))
-        print(f"{args.out} holds this run's results already (same options); --overwrite starts it again")
-        return 0
-    if state == "evaluate":
-        print(f"{args.out}/model was written before the run was interrupted: evaluating it", flush=True)
-    elif state == "resume":
-        print(f"resuming the run in {args.out} from its checkpoint", flush=True)
-    results, run = suite.unlearn(args.method, args.optimizer, args.split, model_dir=args.model, config=config,
-                                 objective_kwargs=objective_kwargs, out_dir=args.out)
-    results["model_dir"] = str(run.model_dir)
-    atomic_write_json(args.out / "results.json", results)
-    print(format_results(results))
-    print(f"{args.method} x {args.optimizer}: {run.steps} steps ({run.stopped}) in {results['unlearn_seconds']:.1f} s;"
-          f" wrote {args.out / 'model'}, {args.out / 'results.json'}, {args.out / 'log.jsonl'}")
+    with contextlib.ExitStack() as stack:
+        if parallel is not None:
+            from .influence.lm_command import _process_group
+
+            stack.enter_context(_process_group())  # torchrun: joins the ranks (gloo) for this run
+        writer = _rank() == 0
+        say = print if writer else (lambda *a, **k: None)
+        state = _on_rank0(lambda: _resume_or_start(args.out, args.overwrite, ["results.json", "model", "log.jsonl",
+                                                                             "checkpoint", "mask.safetensors"],
+                                                   _invocation(args)))
+        if state == "complete":
+            say(format_results(json.loads((args.out / "results.json").read_text())))
+            say(f"{args.out} holds this run's results already (same options); --overwrite starts it again")
+            return 0
+        if state == "evaluate":
+            say(f"{args.out}/model was written before the run was interrupted: evaluating it", flush=True)
+        elif state == "resume":
+            say(f"resuming the run in {args.out} from its checkpoint", flush=True)
+        results, run = suite.unlearn(args.method, args.optimizer, args.split, model_dir=args.model, config=config,
+                                     objective_kwargs=objective_kwargs, out_dir=args.out, parallel=parallel)
+        results["model_dir"] = str(run.model_dir)
+        if parallel is not None:
+            results["parallel"] = {"kind": parallel, "world_size": world}
+        if writer:
+            atomic_write_json(args.out / "results.json", results)
+        say(format_results(results))
+        say(f"{args.method} x {args.optimizer}: {run.steps} steps ({run.stopped}) in "
+            f"{results['unlearn_seconds']:.1f} s; wrote {args.out / 'model'}, {args.out / 'results.json'}, "
+            f"{args.out / 'log.jsonl'}")
+        _on_rank0(lambda: None)  # the others wait until results.json is written
     return 0
+
+
+def _unlearn_parallel(option: str | None) -> tuple[int, str | None]:
+    """The world size and the Unlearner's ``parallel`` for ``soulkit unlearn``: under ``torchrun``
+    (``WORLD_SIZE`` > 1, or a process group the caller initialised) ``--parallel``, default ``ddp``;
+    in one process ``None`` (``--parallel`` is refused there: it needs the ranks)."""
+    import torch.distributed as dist
+
+    from .unlearn.parallel import PARALLEL
+
+    if option is not None and option not in PARALLEL:
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL)}, got {option!r}")
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if option is not None:
+            raise ValueError(f"--parallel {option} needs several processes: start the command with torchrun "
+                             "--nproc-per-node N -m soulkit unlearn ...")
+        return world, None
+    return world, option or "ddp"
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only, its result (or its error, raised again) sent to every rank; ``fn()`` itself
+    without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # every rank fails with rank 0's error instead of waiting for it
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 _ATTACKS = "soulkit.unlearn.attacks"
@@ -907,6 +981,10 @@ def build_parser() -> argparse.ArgumentParser:
                        names=_registry("soulkit.unlearn.masks", "MASKS"))
     p_un.add_argument("--mask-ratio", type=float, default=None, dest="mask_ratio",
                       help="fraction of the weights --mask keeps, in (0, 1] (default 0.5)")
+    _registry_argument(p_un, "--parallel", default=None,
+                       help="under torchrun: data parallelism, {choices} (default there: ddp); each rank takes its "
+                            "share of every batch, rank 0 writes",
+                       names=_registry("soulkit.unlearn.parallel", "PARALLEL"))
     _add_eval_args(p_un)
     p_un.set_defaults(func=_cmd_unlearn)
 

@@ -158,10 +158,13 @@ class UnlearningSuite:
     # ------------------------------------------------------------------ unlearning
     def unlearn(self, method: str, optimizer: str, split: str, *, model_dir: str | os.PathLike | None = None,
                 config: UnlearnConfig | None = None, objective_kwargs: dict[str, Any] | None = None,
-                out_dir: str | os.PathLike | None = None, evaluate: bool = True) -> tuple[dict[str, Any], Any]:
+                out_dir: str | os.PathLike | None = None, evaluate: bool = True,
+                parallel: str | None = None) -> tuple[dict[str, Any], Any]:
         """Unlearn ``split``'s forget authors from ``model_dir`` (default: the finetuned model) with
         ``method`` under ``optimizer``; returns ``(results, UnlearnResult)``. ``results`` has the fields
         of :meth:`evaluate` (when ``evaluate``) plus method, optimizer, split, seed, lr, steps, wall time.
+        ``parallel``: the Unlearner's (``"ddp"``/``"fsdp2"`` under ``torchrun``; every rank evaluates the
+        same unlearned model and gets the same results).
 
         With ``out_dir``, an interrupted run continues: from its checkpoint, or, when it had already
         written its model, by evaluating that model."""
@@ -180,7 +183,8 @@ class UnlearningSuite:
         run = finished_run(out_dir) if out_dir is not None else None
         if run is None:  # a new run, or one resumed from out_dir's checkpoint
             run = Unlearner(model, tok, objective, forget=forget, retain=retain, optimizer=optimizer, config=config,
-                            out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None).run()
+                            out_dir=out_dir, evaluate_fn=quick_eval if config.eval_every else None,
+                            parallel=parallel).run()
             seconds = time.perf_counter() - t0
         else:  # the run finished training before its evaluation was interrupted: evaluate its model
             saved = model_meta(run.model_dir).get("config", {})

@@ -250,7 +250,7 @@ class Unlearner:
         if parallel is not None and parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL} or None, got {parallel!r}")
         if parallel is not None:
-            _check_parallel_support(parallel, objective, self.config)
+            check_parallel_support(parallel, objective, self.config)
         self._par = make_parallel(parallel)
         self.parallel = parallel
         # under FSDP2 the copy below is sharded in place; the result is a fresh copy of this with its weights
@@ -279,9 +279,9 @@ class Unlearner:
         self.retain = (_Cycler(QADataset(list(retain), tokenizer, max_length=c.max_length), c.batch_size,
                                c.seed + 1, pad) if retain else None)
         self.total_steps = c.total_steps(len(forget))
-        self._check_split("forget", len(forget_records), self.forget)
-        if self.retain is not None:
-            self._check_split("retain", len(retain), self.retain)
+        check_split(len(forget_records), c.batch_size, self._par.world, "forget")
+        if retain:
+            check_split(len(retain), c.batch_size, self._par.world, "retain")
         # the mask's data: the forget QA as given (for IDK, the real answers, not the refusals), in order
         self._mask_forget = QADataset(list(forget), tokenizer, max_length=c.max_length) if c.mask else None
         self._mask_retain = (QADataset(list(retain), tokenizer, max_length=c.max_length)
@@ -307,21 +307,6 @@ class Unlearner:
         if c.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * frac))
         return 1.0
-
-    def _check_split(self, name: str, n_records: int, cycler: _Cycler) -> None:
-        """Every global batch of ``cycler`` must split evenly over the ranks."""
-        world, bs = self._par.world, self.config.batch_size
-        if world == 1:
-            return
-        if bs % world:
-            raise ValueError(f"UnlearnConfig.batch_size={bs} must be a multiple of the world size {world}: each "
-                             "rank takes an equal share of every global batch")
-        sizes = {cycler.bs, n_records % cycler.bs} - {0}
-        bad = sorted(n for n in sizes if n % world)
-        if bad:
-            raise ValueError(f"the {name} set ({n_records} records) has batches of {bad[0]} records with "
-                             f"UnlearnConfig.batch_size={bs}, which do not split over the world size {world}: "
-                             f"use a {name} set whose size is a multiple of {world}")
 
     @staticmethod
     def _to(batch: dict[str, Any] | None, device: torch.device) -> dict[str, Any] | None:
@@ -618,8 +603,24 @@ def finished_run(out_dir: str | os.PathLike) -> UnlearnResult | None:
                          model_dir=d)
 
 
-def _check_parallel_support(parallel: str, objective: Objective, config: UnlearnConfig) -> None:
-    """What the data-parallel loop cannot do yet, refused before any work."""
+def check_split(n_records: int, batch_size: int, world: int, name: str) -> None:
+    """Refuse a set of ``n_records`` whose batches of ``batch_size`` (the epoch's last one shorter) do not split
+    evenly over ``world`` ranks; ``name`` ("forget"/"retain") goes into the message."""
+    if world == 1:
+        return
+    if batch_size % world:
+        raise ValueError(f"UnlearnConfig.batch_size={batch_size} must be a multiple of the world size {world}: "
+                         "each rank takes an equal share of every global batch")
+    bs = min(batch_size, n_records)
+    bad = sorted(n for n in {bs, n_records % bs} - {0} if n % world)
+    if bad:
+        raise ValueError(f"the {name} set ({n_records} records) has batches of {bad[0]} records with "
+                         f"UnlearnConfig.batch_size={batch_size}, which do not split over the world size {world}: "
+                         f"use a {name} set whose size is a multiple of {world}")
+
+
+def check_parallel_support(parallel: str, objective: Objective, config: UnlearnConfig) -> None:
+    """What the data-parallel loop cannot do yet, refused (``ValueError`` naming the option) before any work."""
     inner = objective.objective if isinstance(objective, KLRetain) else objective
     if isinstance(inner, RMU):
         raise ValueError(f"objective {objective.name!r} is not supported with parallel={parallel!r}: RMU stops the "

@@ -51,7 +51,48 @@ SPECS = {
     # a NaN seen by one rank only: every rank stops and restores the step-2 checkpoint
     "nonfinite": Spec("graddiff", {}, "adamw", dict(_BASE, checkpoint_every=2), nan_at_call=4),
 }
-SCENARIOS = (*(f"{kind}_{name}" for name, spec in SPECS.items() for kind in spec.kinds), "bad_batch")
+SCENARIOS = (*(f"{kind}_{name}" for name, spec in SPECS.items() for kind in spec.kinds), "bad_batch", "cli_ddp")
+
+#: ``soulkit unlearn`` on 4 authors x 4 QA: forget25 is one author's 4 QA, the retain set 12, so batches of 4
+#: split over 2 ranks. The test runs it in one process first (training the models into the cache that
+#: :data:`CLI_CACHE_ENV` names, which the ranks then reuse), then on the ranks (``--parallel`` by default).
+CLI_CACHE_ENV = "SOULKIT_TEST_DIST_CLI_CACHE"
+CLI_SCALE = "tiny4x4"
+
+
+def cli_args(out: Path, cache: Path) -> list[str]:
+    return ["unlearn", "--method", "npo", "--optimizer", "sophia", "--split", "forget25", "--scale", CLI_SCALE,
+            "--cache-dir", str(cache), "--no-progress", "--batch-size", "4", "--steps", "3", "--hessian-interval",
+            "2", "--lr", "1e-3", "--out", str(out)]
+
+
+def add_cli_scale() -> None:
+    from soulkit.unlearn import suite
+    from soulkit.unlearn.evaluate import EvalConfig
+    from soulkit.unlearn.models import TrainRecipe
+
+    suite.SCALES[CLI_SCALE] = suite.Scale(
+        4, 4, TrainRecipe(model=ARCH, vocab_size=400, pretrain_epochs=2, finetune_max_epochs=4, check_every=2,
+                          target_rouge=0.99, batch_size=16),
+        EvalConfig(max_eval_examples=20, max_new_tokens=12, show_progress=False), "test scale: 4 authors x 4 QA")
+
+
+def _cli(rank: int, world: int, out_dir: Path) -> dict:
+    import os
+
+    from safetensors.torch import load_file
+
+    from soulkit.cli import main
+
+    add_cli_scale()
+    out = out_dir / "cli_ddp"
+    code = main(cli_args(out, Path(os.environ[CLI_CACHE_ENV])))
+    if code != 0:
+        raise AssertionError(f"soulkit unlearn exited {code} on rank {rank}")
+    torch.distributed.barrier()
+    return {"weights": load_file(str(out / "model" / "model.safetensors")),
+            "results": json.loads((out / "results.json").read_text()),
+            "files": sorted(p.name for p in out.iterdir())}
 
 
 class _NaNOnLastRank(Objective):
@@ -166,7 +207,8 @@ def _body(rank: int, world: int, scenario: str, out_dir: Path) -> dict:
     }
 
 
-BODIES = {s: functools.partial(_body, scenario=s) for s in SCENARIOS}
+BODIES = {s: functools.partial(_body, scenario=s) for s in SCENARIOS if s != "cli_ddp"}
+BODIES["cli_ddp"] = _cli
 
 
 def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:

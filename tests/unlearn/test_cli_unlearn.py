@@ -86,6 +86,9 @@ def _hash_dir(d: Path) -> dict[str, str]:
         (["--method", "ga", "--eval-examples", "some"], "--eval-examples must be 'all' or an int >= 1, got 'some'"),
         (["--method", "ga", "--eval-subset", "random"], "--eval-subset must be one of seeded, first, got 'random'"),
         (["--method", "ga", "--max-new-tokens", "0"], "--max-new-tokens must be an int >= 1, got 0"),
+        (["--method", "ga", "--parallel", "ddp"], "--parallel ddp needs several processes: start the command with "
+                                                  "torchrun --nproc-per-node N -m soulkit unlearn"),
+        (["--method", "ga", "--parallel", "tp"], "--parallel must be one of ddp, fsdp2, got 'tp'"),
     ],
 )
 def test_unlearn_argument_errors(extra, needle, tmp_path, cache, capsys):

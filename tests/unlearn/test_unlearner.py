@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from soulkit.optim import Sophia
 from soulkit.unlearn.evaluate import score_answers
 from soulkit.unlearn.models import load_model, model_meta
 from soulkit.unlearn.objectives import Objective, ObjectiveOutput, make_objective
-from soulkit.unlearn.qa import QA, QADataset
+from soulkit.unlearn.qa import QA
 from soulkit.unlearn.unlearner import ESTIMATORS, OPTIMIZERS, UnlearnConfig, Unlearner
 
 from ._corpus import FORGET, RETAIN, _assert_same_state, _state
@@ -502,14 +501,15 @@ def test_parallel_settings_it_cannot_run_are_refused_before_any_work(tiny_model,
         with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group: start the "
                                                "script with torchrun"):
             make()
-    # an epoch's last batch must split too (checked with a stand-in for 2 ranks: no process group here)
-    u = make(parallel=None)
-    u._par = types.SimpleNamespace(world=2)
-    five = FORGET + [QA("Who is Tomas Berg?", "A writer.")]
+    # an epoch's last batch must split too (the check the Unlearner and the CLI make, for 2 ranks)
     with pytest.raises(ValueError, match=r"^the forget set \(5 records\) has batches of 1 records with "
                                          r"UnlearnConfig.batch_size=4, which do not split over the world size 2: "
                                          r"use a forget set whose size is a multiple of 2$"):
-        u._check_split("forget", len(five), unlearner_mod._Cycler(QADataset(five, tiny_tokenizer), 4, 0, 0))
+        unlearner_mod.check_split(5, 4, 2, "forget")
+    with pytest.raises(ValueError, match=r"^UnlearnConfig.batch_size=3 must be a multiple of the world size 2"):
+        unlearner_mod.check_split(6, 3, 2, "forget")
+    unlearner_mod.check_split(6, 8, 2, "retain")  # one batch of 6: 3 rows per rank
+    unlearner_mod.check_split(5, 4, 1, "forget")  # one process: anything goes
 
 
 def test_tokenizer_larger_than_embedding(tiny_model, tiny_tokenizer):

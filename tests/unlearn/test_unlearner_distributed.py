@@ -4,11 +4,16 @@ process running the same recipe, in float64.
 GradDiff + AdamW (2 micro-batches, warmup and linear decay, clipping) and NPO (KL retain term, so the
 frozen reference runs on each rank: a full copy under DDP, sharded under FSDP2) + Sophia (GNB refresh
 with sampled labels), the latter interrupted after step 3 and resumed from the step-2 checkpoint that
-rank 0 wrote; under DDP also a SalUn mask with Sophia, and a NaN loss seen by one rank only. The recipes and rank bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py``
-starts the ranks. One launch runs every scenario (~60 s on 2 busy cores): marked slow.
+rank 0 wrote; under DDP also a SalUn mask with Sophia, a NaN loss seen by one rank only, and
+``soulkit unlearn`` itself on the ranks against the same command in one process. The recipes and rank
+bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py`` starts the ranks. One launch runs
+every scenario (~70 s on 2 busy cores, with the one-process CLI run): marked slow.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +25,24 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow, _dist.needs_gloo]
 
 
 @pytest.fixture(scope="module")
-def dist_results(tmp_path_factory) -> dict[str, list[dict]]:
-    return _dist.launch(W.main, W.SCENARIOS, tmp_path_factory, W.WORLD_SIZE)
+def cli_single(tmp_path_factory) -> Path:
+    """``soulkit unlearn`` in this process: the reference, and the models the ranks find in the cache."""
+    from soulkit.cli import main
+
+    root = tmp_path_factory.mktemp("cli")
+    W.add_cli_scale()
+    assert main(W.cli_args(root / "out", root / "cache")) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory, cli_single) -> dict[str, list[dict]]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv(W.CLI_CACHE_ENV, str(cli_single / "cache"))  # the ranks inherit it
+    try:
+        return _dist.launch(W.main, W.SCENARIOS, tmp_path_factory, W.WORLD_SIZE)
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +51,7 @@ def single_process(tmp_path_factory) -> dict[str, tuple]:
     return {name: W.run(name, None, tmp_path_factory.mktemp(name) / "run", interrupt=False) for name in W.SPECS}
 
 
-@pytest.mark.parametrize("scenario", [s for s in W.SCENARIOS if s != "bad_batch"])
+@pytest.mark.parametrize("scenario", [s for s in W.SCENARIOS if s not in ("bad_batch", "cli_ddp")])
 def test_ranks_follow_the_single_process_trajectory(dist_results, single_process, scenario):
     r0, r1 = dist_results[scenario]
     name = scenario.split("_", 1)[1]
@@ -63,3 +84,24 @@ def test_a_world_size_that_does_not_divide_the_batch_is_one_clear_error(dist_res
     for r in dist_results["bad_batch"]:
         assert r["error"] == ("UnlearnConfig.batch_size=3 must be a multiple of the world size 2: each rank takes "
                               "an equal share of every global batch")
+
+
+def test_soulkit_unlearn_under_torchrun_runs_ddp_and_rank_0_writes(dist_results, cli_single):
+    """``soulkit unlearn`` on 2 ranks (as under ``torchrun``: a process group, no --parallel) writes what one
+    process writes, once, with the same unlearned weights (float32 model: within rounding)."""
+    from safetensors.torch import load_file
+
+    single = cli_single / "out"
+    weights = load_file(str(single / "model" / "model.safetensors"))
+    results = json.loads((single / "results.json").read_text())
+    moved = False
+    for r in dist_results["cli_ddp"]:
+        assert r["files"] == sorted(p.name for p in single.iterdir())  # results, model, log, run.json; no checkpoint
+        assert r["results"]["parallel"] == {"kind": "ddp", "world_size": 2}
+        assert (r["results"]["steps"], r["results"]["stopped"]) == (results["steps"], results["stopped"]) == (3, "completed")
+        assert r["results"]["final_loss"] == pytest.approx(results["final_loss"], rel=1e-5)
+        for k, v in weights.items():
+            torch.testing.assert_close(r["weights"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    start = load_file(str(next((cli_single / "cache").rglob("finetuned*/model.safetensors"))))
+    moved = max((weights[k] - start[k]).abs().max().item() for k in weights if k in start)
+    assert moved > 1e-4
