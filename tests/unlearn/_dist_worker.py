@@ -50,6 +50,9 @@ SPECS = {
                                                           checkpoint_every=2), kinds=("ddp",)),
     # a NaN seen by one rank only: every rank stops and restores the step-2 checkpoint
     "nonfinite": Spec("graddiff", {}, "adamw", dict(_BASE, checkpoint_every=2), nan_at_call=4),
+    # SOUL's released optimizer (its own squared-gradient "Hessian") and sign-momentum, with the IDK objective
+    "idk_soulreleased": Spec("idk", {}, "soul-released", dict(_BASE, steps=3), kinds=("fsdp2",)),
+    "simnpo_signum": Spec("simnpo", {"retain_loss": "nll"}, "signum", dict(_BASE, steps=3), kinds=("ddp",)),
 }
 SCENARIOS = (*(f"{kind}_{name}" for name, spec in SPECS.items() for kind in spec.kinds), "bad_batch", "cli_ddp")
 
