@@ -36,6 +36,7 @@ class Spec:
     interrupt_at: int | None = None  # stop after this step, then resume from the checkpoint
     nan_at_call: int | None = None  # the objective's loss is NaN at this call (1-based) on the last rank only
     kinds: tuple[str, ...] = ("ddp", "fsdp2")
+    on_disk: bool = True  # False: no out_dir (a NaN restores the in-memory snapshot)
 
 
 _BASE = dict(lr=1e-2, steps=5, batch_size=4, show_progress=False, seed=3)
@@ -50,6 +51,8 @@ SPECS = {
                                                           checkpoint_every=2), kinds=("ddp",)),
     # a NaN seen by one rank only: every rank stops and restores the step-2 checkpoint
     "nonfinite": Spec("graddiff", {}, "adamw", dict(_BASE, checkpoint_every=2), nan_at_call=4),
+    "nonfinite_in_memory": Spec("graddiff", {}, "sophia", dict(_BASE, checkpoint_every=2), nan_at_call=4,
+                                kinds=("fsdp2",), on_disk=False),
     # SOUL's released optimizer (its own squared-gradient "Hessian") and sign-momentum, with the IDK objective
     "idk_soulreleased": Spec("idk", {}, "soul-released", dict(_BASE, steps=3), kinds=("fsdp2",)),
     "simnpo_signum": Spec("simnpo", {"retain_loss": "nll"}, "signum", dict(_BASE, steps=3), kinds=("ddp",)),
@@ -156,7 +159,8 @@ def run(name: str, parallel: str | None, out_dir: Path, *, interrupt: bool = Tru
         if spec.nan_at_call is not None:
             objective = _NaNOnLastRank(objective, spec.nan_at_call)
         return Unlearner(model, tok, objective, forget=FORGET,
-                         retain=RETAIN, optimizer=spec.optimizer, config=config, out_dir=out_dir,
+                         retain=RETAIN, optimizer=spec.optimizer, config=config,
+                         out_dir=out_dir if spec.on_disk else None,
                          evaluate_fn=evaluate_fn, parallel=parallel)
 
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -193,7 +197,14 @@ def _body(rank: int, world: int, scenario: str, out_dir: Path) -> dict:
     parallel, name = scenario.split("_", 1)
     tok, result, untouched, resumed_from = run(name, parallel, out_dir / scenario)
     d = out_dir / scenario
-    return {
+    files = {} if not SPECS[name].on_disk else {
+        "model_dir": result.model_dir is not None and (d / "model").is_dir(),
+        "checkpoint_left": (d / "checkpoint").exists(),
+        "log_lines": len((d / "log.jsonl").read_text().splitlines()),
+        "stray": sorted(p.name for p in d.iterdir() if p.name not in ("model", "log.jsonl", "mask.safetensors")),
+        "mask_file": (d / "mask.safetensors").is_file(),
+    }
+    return {**files,
         "params": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
         "is_plain": not any(hasattr(p, "device_mesh") for p in result.model.parameters()),
         "losses": [e["loss"] for e in result.log],
@@ -201,12 +212,8 @@ def _body(rank: int, world: int, scenario: str, out_dir: Path) -> dict:
         "untouched": untouched,
         "resumed_from": -1 if resumed_from is None else resumed_from,
         "vocab": vocab_digest(tok),
-        "model_dir": result.model_dir is not None and (d / "model").is_dir(),
-        "checkpoint_left": (d / "checkpoint").exists(),
-        "log_lines": len((d / "log.jsonl").read_text().splitlines()),
         "stopped": result.stopped,
-        "stray": sorted(p.name for p in d.iterdir() if p.name not in ("model", "log.jsonl", "mask.safetensors")),
-        "mask_file": (d / "mask.safetensors").is_file(),
+        "written": (d.exists() and any(d.iterdir())) if not SPECS[name].on_disk else True,
     }
 
 
