@@ -375,10 +375,17 @@ class Sophia(Optimizer):
         double backward): ``with differentiable_attention(model): logits = model(x)`` on refresh steps.
         Several calls (micro-batches) average. Under gradient accumulation pass each micro-batch's loss
         scaled as in training (e.g. divided by the number of micro-batches) and the estimates add up.
+        Under DDP each rank estimates the Hessian of its own loss with the same probes, and the estimates
+        are averaged over ranks before folding (the Hessian of the loss whose gradient DDP averages).
         """
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
         indexed = self._trainable()
+        # FSDP2 (DTensor) parameters: as for accumulate_gnb, autograd.grad w.r.t. the sharded parameters
+        # returns None for all of them (the forward used unsharded copies): the estimate would be empty
+        if any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for _, p in indexed):
+            raise RuntimeError("accumulate_hutchinson does not support sharded (DTensor/FSDP2) parameters; pass "
+                               "an estimate to update_hessian, or use DDP")
         call = self._pending_hutchinson
         with differentiable_attention():
             owns_graph = callable(loss)  # a given loss is still backpropagated by the training loop
@@ -422,27 +429,35 @@ class Sophia(Optimizer):
         self._pending_hutchinson += 1
 
     def _sync_pending(self) -> None:
-        """Sum pending GNB buffers and term counts over DDP ranks (plain-tensor parameters only)."""
+        """Sum pending GNB buffers and term counts, and average pending Hutchinson estimates, over DDP ranks
+        (plain-tensor parameters only)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        if torch.distributed.get_world_size() == 1:
+        world = torch.distributed.get_world_size()
+        if world == 1:
             return
-        bufs = [self.state[p]["gnb_sum"] for p in self._all_params() if "gnb_sum" in self.state.get(p, {})]
-        if any(type(b) is not torch.Tensor for b in bufs):
-            raise RuntimeError(_NO_SHARDED_GNB)
-        dev = bufs[0].device if bufs else torch.device("cpu")
-        terms = torch.tensor([float(self._pending_terms)], device=dev, dtype=torch.float64)
-        torch.distributed.all_reduce(terms)
-        for b in bufs:
-            torch.distributed.all_reduce(b)
-        self._pending_terms = int(terms.item())
+        if self._pending_terms:
+            bufs = [self.state[p]["gnb_sum"] for p in self._all_params() if "gnb_sum" in self.state.get(p, {})]
+            if any(type(b) is not torch.Tensor for b in bufs):
+                raise RuntimeError(_NO_SHARDED_GNB)
+            dev = bufs[0].device if bufs else torch.device("cpu")
+            terms = torch.tensor([float(self._pending_terms)], device=dev, dtype=torch.float64)
+            torch.distributed.all_reduce(terms)
+            for b in bufs:
+                torch.distributed.all_reduce(b)
+            self._pending_terms = int(terms.item())
+        if self._pending_hutchinson:
+            for p in self._all_params():
+                buf = self.state.get(p, {}).get("hutchinson_sum")
+                if buf is not None:
+                    torch.distributed.all_reduce(buf)
+                    buf.div_(world)
 
     def _take_pending(self) -> dict[torch.Tensor, torch.Tensor]:
         """The pending GNB / Hutchinson estimate (parameter -> h_hat), removed from the state."""
         if self._pending_terms == 0 and self._pending_hutchinson == 0:
             return {}
-        if self._pending_terms:
-            self._sync_pending()
+        self._sync_pending()
         est: dict[torch.Tensor, torch.Tensor] = {}
         for p in self._all_params():
             state = self.state.get(p, {})

@@ -37,7 +37,7 @@ MICRO_BATCHES = 2  # per rank, ddp_gnb only
 STEPS = 10
 HYPER = dict(lr=0.05, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1, hessian_update_interval=3)
 WORLD_SIZE = _dist.WORLD_SIZE
-SCENARIOS = ("ddp_gnb", "ddp_paper", "fsdp2_paper", "fsdp2_paper_fused")
+SCENARIOS = ("ddp_gnb", "ddp_paper", "ddp_hutchinson", "fsdp2_paper", "fsdp2_paper_fused")
 
 
 # ---------------------------------------------------------------- shared by ranks and reference
@@ -93,6 +93,24 @@ def train_paper_style(rank: int = 0, world: int = 1, wrap=None, **extra) -> tupl
             F.cross_entropy(logits, sample_labels(logits, u)).backward()  # local mean; DDP/FSDP average ranks
             opt.update_hessian(batch_size=GLOBAL_BATCH)
             opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return net, opt
+
+
+def train_hutchinson(rank: int = 0, world: int = 1, wrap=None) -> tuple[torch.nn.Module, object]:
+    """Hutchinson refresh: each rank estimates the Hessian of its own mean loss with the same probes;
+    Sophia averages the estimates over ranks, the Hessian of the global batch's mean loss."""
+    model = build_model()
+    net = wrap(model) if wrap is not None else model
+    opt = _sophia(net.parameters())
+    rows = _rows(rank, world)
+    for step in range(STEPS):
+        x, y, _ = global_batch(step)
+        x, y = x[rows], y[rows]
+        if opt.hessian_due():
+            opt.accumulate_hutchinson(lambda x=x, y=y: F.cross_entropy(model(x), y))  # the module: no DDP hooks
         F.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -195,6 +213,17 @@ def _ddp_paper(rank: int, world: int) -> dict:
     }
 
 
+def _ddp_hutchinson(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net, opt = train_hutchinson(rank, world, wrap=DDP)
+    return {
+        "params": [p.detach().clone() for p in net.module.parameters()],
+        "hessian": [opt.state[p]["hessian"].clone() for p in net.parameters()],
+        "num_hessian_updates": opt.num_hessian_updates,
+    }
+
+
 def _fsdp2_paper_fused(rank: int, world: int) -> dict:
     """FSDP2 with Sophia(fused=True): DTensor parameters must not reach the Triton kernel (it reads raw
     data pointers) but fall back to the foreach path. Runs the kernel under TRITON_INTERPRET on the CPU."""
@@ -236,12 +265,18 @@ def _fsdp2_paper(rank: int, world: int, **extra) -> dict:
         out["accumulate_gnb_error"] = ""
     except RuntimeError as exc:
         out["accumulate_gnb_error"] = str(exc)
+    try:  # nor can accumulate_hutchinson
+        opt.accumulate_hutchinson(lambda: net(x[_rows(rank, world)]).sum())
+        out["accumulate_hutchinson_error"] = ""
+    except RuntimeError as exc:
+        out["accumulate_hutchinson_error"] = str(exc)
     return out
 
 
 _BODIES = {
     "ddp_gnb": _ddp_gnb,
     "ddp_paper": _ddp_paper,
+    "ddp_hutchinson": _ddp_hutchinson,
     "fsdp2_paper": _fsdp2_paper,
     "fsdp2_paper_fused": _fsdp2_paper_fused,
 }

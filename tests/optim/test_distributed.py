@@ -101,4 +101,22 @@ def test_fsdp2_paper_style_matches_single_process(dist_results, scenario):
         # the win rate is counted on this rank's shard: a fraction, not the global one
         assert all(0.0 <= w <= 1.0 for w in r["win_rate"])
         assert "DTensor/FSDP2" in r["accumulate_gnb_error"]
+        assert "DTensor/FSDP2" in r["accumulate_hutchinson_error"]
+    _assert_moved(r0["params"])
+
+
+def test_ddp_hutchinson_estimates_are_averaged_over_ranks(dist_results):
+    """DDP, Hutchinson refresh: each rank's estimate of its own half-batch loss (same probes on every
+    rank) averaged over ranks is the estimate of the global batch's mean loss, so the run equals one
+    process (and the replicas stay identical, which per-rank estimates would break)."""
+    r0, r1 = dist_results["ddp_hutchinson"]
+    _assert_params_close(r1["params"], r0["params"], "rank1 vs rank0 params", rtol=0, atol=0)
+    _assert_params_close(r1["hessian"], r0["hessian"], "rank1 vs rank0 hessian", rtol=0, atol=0)
+    ref_model, ref_opt = W.train_hutchinson()
+    _assert_params_close(r0["params"], [p.detach() for p in ref_model.parameters()], "DDP vs single-process params")
+    _assert_params_close(r0["hessian"], [ref_opt.state[p]["hessian"] for p in ref_model.parameters()],
+                         "DDP vs single-process h")
+    assert r0["num_hessian_updates"] == ref_opt.num_hessian_updates == math.ceil(
+        W.STEPS / W.HYPER["hessian_update_interval"]
+    )
     _assert_moved(r0["params"])
