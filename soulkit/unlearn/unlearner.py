@@ -221,8 +221,8 @@ class Unlearner:
             trajectory. ``out_dir`` must be one directory all ranks see; rank 0 writes. ``evaluate_fn``
             runs on every rank (under ``"fsdp2"`` with the sharded model, so its forward passes must be
             the same on every rank). Under ``"fsdp2"`` the result's model is a plain (unsharded) copy of
-            ``model`` with the unlearned weights, on every rank. Not supported: RMU objectives, the
-            Hutchinson estimator, and (under ``"fsdp2"``) weight-saliency masks.
+            ``model`` with the unlearned weights, on every rank. Not supported: RMU objectives, and under
+            ``"fsdp2"`` the Hutchinson estimator and weight-saliency masks.
     """
 
     def __init__(self, model, tokenizer, objective: Objective, *, forget: Sequence[QA],
@@ -626,9 +626,9 @@ def check_parallel_support(parallel: str, objective: Objective, config: UnlearnC
         raise ValueError(f"objective {objective.name!r} is not supported with parallel={parallel!r}: RMU stops the "
                          "forward pass at the steered block, which DDP/FSDP2 cannot synchronise; run it in one "
                          "process")
-    if config.estimator != "gnb":
+    if parallel == "fsdp2" and config.estimator != "gnb":
         raise ValueError(f"UnlearnConfig.estimator={config.estimator!r} is not supported with parallel={parallel!r}; "
-                         "use 'gnb'")
+                         "use 'gnb' (or parallel='ddp')")
     if parallel == "fsdp2" and config.mask is not None:
         raise ValueError(f"UnlearnConfig.mask={config.mask!r} is not supported with parallel='fsdp2'; use "
                          "parallel='ddp' or no mask")

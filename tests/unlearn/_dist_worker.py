@@ -55,6 +55,10 @@ SPECS = {
                                 kinds=("fsdp2",), on_disk=False),
     # SOUL's released optimizer (its own squared-gradient "Hessian") and sign-momentum, with the IDK objective
     "idk_soulreleased": Spec("idk", {}, "soul-released", dict(_BASE, steps=3), kinds=("fsdp2",)),
+    # Sophia's Hutchinson refresh: each rank's estimate of its share's loss, averaged over the ranks by Sophia
+    "graddiff_hutchinson": Spec("graddiff", {}, "sophia", dict(_BASE, steps=3, estimator="hutchinson",
+                                                               optimizer_kwargs={"hessian_update_interval": 2}),
+                                kinds=("ddp",)),
     "simnpo_signum": Spec("simnpo", {"retain_loss": "nll"}, "signum", dict(_BASE, steps=3), kinds=("ddp",)),
 }
 SCENARIOS = (*(f"{kind}_{name}" for name, spec in SPECS.items() for kind in spec.kinds), "bad_batch", "cli_ddp")

@@ -6,7 +6,8 @@ frozen reference runs on each rank: a full copy under DDP, sharded under FSDP2) 
 with sampled labels), the latter interrupted after step 3 and resumed from the step-2 checkpoint that
 rank 0 wrote; a NaN loss seen by one rank only (every rank stops and restores the checkpoint, or under
 FSDP2 without out_dir the in-memory snapshot); IDK with
-SOUL's released optimizer (FSDP2), SimNPO with signum and a SalUn mask with Sophia (DDP); and
+SOUL's released optimizer (FSDP2), SimNPO with signum, a SalUn mask with Sophia and Sophia's Hutchinson
+refresh (DDP); and
 ``soulkit unlearn`` itself on the ranks against the same command in one process. The recipes and rank
 bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py`` starts the ranks. One launch runs
 every scenario (~80 s on 2 busy cores, with the one-process CLI run): marked slow.
