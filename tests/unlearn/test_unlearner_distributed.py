@@ -1,16 +1,18 @@
 """The Unlearner on torch.distributed: 2 CPU ranks (gloo) with parallel="ddp" and "fsdp2" against one
 process running the same recipe, in float64.
 
-GradDiff + AdamW (2 micro-batches, warmup and linear decay, clipping) and NPO (KL retain term, so the
-frozen reference runs on each rank: a full copy under DDP, sharded under FSDP2) + Sophia (GNB refresh
-with sampled labels), the latter interrupted after step 3 and resumed from the step-2 checkpoint that
-rank 0 wrote; a NaN loss seen by one rank only (every rank stops and restores the checkpoint, or under
-FSDP2 without out_dir the in-memory snapshot); IDK with
-SOUL's released optimizer (FSDP2), SimNPO with signum, a SalUn mask with Sophia and Sophia's Hutchinson
-refresh (DDP); and
-``soulkit unlearn`` itself on the ranks against the same command in one process. The recipes and rank
-bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py`` starts the ranks. One launch runs
-every scenario (~80 s on 2 busy cores, with the one-process CLI run): marked slow.
+* GradDiff + AdamW (2 micro-batches, warmup and linear decay, clipping), DDP and FSDP2;
+* NPO (KL retain term, so the frozen reference runs on each rank: a full copy under DDP, sharded under
+  FSDP2) + Sophia (GNB refresh with sampled labels), interrupted after step 3 and resumed from the
+  step-2 checkpoint that rank 0 wrote, DDP and FSDP2;
+* a NaN loss seen by one rank only: every rank stops and restores the checkpoint (DDP, FSDP2) or, under
+  FSDP2 without out_dir, the in-memory snapshot;
+* IDK with SOUL's released optimizer (FSDP2); SimNPO with signum, a SalUn mask with Sophia, and
+  Sophia's Hutchinson refresh (DDP);
+* ``soulkit unlearn`` itself on the ranks against the same command in one process.
+
+The recipes and rank bodies are in ``tests/unlearn/_dist_worker.py``; ``tests/_dist.py`` starts the
+ranks. One launch runs every scenario (~70 s on 2 busy cores, with the one-process CLI run): marked slow.
 """
 
 from __future__ import annotations
