@@ -39,6 +39,15 @@ def _is_dtensor(t: Any) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "full_tensor")
 
 
+def _gathered(v: Any, keep: bool) -> Any:
+    """A DTensor's full tensor, on the CPU (an all-gather: every rank calls it), or ``None`` when not kept;
+    anything else as it is."""
+    if not _is_dtensor(v):
+        return v
+    full = v.full_tensor()
+    return full.cpu() if keep else None
+
+
 class Local:
     """One process: batches are whole, the model is not wrapped, every rank-0-only write happens."""
 
@@ -79,16 +88,18 @@ class Local:
     def barrier(self) -> None:
         pass
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with full (unsharded) tensors; a collective under FSDP2."""
+    def full_state_dict(self, model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The model's state dict with full (unsharded) tensors; a collective under FSDP2 (every rank calls
+        it), where the gathered tensors go to the CPU one by one, and ranks with ``keep=False`` (those that
+        write nothing) drop them and get ``{}``."""
         return model.state_dict()
 
     def load_full_state_dict(self, model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         """Load full tensors (a checkpoint's) into ``model``, sharding them where its parameters are."""
         model.load_state_dict(dict(weights), strict=False)
 
-    def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        """``opt.state_dict()`` with full tensors; a collective under FSDP2."""
+    def full_optimizer_state(self, opt: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+        """``opt.state_dict()`` with full tensors; a collective under FSDP2 (as :meth:`full_state_dict`)."""
         return opt.state_dict()
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -176,11 +187,12 @@ class Distributed(Local):
     def barrier(self) -> None:
         torch.distributed.barrier()
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
         if self.kind != "fsdp2":
             return model.state_dict()
         # full_tensor() is an all-gather: every rank calls it, for the same keys in the same order
-        return {k: v.full_tensor() if _is_dtensor(v) else v for k, v in model.state_dict().items()}
+        gathered = {k: _gathered(v, keep) for k, v in model.state_dict().items()}
+        return gathered if keep else {}
 
     def _like(self, full: torch.Tensor, like: Any) -> torch.Tensor:
         if not _is_dtensor(like):
@@ -197,13 +209,12 @@ class Distributed(Local):
         current = model.state_dict()
         model.load_state_dict({k: self._like(v, current[k]) for k, v in weights.items()}, strict=False)
 
-    def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    def full_optimizer_state(self, opt: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
         sd = opt.state_dict()
         if self.kind != "fsdp2":
             return sd
-        sd["state"] = {i: {k: v.full_tensor() if _is_dtensor(v) else v for k, v in s.items()}
-                       for i, s in sorted(sd["state"].items())}
-        return sd
+        sd["state"] = {i: {k: _gathered(v, keep) for k, v in s.items()} for i, s in sorted(sd["state"].items())}
+        return sd if keep else {}
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if self.kind != "fsdp2":

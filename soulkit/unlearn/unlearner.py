@@ -392,8 +392,9 @@ class Unlearner:
 
     def _save_checkpoint(self, opt, step: int, log: list, evals: list) -> None:
         par = self._par
-        weights = par.full_state_dict(self.model)  # gathers under FSDP2: every rank takes part
-        states = {"optimizer": par.full_optimizer_state(opt)}
+        # gathered under FSDP2: every rank takes part, rank 0 keeps them
+        weights = par.full_state_dict(self.model, keep=par.is_writer)
+        states = {"optimizer": par.full_optimizer_state(opt, keep=par.is_writer)}
         if par.is_writer:
             save_checkpoint(self._ckpt_dir(), self.model, states,
                             {"step": step, "log": log, "evaluations": evals, "config": self.config.to_dict()},
