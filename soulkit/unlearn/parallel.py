@@ -197,11 +197,14 @@ class Distributed(Local):
     def _like(self, full: torch.Tensor, like: Any) -> torch.Tensor:
         if not _is_dtensor(like):
             return full
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        # every rank holds the same full tensor (read from the same checkpoint): no communication needed
-        return distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements,
-                                 src_data_rank=None)
+        # every rank holds the same full tensor (read from the same checkpoint): no communication needed;
+        # the shard is copied out so that the full tensor on the device can be freed at once
+        dt = distribute_tensor(full.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements,
+                               src_data_rank=None)
+        return DTensor.from_local(dt.to_local().clone(), like.device_mesh, like.placements, run_check=False,
+                                  shape=dt.shape, stride=dt.stride())
 
     def load_full_state_dict(self, model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         if self.kind != "fsdp2":
