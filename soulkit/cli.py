@@ -574,8 +574,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     if parallel is not None:
         from .unlearn.unlearner import check_split
 
-        check_split(len(forget), config.batch_size, world, "forget")
-        check_split(len(retain), config.batch_size, world, "retain")
+        check_split(len(forget), config.batch_size, world, "forget", "--batch-size")
+        check_split(len(retain), config.batch_size, world, "retain", "--batch-size")
     if args.model is not None and not Path(args.model).is_dir():
         raise FileNotFoundError(f"model directory {args.model} does not exist")
     _check_trainable(objective, args.model, suite)

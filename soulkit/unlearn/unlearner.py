@@ -604,19 +604,21 @@ def finished_run(out_dir: str | os.PathLike) -> UnlearnResult | None:
                          model_dir=d)
 
 
-def check_split(n_records: int, batch_size: int, world: int, name: str) -> None:
+def check_split(n_records: int, batch_size: int, world: int, name: str,
+                option: str = "UnlearnConfig.batch_size") -> None:
     """Refuse a set of ``n_records`` whose batches of ``batch_size`` (the epoch's last one shorter) do not split
-    evenly over ``world`` ranks; ``name`` ("forget"/"retain") goes into the message."""
+    evenly over ``world`` ranks; ``name`` ("forget"/"retain") and ``option`` (what sets the batch size: the
+    CLI says ``--batch-size``) go into the message."""
     if world == 1:
         return
     if batch_size % world:
-        raise ValueError(f"UnlearnConfig.batch_size={batch_size} must be a multiple of the world size {world}: "
+        raise ValueError(f"{option}={batch_size} must be a multiple of the world size {world}: "
                          "each rank takes an equal share of every global batch")
     bs = min(batch_size, n_records)
     bad = sorted(n for n in {bs, n_records % bs} - {0} if n % world)
     if bad:
         raise ValueError(f"the {name} set ({n_records} records) has batches of {bad[0]} records with "
-                         f"UnlearnConfig.batch_size={batch_size}, which do not split over the world size {world}: "
+                         f"{option}={batch_size}, which do not split over the world size {world}: "
                          f"use a {name} set whose size is a multiple of {world}")
 
 
