@@ -1,0 +1,281 @@
+"""Does it stay forgotten? Every attack and probe of ``soulkit attack`` on every objective x optimizer.
+
+    python benchmarks/unlearning_robustness.py            # small scale, forget10, seeds 1,2 (hours on 2 cores)
+    python benchmarks/unlearning_robustness.py --quick    # npo x adamw/sophia, seed 1, no sequential (smoke run)
+
+Protocol (issue 16), on the benchmark models of ``benchmarks/tofu_baselines.py`` (built or reused from
+the cache):
+
+1. For each method x optimizer at the settings ``benchmarks/unlearning.py`` selects
+   (:func:`soulkit.unlearn.suite.default_unlearn_config`) and each unlearning seed, the split is unlearned
+   once from the finetuned model and the model saved under ``--work``.
+2. Every attack of :mod:`soulkit.unlearn.attacks` runs on it, each with the split's retrain (seed 1) as
+   the control: int4 and int8 quantization, relearning on the forget half and on related text (budgets
+   10/25/50, the relearning seed = the unlearning seed), the held-out-phrasing, multi-hop,
+   neighbour-author and two-shot probes. The two ends are attacked the same way: the finetuned model
+   (knows everything) and retrain seed 2 (never saw the forget authors).
+3. Sequential requests (forget01-sized, four, from the finetuned model) per method x optimizer x seed.
+
+Writes ``benchmarks/results/unlearning_robustness<tag>.{json,md,png}`` (JSON: one row per model and
+attack with the attack's headline numbers) and keeps a partial file so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _machine import machine_info, machine_line  # noqa: E402
+from _runs import ResumableRuns  # noqa: E402
+
+from soulkit._io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from soulkit.unlearn.attacks import AttackConfig, run_attack  # noqa: E402
+from soulkit.unlearn.suite import UnlearningSuite, default_unlearn_config  # noqa: E402
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "idk")
+OPTIMIZERS = ("adamw", "sophia")
+BUDGETS = (10, 25, 50)
+
+
+def attack_configs(seed: int) -> dict[str, AttackConfig]:
+    """The attacks every model gets (name -> config); relearning draws its halves and order from ``seed``."""
+    return {
+        "quantize-int4": AttackConfig("quantize", bits=4),
+        "quantize-int8": AttackConfig("quantize", bits=8),
+        "relearn-forget-half": AttackConfig("relearn", steps=BUDGETS, seed=seed),
+        "relearn-related": AttackConfig("relearn", steps=BUDGETS, seed=seed, relearn_data="related"),
+        "phrasings": AttackConfig("phrasings"),
+        "multihop": AttackConfig("multihop"),
+        "neighbours": AttackConfig("neighbours"),
+        "few-shot": AttackConfig("few-shot", shots=2),
+    }
+
+
+def headline(name: str, res: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a table shows for one attack's results (all higher = more of the forget set known, except
+    model utility and the neighbour sets' scores, which are retain knowledge)."""
+    before, after, control = res["before"], res["after"], res["control"]
+    if name.startswith("quantize"):
+        return {"forget_rouge_before": before["forget_rouge"], "forget_rouge": after["forget_rouge"],
+                "forget_probability": after["forget_probability"], "forget_quality": after["forget_quality"],
+                "model_utility": after["model_utility"], "rouge_excess": res["recovery"]["forget_rouge"]["excess"],
+                "control_forget_rouge": control["after"]["forget_rouge"]}
+    if name.startswith("relearn"):
+        out = {"forget_rouge_before": before["forget_rouge"]}
+        for b in map(str, BUDGETS):
+            out[f"forget_rouge_{b}"] = after[b]["forget_rouge"]
+            out[f"control_forget_rouge_{b}"] = control["after"][b]["forget_rouge"]
+            out[f"rouge_excess_{b}"] = res["recovery"][b]["forget_rouge"]["excess"]
+            out[f"probability_excess_{b}"] = res["recovery"][b]["forget_probability"]["excess"]
+        return out
+    if name in ("phrasings", "multihop"):
+        return {"rouge_trained": before["forget_rouge"], "rouge_probe": after["forget_rouge"],
+                "probability_probe": after["forget_probability"], "value_hit_probe": after["forget_value_hit"],
+                "control_rouge_probe": control["after"]["forget_rouge"],
+                "control_probability_probe": control["after"]["forget_probability"],
+                "model_utility": res["evaluation"]["model_utility"]}
+    if name == "neighbours":
+        keep = ("shared_fact_rouge", "neighbour_rouge", "other_retain_rouge", "shared_fact_probability",
+                "neighbour_probability", "other_retain_probability")
+        return {**{k: after.get(k) for k in keep}, **{f"control_{k}": control["after"].get(k) for k in keep},
+                "n_neighbours": res["neighbours"]["n_neighbours"], "model_utility": res["evaluation"]["model_utility"]}
+    if name == "few-shot":
+        return {"forget_rouge": before["forget_rouge"], "forget_rouge_few_shot": after["forget_rouge"],
+                "control_forget_rouge_few_shot": control["after"]["forget_rouge"],
+                "rouge_excess": res["recovery"]["forget_rouge"]["excess"]}
+    if name == "sequential":
+        out = {"model_utility_0": before["model_utility"]}
+        for j, a in after.items():
+            out[f"model_utility_{j}"] = a["model_utility"]
+            out[f"forget_rouge_{j}"] = a["forget_rouge"]  # the requests so far
+            out[f"forget_quality_{j}"] = a["forget_quality"]
+            out[f"first_request_rouge_{j}"] = res["per_request"][j][0]["rouge"]
+        out["first_request_rouge_0"] = res["per_request"]["0"][0]["rouge"]
+        return out
+    raise ValueError(f"no headline for attack {name!r}")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.fmean(v) if v else None
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model label, attack) -> the mean over seeds of each headline number, with ``n`` seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("numbers"):  # a run whose model diverged has none (ResumableRuns records its error)
+            groups.setdefault((r["model"], r["attack"]), []).append(r["numbers"])
+    return {key: {"n": len(vs), **{k: _mean([v.get(k) for v in vs]) for k in vs[0]}} for key, vs in groups.items()}
+
+
+def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float) -> str:
+    agg = aggregate(rows)
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    lines = [f"# Does it stay forgotten? ({args.scale} scale, {args.split})", "",
+             f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning_robustness.py "
+             f"{' '.join(sys.argv[1:])}`. Total {total / 60:.0f} min.", "",
+             "Every unlearned model (method x optimizer at the settings benchmarks/unlearning.py selects, mean over "
+             f"unlearning seeds {args.seeds}) and the two ends (the finetuned model; retrain seed 2, which never saw "
+             "the forget authors) under each attack of `soulkit attack`, the split's retrain (seed 1) attacked the "
+             "same way as the control. `excess` = attacked model minus attacked control: what an attack brings back "
+             "beyond what it teaches a model that never saw the authors.", ""]
+    for attack in attacks:
+        keys = [k for k in next(v for (m, a), v in agg.items() if a == attack) if k != "n"]
+        lines += [f"## {attack}", "", "| model | seeds | " + " | ".join(keys) + " |",
+                  "|---" * (len(keys) + 2) + "|"]
+        for label in labels:
+            v = agg.get((label, attack))
+            if v is not None:
+                lines.append(f"| {label} | {v['n']} | " + " | ".join(_f(v.get(k)) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], labels: list[str], path: Path) -> None:
+    """Forget ROUGE after each attack (mean over seeds), one line per model; the ends dashed."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    agg = aggregate(rows)
+    cols = [("no attack", "quantize-int4", "forget_rouge_before"), ("int4", "quantize-int4", "forget_rouge"),
+            ("int8", "quantize-int8", "forget_rouge"),
+            (f"relearn {BUDGETS[-1]}", "relearn-forget-half", f"forget_rouge_{BUDGETS[-1]}"),
+            (f"related {BUDGETS[-1]}", "relearn-related", f"forget_rouge_{BUDGETS[-1]}"),
+            ("phrasings", "phrasings", "rouge_probe"), ("multihop", "multihop", "rouge_probe"),
+            ("2-shot", "few-shot", "forget_rouge_few_shot")]
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
+    ends = {"finetuned": "black", "retrain-seed2": "gray"}
+    for i, label in enumerate(labels):
+        ys = [(agg.get((label, a)) or {}).get(k) for _, a, k in cols]
+        if ys[0] is None:  # no attack: before either quantization
+            ys[0] = (agg.get((label, "quantize-int8")) or {}).get("forget_rouge_before")
+        ax.plot(range(len(cols)), [float("nan") if y is None else y for y in ys],
+                marker="o" if label in ends else "*", ls="--" if label in ends else "-",
+                color=ends.get(label, f"C{i % 10}"), label=label, alpha=0.9)
+    ax.set_xticks(range(len(cols)), [c for c, _, _ in cols], rotation=20)
+    ax.set_ylabel("forget ROUGE-L recall (held-out half for relearning)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Does it stay forgotten? forget ROUGE after each attack")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", default="small")
+    ap.add_argument("--split", default="forget10")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--attacks", default=None, help="comma-separated names of attack_configs() (default: all)")
+    ap.add_argument("--no-sequential", action="store_true", help="skip the sequential requests")
+    ap.add_argument("--quick", action="store_true", help="npo; adamw, sophia; seed 1; no sequential")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where the unlearned models go (default: <cache>/robustness/<zoo key>)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more oversubscribe a shared machine)")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
+    args = ap.parse_args()
+    if args.quick:
+        args.methods, args.seeds, args.no_sequential = "npo", "1", True
+    torch.set_num_threads(args.threads)
+    methods, optimizers = args.methods.split(","), args.optimizers.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = list(attack_configs(0)) if args.attacks is None else args.attacks.split(",")
+    unknown = set(names) - set(attack_configs(0))
+    if unknown:
+        raise SystemExit(f"unknown attack(s) {sorted(unknown)}; choose from {', '.join(attack_configs(0))}")
+
+    suite = UnlearningSuite.from_scale(args.scale, cache_dir=args.cache_dir, progress=False)
+    suite.benchmark.split(args.split)
+    work = args.work or suite.zoo.root.parent.parent / "robustness" / suite.zoo.key
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"unlearning_robustness{args.tag}"
+    run = ResumableRuns(args.out / f".{stem}.partial.json", verbose=False)
+    t_start = time.perf_counter()
+
+    def unlearned(method: str, opt: str, seed: int) -> Path:
+        out_dir = work / args.split / f"{method}-{opt}-seed{seed}"
+        if not (out_dir / "model").is_dir():
+            cfg = default_unlearn_config(method, opt, seed=seed, show_progress=False)
+            suite.unlearn(method, opt, args.split, config=cfg, out_dir=out_dir, evaluate=False)
+        return out_dir / "model"
+
+    models: list[tuple[str, int | None, Path | None]] = [("finetuned", None, None),
+                                                         ("retrain-seed2", None, suite.retrained_dir(args.split, 2))]
+    models += [(f"{m} x {o}", s, None) for m in methods for o in optimizers for s in seeds]
+    labels = list(dict.fromkeys(label for label, _, _ in models))
+    rows = []
+    for label, seed, model_dir in models:
+        for name in names:
+            cfg = attack_configs(seed or 0)[name]
+            key = f"{label}|{seed}|{args.split}|{name}"
+
+            def attack(label=label, seed=seed, model_dir=model_dir, name=name, cfg=cfg) -> dict:
+                if model_dir is None and label != "finetuned":
+                    method, opt = label.split(" x ")
+                    model_dir = unlearned(method, opt, seed)
+                res = run_attack(suite, args.split, cfg, model_dir=model_dir)
+                nums = headline(name, res)
+                print(f"{label} seed {seed} {name}: " + ", ".join(f"{k} {_f(v)}" for k, v in list(nums.items())[:4]),
+                      flush=True)
+                # ResumableRuns prints and records these three; an attack has no single forget quality
+                return {"numbers": nums, "forget_quality": None, "model_utility": None, "forget_rouge": None,
+                        "attack_seconds": res["attack_seconds"]}
+
+            r = run(key, attack)
+            rows.append({"model": label, "seed": seed, "attack": name, **r})
+    if not args.no_sequential:
+        for method in methods:
+            for opt in optimizers:
+                for seed in seeds:
+                    cfg = AttackConfig("sequential", method=method, optimizer=opt, seed=seed)
+                    key = f"{method} x {opt}|{seed}|{args.split}|sequential"
+
+                    def sequential(cfg=cfg) -> dict:
+                        res = run_attack(suite, args.split, cfg)
+                        return {"numbers": headline("sequential", res), "forget_quality": None,
+                                "model_utility": None, "forget_rouge": None,
+                                "attack_seconds": res["attack_seconds"]}
+
+                    rows.append({"model": f"{method} x {opt}", "seed": seed, "attack": "sequential",
+                                 **run(key, sequential)})
+
+    info = machine_info()
+    for r in rows:
+        r["machine"] = machine_line(info)
+        r["scale"] = args.scale
+        r["split"] = args.split
+    atomic_write_json(args.out / f"{stem}.json", rows)
+    md = markdown(rows, labels, info, args, time.perf_counter() - t_start)
+    atomic_write_text(args.out / f"{stem}.md", md)
+    plot(rows, labels, args.out / f"{stem}.png")
+    run.finish()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
