@@ -212,7 +212,7 @@ class UnlearningSuite:
 _DEFAULT_LR: dict[tuple[str, str], float] = {
     ("ga", "adamw"): 1e-4, ("ga", "sophia"): 1e-4,
     ("graddiff", "adamw"): 3e-4, ("graddiff", "sophia"): 2e-4,
-    ("npo", "adamw"): 1e-4, ("npo", "sophia"): 1e-4,
+    ("npo", "adamw"): 3e-4, ("npo", "sophia"): 1e-4,
     ("simnpo", "adamw"): 3e-4, ("simnpo", "sophia"): 1e-4,
     ("idk", "adamw"): 1e-4, ("idk", "sophia"): 1e-4,
 }
