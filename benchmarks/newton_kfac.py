@@ -1,6 +1,6 @@
 """One-shot Newton unlearning: diagonal (GNB) vs K-FAC vs EK-FAC curvature, on the fictitious-author benchmark.
 
-    python benchmarks/newton_kfac.py --threads 1          # small scale, forget10, ~30 min on a busy 2-core CPU
+    python benchmarks/newton_kfac.py --threads 1          # small scale, forget10, ~45 min on a busy 2-core CPU
 
 Protocol (the benchmark models of ``benchmarks/tofu_baselines.py``, reused from the cache):
 
@@ -17,7 +17,7 @@ Protocol (the benchmark models of ``benchmarks/tofu_baselines.py``, reused from 
    selected rows are the best a sweep finds, not a held-out estimate.
 4. Iterated: each curvature's selected setting rerun with ``steps=--iterate`` Newton iterations (H fixed).
 
-Writes ``benchmarks/results/newton_kfac.{json,md}``; keeps a partial file so an interrupted run resumes.
+Writes ``benchmarks/results/newton_kfac.{json,md,png}``; keeps a partial file so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -60,11 +60,14 @@ def main() -> None:
     ap.add_argument("--split", default="forget10")
     ap.add_argument("--curvatures", default=",".join(CURVATURES))
     ap.add_argument("--dampings", default="1e-3,1e-2")
-    ap.add_argument("--scales", default="0.03,0.1,0.3,1,3")
+    ap.add_argument("--scales", default="0.03,0.05,0.1,0.2,0.3,0.5,1")
     ap.add_argument("--iterate", type=int, default=3, help="steps of the iterated rerun (0: skip it)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-partial", action="store_true",
+                    help="compute nothing: report the rows an interrupted run left in the partial file, listing "
+                         "the missing ones")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     curvatures = args.curvatures.split(",")
@@ -77,12 +80,17 @@ def main() -> None:
     t_start = time.perf_counter()
     suite = UnlearningSuite.from_scale(args.scale, cache_dir=args.cache_dir, progress=False)
     forget, retain = suite.benchmark.split(args.split)
-    model, tok = load_model(suite.finetuned_dir())
+    model, tok = (None, None) if args.report_partial else load_model(suite.finetuned_dir())
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / ".newton_kfac.partial.json"
     done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
 
-    def run(key: str, fn) -> dict:
+    missing: list[str] = []
+
+    def run(key: str, fn) -> dict | None:
+        if key not in done and args.report_partial:
+            missing.append(key)
+            return None
         if key not in done:
             t = time.perf_counter()
             try:
@@ -106,7 +114,7 @@ def main() -> None:
 
     factors = None
     fit_seconds = done.get("factors", {}).get("fit_seconds")
-    if any(c != "diagonal" for c in curvatures):
+    if any(c != "diagonal" for c in curvatures) and not args.report_partial:
         t = time.perf_counter()
         factors = qa_newton_factors(model, tok, forget, retain=retain, method="ekfac")
         fit_seconds = time.perf_counter() - t
@@ -131,7 +139,8 @@ def main() -> None:
         for d in dampings:
             for s in scales:
                 r = run(f"{c}|{d}|{s}|1", lambda c=c, d=d, s=s: newton(c, d, s, 1))
-                rows.append({"curvature": c, "damping": d, "scale": s, "steps": 1, **r})
+                if r is not None:
+                    rows.append({"curvature": c, "damping": d, "scale": s, "steps": 1, **r})
         grid += rows
         chosen[c] = _select(rows, mu_ft)
     if args.iterate > 1:
@@ -139,18 +148,59 @@ def main() -> None:
             b = chosen[c]
             r = run(f"{c}|{b['damping']}|{b['scale']}|{args.iterate}",
                     lambda c=c, b=b: newton(c, b["damping"], b["scale"], args.iterate))
-            iterated.append({"curvature": c, "damping": b["damping"], "scale": b["scale"], "steps": args.iterate, **r})
+            if r is not None:
+                iterated.append({"curvature": c, "damping": b["damping"], "scale": b["scale"],
+                                 "steps": args.iterate, **r})
 
     info = machine_info()
     total = time.perf_counter() - t_start
+    if args.report_partial:  # the computing runs' time: every reported row plus the factor fit
+        total = sum(r.get("wall_seconds", 0.0) for r in done.values()) + (fit_seconds or 0.0)
     out = {"machine": info, "machine_line": machine_line(info), "command": " ".join(sys.argv),
            "scale": args.scale, "split": args.split, "n_forget": len(forget), "n_train": len(forget) + len(retain),
            "selection_rule": RULE, "finetuned": ft, "retrain_seed2": rt, "factor_fit_seconds": fit_seconds,
            "grid": grid, "selected": {c: {k: chosen[c][k] for k in ("damping", "scale")} for c in curvatures},
-           "iterated": iterated}
+           "iterated": iterated, "not_run": missing}
     atomic_write_json(args.out / "newton_kfac.json", out)
     atomic_write_text(args.out / "newton_kfac.md", markdown(out, mu_ft, total))
-    partial.unlink(missing_ok=True)
+    plot(out, args.out / "newton_kfac.png")
+    if not args.report_partial:
+        partial.unlink(missing_ok=True)
+
+
+def plot(out: dict, path: Path) -> None:
+    """Forget quality (log) against model utility: one line per curvature x damping through its scales."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from soulkit._io import atomic_write_bytes
+
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.subplots()
+    styles = {"diagonal": "o-", "kfac": "s--", "ekfac": "^:"}
+    for c in dict.fromkeys(r["curvature"] for r in out["grid"]):
+        for d in dict.fromkeys(r["damping"] for r in out["grid"]):
+            rs = sorted((r for r in out["grid"] if r["curvature"] == c and r["damping"] == d), key=lambda r: r["scale"])
+            if rs:
+                ax.plot([r["model_utility"] for r in rs], [max(r["forget_quality"], 1e-20) for r in rs],
+                        styles.get(c, "x-"), label=f"{c}, damping {d:g}", ms=4)
+    for name, r, m in (("finetuned", out["finetuned"], "k*"), ("retrain seed 2", out["retrain_seed2"], "g*")):
+        ax.plot([r["model_utility"]], [r["forget_quality"]], m, ms=12, label=name)
+    ax.axvline(0.95 * out["finetuned"]["model_utility"], color="gray", lw=0.8, ls=":", label="95% of finetuned MU")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (scale grows to the left)")
+    ax.set_ylabel("forget quality vs retrain seed 1")
+    ax.set_title(f"one-shot Newton, {out['split']} ({out['scale']}): diagonal vs K-FAC vs EK-FAC")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _f(v, spec: str) -> str:
@@ -179,6 +229,10 @@ def markdown(out: dict, mu_ft: float, total: float) -> str:
              f"(the tracked modules, {_f(frac, '.0%')} of the parameters); the tied embedding / LM head and the norms stay as "
              "they are. FQ = forget quality (KS p-value against retrain seed 1), MU = model utility.", "",
              f"Selection rule (fixed before the run): {out['selection_rule']}", "",
+             *([f"**Not run**: the rows were computed by this command without `--report-partial`, which was "
+                "stopped for time; these settings are missing (also from the selection): "
+                f"{', '.join('`' + k + '`' for k in out['not_run'])} (curvature|damping|scale|steps).", ""]
+               if out.get("not_run") else []),
              f"References: finetuned FQ {ft['forget_quality']:.2e}, MU {ft['model_utility']:.3f}, forget ROUGE "
              f"{_f(ft.get('forget_rouge'), '.3f')}; retrain seed 2 (the ceiling) FQ {rt['forget_quality']:.2e}, MU "
              f"{rt['model_utility']:.3f}, forget ROUGE {_f(rt.get('forget_rouge'), '.3f')}. The 95% utility bar: "
