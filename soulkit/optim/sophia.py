@@ -373,8 +373,11 @@ class Sophia(Optimizer):
         A closure runs inside :func:`~soulkit.optim.differentiable_attention`; a given loss must have
         been computed there already when the model uses SDPA/flash attention (their kernels have no
         double backward): ``with differentiable_attention(model): logits = model(x)`` on refresh steps.
-        Several calls (micro-batches) average. Under gradient accumulation pass each micro-batch's loss
-        scaled as in training (e.g. divided by the number of micro-batches) and the estimates add up.
+        Several calls before a :meth:`step` average (each call draws its own probes). Under gradient
+        accumulation pass each micro-batch's own loss, *not* scaled by ``1 / n_micro`` as for the
+        training backward: the mean of the estimates is then the Hessian of the mean loss over
+        micro-batches of equal size (:meth:`accumulate_gnb`, which takes logits, needs no such care: it
+        sums the micro-batches' terms and divides by their total count).
         Under DDP each rank estimates the Hessian of its own loss with the same probes, and the estimates
         are averaged over ranks before folding (the Hessian of the loss whose gradient DDP averages).
         """

@@ -346,11 +346,14 @@ class Unlearner:
         if self.config.estimator == "gnb":
             self._refresh_gnb(opt, net, batches, step, device)
             return
+        # Sophia averages the calls, so each micro-batch passes its own (unscaled) loss: the mean of the
+        # estimates is that of the step's objective (the mean over its equal micro-batches), and under DDP
+        # Sophia averages the ranks' estimates as DDP averages their gradients
         model = self.model
         with differentiable_attention(model):
             for fb, rb in pairs:
                 opt.accumulate_hutchinson(lambda fb=fb, rb=rb: self.objective(
-                    model, fb, rb, reference=self.reference).loss / len(pairs))
+                    model, fb, rb, reference=self.reference).loss)
 
     def _compute_mask(self) -> dict[str, torch.Tensor]:
         c = self.config

@@ -374,6 +374,47 @@ def test_sophia_hutchinson_refresh_runs(memorised, tiny_tokenizer, monkeypatch):
     assert _prob(res.model, tiny_tokenizer, FORGET) < p0
 
 
+class _Separable(Objective):
+    """``mean_r n_r * sum(w**4) / 12`` for the embedding ``w``, ``n_r`` the forget row's token count: its
+    Hessian is ``diag(mean_r n_r * w**2)``, so Hutchinson's ``u * (H u)`` is that diagonal exactly."""
+
+    name = "separable"
+
+    def __init__(self):
+        self.rows: list[list[int]] = []  # n_r of every forget batch seen
+
+    def compute(self, model, forget_batch, retain_batch, reference) -> ObjectiveOutput:
+        w = model.get_input_embeddings().weight
+        n = forget_batch["attention_mask"].sum(1)
+        self.rows.append(n.tolist())
+        return ObjectiveOutput(n.to(w.dtype).mean() * w.pow(4).sum() / 12)
+
+
+def test_sophia_hutchinson_refresh_does_not_depend_on_grad_accum(tiny_model, tiny_tokenizer, monkeypatch):
+    # the refresh estimates the Hessian of the step's objective: one batch of 4 rows and two micro-batches
+    # of 2 (the same rows) give the same h_hat (each micro-batch's loss was once divided by grad_accum
+    # before Sophia averaged the calls, so h came out grad_accum times too small)
+    made = _spy_optimizers(monkeypatch)
+    model = tiny_model.double()
+    w0 = model.get_input_embeddings().weight.detach().clone()
+    beta2 = 0.99
+    objectives = []
+    for batch_size, grad_accum in [(4, 1), (2, 2)]:
+        objectives.append(_Separable())
+        Unlearner(model, tiny_tokenizer, objectives[-1], forget=FORGET, optimizer="sophia",
+                  config=_cfg(steps=1, batch_size=batch_size, grad_accum=grad_accum, estimator="hutchinson",
+                              optimizer_kwargs={"betas": (0.9, beta2)})).run()
+    assert [opt.num_hessian_updates for opt in made] == [1, 1]
+    hessians = [opt.state[model_param]["hessian"] for opt in made
+                for model_param in [p for p in opt.param_groups[0]["params"] if p.shape == w0.shape][:1]]
+    rows = objectives[0].rows[0]  # the refresh of the one-batch run sees all 4 rows
+    assert len(rows) == 4 and sorted(objectives[1].rows[0] + objectives[1].rows[1]) == sorted(rows)
+    expected = (1 - beta2) * (sum(rows) / len(rows)) * w0.square()
+    for h in hessians:
+        assert h.dtype == torch.float64
+        torch.testing.assert_close(h, expected, rtol=1e-12, atol=0)
+
+
 # ------------------------------------------------------------------------------------------ lr schedule
 def _factors(tok, model, **kw):
     u = Unlearner(model, tok, make_objective("ga"), forget=FORGET, config=_cfg(steps=10, **kw))
