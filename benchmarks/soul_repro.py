@@ -35,7 +35,8 @@ Protocol, fixed before the run:
 Forget quality is always against retrain seed 1 of the split (the retrain seed 2 row is the ceiling). The
 outputs (``soul_repro.{json,md,png}``; JSON: a list of rows with method, optimizer, split, lr, gamma,
 schedule, seed, phase, forget_quality, model_utility and the other evaluation fields) are rewritten after
-every phase, so a stopped run still leaves its finished phases; rerunning the command resumes.
+every phase, so a stopped run still leaves its finished phases; rerunning the command resumes, and
+``--report-only`` writes the outputs from whatever has finished (the missing runs listed) without running more.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the outputs from the finished runs of the partial file, listing the rest")
     args = ap.parse_args()
     if args.quick:
         args.methods, args.arms, args.lrs, args.gammas = "graddiff", "adamw,soul-released", "1e-4,1e-3", "1,3"
@@ -170,10 +173,14 @@ def main() -> None:
         return slim(res)
 
     rows: list[dict] = []
+    missing: list[str] = []  # --report-only: the planned runs not in the partial file
 
     def record(phase: str, method: str, arm: str, split: str, seed: int, lr: float, gamma: float,
                schedule: str) -> dict:
         key = f"{phase}|{method}|{arm}|{split}|{seed}|{lr:g}|{gamma:g}|{schedule}"
+        if args.report_only and key not in run.done:
+            missing.append(key)
+            return None
         r = run(key, lambda: unlearn(method, arm, split, seed, lr, gamma, schedule))
         row = {"phase": phase, "method": method, "optimizer": arm, "split": split, "seed": seed, "lr": lr,
                "gamma": gamma, "schedule": schedule, **r}
@@ -203,6 +210,8 @@ def main() -> None:
             for arm in arms:
                 pts = [r for r in rows if r["phase"] == "grid" and r["method"] == method and r["optimizer"] == arm
                        and r["schedule"] == "soul"]
+                if not pts:  # --report-only before this grid ran
+                    continue
                 c = select(pts, mu_ft)
                 for seed in seeds:
                     record("seeds", method, arm, split, seed, c["lr"], c["gamma"], "soul")
@@ -217,6 +226,15 @@ def main() -> None:
     for i, split in enumerate(splits[1:], start=2):
         seeds_on(split)
         write("grid (both schedules), seeds on " + ", ".join(splits[:i]))
+    if args.report_only:
+        left: dict[str, int] = {}
+        for key in missing:
+            phase, method, _, split, *_rest, schedule = key.split("|")
+            name = f"{phase} {method} {split}" + (f" ({schedule} schedule)" if phase == "grid" else "")
+            left[name] = left.get(name, 0) + 1
+        write("a report of the finished runs only; not run: "
+              + (", ".join(f"{n} ({c} runs)" for n, c in left.items()) or "nothing"))
+        return
     run.finish()
     print((args.out / "soul_repro.md").read_text())
 
