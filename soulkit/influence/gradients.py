@@ -50,6 +50,8 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _PREFIX = "model."
+# categorical_fit: the label entry may be off by (C + this) * eps * w (cancellation in p_y - 1 near p_y = 1)
+_LABEL_ROUNDING = 8.0
 _NONFINITE_OUTPUT_DERIVATIVES = "derivatives of loss_on_output w.r.t. the outputs contain NaN/Inf"
 
 
@@ -517,20 +519,53 @@ def categorical_fit(r: Tensor, p: Tensor) -> tuple[Tensor, bool]:
 
     ``r`` ``[N, C]`` is a loss's gradient w.r.t. logits whose softmax is ``p`` ``[N, C]``. For a weighted
     sum of softmax cross-entropies (``F.cross_entropy(..., reduction="none")`` summed or averaged per
-    sequence, ``ignore_index`` masks included) each row is exactly ``w (p - e_y)``: the label ``y`` is
-    the row's most negative entry and ``w`` is read off another class's entry (the most probable one,
-    for precision). Rows of zeros (masked positions) get ``w = 0``. The fit fails (``False``) on label
-    smoothing, soft targets, temperatures, or any other loss; the returned ``w`` is then meaningless.
+    sequence, ``ignore_index`` masks included) each row is exactly ``w (p - e_y)``: ``r_j / p_j = w`` off
+    the label and ``w (1 - 1 / p_y) <= 0`` at it, so the label is the row's smallest ratio ``r_j / p_j``
+    and ``w`` is read off another class's entry (the most probable one, for precision). Rows of zeros
+    (masked positions) get ``w = 0``. The fit fails (``False``) on label smoothing, soft targets,
+    temperatures, or any other loss; the returned ``w`` is then meaningless.
+
+    Rounding. Off the label, ``r_j = w p_j`` carries a relative rounding error of a few ``eps`` (times
+    ``|log p_j|``), well inside the ``1e-3`` relative test. At the label, ``r_y = w (p_y - 1)`` is a
+    difference of two numbers near ``w`` whenever the model is sure of its answer, and ``p_y`` is only
+    known to an absolute error set by the softmax's normaliser ``S = sum_j exp(z_j - max z)``: adding
+    ``C`` terms to an accumulator near 1 rounds each time, ``|S_hat - S| <= (C - 1) eps / 2`` (the
+    standard bound for a float sum; vectorised sums do better), and the exp/log/division around it add a
+    few ``eps``. The loss's ``r_y`` and the fitted ``w (p_y - 1)`` come from two such computations (the
+    loss's log-softmax, our softmax), so they may differ by ``~(C + 8) eps * w`` however small
+    ``1 - p_y`` is (``p_y`` is 1 to within that from a logit margin of ~16 + log C in float32), while the
+    row's own magnitude ``2 w (1 - p_y)`` may be far smaller. The label entry therefore gets an absolute
+    allowance of ``(C + 8) * eps * w`` (``eps`` of ``p``'s dtype) -- only the label entry: the other
+    entries keep the relative test on their own, so a loss whose off-label entries are not proportional
+    to ``p`` (label smoothing, soft targets, a temperature) is still rejected even where its fitted
+    ``w`` is large (smoothing ``eps_ls`` at a confident row even makes the fitted ``w`` negative). A floor
+    of ``C * tiny * (1 + 3 |w|)`` covers entries that underflow to subnormals or 0 (margins above ~80
+    in float32): there ``w`` cannot be read precisely, but the position's Fisher block
+    ``w (diag p - p p^T)`` and the chance that the true-Fisher sampler draws a non-label class are both
+    below ``C * tiny``, so the weight the fit gives (finite, non-negative) is as good as any -- it is kept
+    rather than zeroed, because the true Fisher's weight is the loss's weight ``w`` (it multiplies the
+    sampled-label term) whatever the size of the observed gradient.
     """
-    y = r.argmin(dim=-1)
+    fi = torch.finfo(p.dtype)
+    pos = p > 0
+    ratio = torch.where(pos, r / torch.where(pos, p, torch.ones_like(p)), torch.full_like(p, math.inf))
+    y = ratio.argmin(dim=-1)
     others = p.scatter(-1, y.unsqueeze(-1), -1.0)  # p with the label's entry removed
     v = others.argmax(dim=-1, keepdim=True)
-    w = (r.gather(-1, v) / p.gather(-1, v).clamp_min(torch.finfo(p.dtype).tiny)).squeeze(-1)
+    w = (r.gather(-1, v) / p.gather(-1, v).clamp_min(fi.tiny)).squeeze(-1)
     w = torch.where(r.abs().sum(-1) > 0, w, torch.zeros_like(w))
     fit = w.unsqueeze(-1) * (p - torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype))
-    err = (r - fit).abs().sum(-1)
+    dev = (r - fit).abs()
+    err_label = dev.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    wa = w.abs()
+    # the label entry's cancellation error, forgiven up to (C + 8) eps w (see the docstring)
+    err = dev.sum(-1) - torch.minimum(err_label, (p.shape[-1] + _LABEL_ROUNDING) * fi.eps * wa)
     scale = r.abs().sum(-1)
-    ok = not (bool((err > 1e-3 * scale + 1e-12).any()) or bool((w < -1e-6 * scale).any()))
+    floor = p.shape[-1] * fi.tiny * (1.0 + 3.0 * wa)
+    # written as "not (err <= tol)" so that a NaN (an infinite w from a non-cross-entropy) is a failure
+    ok = bool(torch.isfinite(w).all()) and bool((err <= 1e-3 * scale + floor).all()) and not bool(
+        (w < -1e-6 * scale).any()
+    )
     return w.clamp_min(0.0), ok
 
 

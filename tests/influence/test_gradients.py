@@ -381,3 +381,89 @@ def test_losses_that_are_not_a_plain_cross_entropy_keep_the_exact_per_dimension_
     h = torch.autograd.functional.hessian(lambda zz: fns[kind](zz.reshape(1, 5, 7).expand(3, 5, 7), (x, y, w))[1],
                                           z.reshape(-1))
     torch.testing.assert_close(lam[1], h, rtol=1e-10, atol=1e-12)
+
+
+# ---- categorical_fit on a model sure of its answers (float32 cancellation in p_y - 1) ----------------
+
+
+def _confident_logits(margin, c=50, dtype=torch.float32):
+    """[3, 6, c] logits whose label beats every other class by ``margin`` (+ noise), labels with a mask."""
+    g = torch.Generator().manual_seed(int(margin))
+    z = 2.0 * torch.randn(3, 6, c, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (3, 6), generator=g)
+    z.scatter_add_(-1, y[..., None], torch.full((3, 6, 1), float(margin), dtype=torch.float64))
+    z = z + 10.0  # an offset: real LM logits are not centred
+    y[0, :2] = -100
+    y[2, 4:] = -100
+    return z.to(dtype), y
+
+
+def _ce_grad(z, y, reduction, **kw):
+    z = z.detach().requires_grad_(True)
+    ce = F.cross_entropy(z.transpose(1, 2), y, reduction="none", ignore_index=-100, **kw)  # [3, 6]
+    loss = ce.sum(1) if reduction == "sum" else ce.sum(1) / (y != -100).sum(1)
+    (r,) = torch.autograd.grad(loss.sum(), z)
+    c = z.shape[-1]
+    return r.reshape(-1, c), torch.softmax(z.detach(), -1).reshape(-1, c)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("margin", [15, 20, 25, 30])
+def test_categorical_fit_accepts_a_float32_cross_entropy_the_model_is_sure_of(margin, reduction):
+    # p_y is 1 to within float32 eps: r_y = w (p_y - 1) is pure rounding (~C eps w) while the row's size is
+    # ~2 w C exp(-margin); the old relative-only test rejected this at margins 15-25 (C = 50)
+    from soulkit.influence.gradients import categorical_fit
+
+    z, y = _confident_logits(margin)
+    w, ok = categorical_fit(*_ce_grad(z, y, reduction))
+    assert ok
+    w64, ok64 = categorical_fit(*_ce_grad(z.double(), y, reduction))
+    assert ok64
+    torch.testing.assert_close(w.double(), w64, rtol=1e-5, atol=0)  # float32 weights to 1e-5 relative
+    n = (y != -100).sum(1, keepdim=True).double()
+    want = (y != -100).double() * (1.0 if reduction == "sum" else 1.0 / n)
+    torch.testing.assert_close(w64.reshape(3, 6), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("margin", [15, 20, 25, 30])
+@pytest.mark.parametrize("smoothing", [0.1, 0.01])
+def test_categorical_fit_still_rejects_label_smoothing_at_confident_logits(smoothing, margin):
+    from soulkit.influence.factored import _categorical_weights
+    from soulkit.influence.gradients import categorical_fit
+
+    z, y = _confident_logits(margin)
+    for dtype in (torch.float32, torch.float64):
+        r, p = _ce_grad(z.to(dtype), y, "mean", label_smoothing=smoothing)
+        assert not categorical_fit(r, p)[1]
+        with pytest.raises(ValueError, match="label smoothing"):
+            _categorical_weights(r, p)
+
+
+@pytest.mark.parametrize("margin", [15, 25])
+def test_categorical_fit_still_rejects_soft_targets_and_temperatures_at_confident_logits(margin):
+    from soulkit.influence.gradients import categorical_fit
+
+    z, y = _confident_logits(margin)
+    q = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(5)), -1)
+    losses = {
+        "temperature": lambda zz: F.cross_entropy(zz.transpose(1, 2) / 2.0, y, ignore_index=-100, reduction="sum"),
+        "soft_targets": lambda zz: -(q * torch.log_softmax(zz, -1)).sum(),
+        "soft_targets_near_one_hot": lambda zz: -((0.999 * F.one_hot(y.clamp_min(0), zz.shape[-1]) + 0.001 * q)
+                                                   * torch.log_softmax(zz, -1)).sum(),
+    }
+    for name, fn in losses.items():
+        zz = z.detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(fn(zz), zz)
+        assert not categorical_fit(r.reshape(-1, 50), torch.softmax(z, -1).reshape(-1, 50))[1], name
+
+
+def test_categorical_fit_rows_at_rounding_level_are_harmless():
+    # margins of 120 (float32): every off-label probability underflows, the gradient row is all zeros --
+    # w is unidentifiable, and 0 is harmless (the position's Fisher block is 0 in float32 too)
+    from soulkit.influence.gradients import categorical_fit
+
+    z, y = _confident_logits(120, c=7)
+    r, p = _ce_grad(z, y, "sum")
+    w, ok = categorical_fit(r, p)
+    assert ok and bool(torch.isfinite(w).all()) and bool((w >= 0).all())
+    assert bool((w[r.abs().sum(-1) == 0] == 0).all())
