@@ -27,6 +27,16 @@ def slim(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res.get(k) for k in KEEP}
 
 
+def select(rows: list[dict[str, Any]], mu_ft: float, floor: float = 0.95) -> dict[str, Any]:
+    """The selection rule the unlearning benchmarks share: among ``rows`` keeping model utility >= ``floor`` x
+    the finetuned model's ``mu_ft``, the highest forget quality (ties: higher utility); if none does, the
+    highest utility."""
+    ok = [r for r in rows if r["model_utility"] >= floor * mu_ft]
+    if ok:
+        return max(ok, key=lambda r: (r["forget_quality"], r["model_utility"]))
+    return max(rows, key=lambda r: r["model_utility"])
+
+
 class ResumableRuns:
     """Results by key, computed once: ``runs(key, fn)`` returns the stored result or calls ``fn()``.
 

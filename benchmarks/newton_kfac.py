@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
+from _runs import select  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.unlearn.models import load_model  # noqa: E402
@@ -45,13 +46,6 @@ KEEP = ("forget_quality", "ks_statistic", "forget_quality_ceiling", "model_utili
 RULE = ("per curvature, among the grid settings whose model utility is >= 95% of the finetuned model's, the "
         "highest forget quality (ties: higher utility); if none keeps 95%, the highest utility. Selection and "
         "report use the same runs (no held-out split).")
-
-
-def _select(rows: list[dict], mu_ft: float) -> dict:
-    ok = [r for r in rows if r["model_utility"] >= 0.95 * mu_ft]
-    if ok:
-        return max(ok, key=lambda r: (r["forget_quality"], r["model_utility"]))
-    return max(rows, key=lambda r: r["model_utility"])
 
 
 def main() -> None:
@@ -142,7 +136,7 @@ def main() -> None:
                 if r is not None:
                     rows.append({"curvature": c, "damping": d, "scale": s, "steps": 1, **r})
         grid += rows
-        chosen[c] = _select(rows, mu_ft)
+        chosen[c] = select(rows, mu_ft)
     if args.iterate > 1:
         for c in curvatures:
             b = chosen[c]

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
-from _runs import ResumableRuns, slim  # noqa: E402
+from _runs import ResumableRuns, select, slim  # noqa: E402
 
 from soulkit._io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.unlearn.evaluate import conventions  # noqa: E402
@@ -107,11 +107,6 @@ def front_score(points: list[dict], mu_ft: float) -> float:
         b = best_at_floor(points, f * mu_ft - 1e-12)
         vals.append(math.log10(max(b["forget_quality"], FQ_FLOOR)) if b else math.log10(FQ_FLOOR))
     return statistics.fmean(vals)
-
-
-def select(points: list[dict], mu_ft: float) -> dict:
-    """The selection rule of step 3."""
-    return best_at_floor(points, SELECT_FLOOR * mu_ft) or max(points, key=lambda p: p["model_utility"])
 
 
 def main() -> None:
@@ -212,7 +207,7 @@ def main() -> None:
                        and r["schedule"] == "soul"]
                 if not pts:  # --report-only before this grid ran
                     continue
-                c = select(pts, mu_ft)
+                c = select(pts, mu_ft, SELECT_FLOOR)  # the rule of step 3
                 for seed in seeds:
                     record("seeds", method, arm, split, seed, c["lr"], c["gamma"], "soul")
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
-from _runs import ResumableRuns, slim  # noqa: E402
+from _runs import ResumableRuns, select, slim  # noqa: E402
 
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.demos.unlearn_tofu import plot_tradeoff  # noqa: E402
@@ -49,13 +49,6 @@ from soulkit.unlearn.suite import UnlearningSuite, default_unlearn_config  # noq
 METHODS = ("ga", "graddiff", "npo", "simnpo", "idk")
 OPTIMIZERS = ("adamw", "sophia")
 SPLITS = ("forget01", "forget05", "forget10")
-def _select(rows: list[dict], mu_ft: float) -> dict:
-    ok = [r for r in rows if r["model_utility"] >= 0.95 * mu_ft]
-    if ok:
-        return max(ok, key=lambda r: (r["forget_quality"], r["model_utility"]))
-    return max(rows, key=lambda r: r["model_utility"])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", default="small")
@@ -119,7 +112,7 @@ def main() -> None:
                     r = run(key, lambda m=method, o=opt, lr=lr, rho=rho: unlearn(m, o, sweep_split, 0, lr, rho))
                     cands.append(r)
                     sweep_rows.append({"method": method, "optimizer": opt, "split": sweep_split, "seed": 0, **r})
-            chosen[(method, opt)] = _select(cands, mu_ft)
+            chosen[(method, opt)] = select(cands, mu_ft)
 
     # 2. final runs
     rows = []
@@ -150,7 +143,7 @@ def main() -> None:
     scales = [] if args.no_newton else [float(x) for x in args.newton_scales.split(",")]
     cands = [run(f"sweep|newton|{sweep_split}|{s}", lambda s=s: newton(sweep_split, s)) for s in scales]
     sweep_rows += [{"method": "newton", "optimizer": None, "split": sweep_split, "seed": 0, **r} for r in cands]
-    best = _select(cands, mu_ft) if cands else None
+    best = select(cands, mu_ft) if cands else None
     for split in splits if best else []:
         r = run(f"final|newton|{split}|{best['newton_scale']}", lambda s=split: newton(s, best["newton_scale"]))
         rows.append({"method": "newton", "optimizer": None, "split": split, "seed": 0, **r})
