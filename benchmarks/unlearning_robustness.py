@@ -226,9 +226,26 @@ def main() -> None:
 
     models: list[tuple[str, int | None, Path | None]] = [("finetuned", None, None),
                                                          ("retrain-seed2", None, suite.retrained_dir(args.split, 2))]
-    models += [(f"{m} x {o}", s, None) for m in methods for o in optimizers for s in seeds]
+    # seed by seed: the first seed of every method x optimizer is done before any second seed
+    models += [(f"{m} x {o}", s, None) for s in seeds for m in methods for o in optimizers]
     labels = list(dict.fromkeys(label for label, _, _ in models))
-    rows = []
+    rows: list[dict] = []
+    memo: dict = {}  # what does not depend on the attacked model (the controls), computed once
+
+    def report() -> None:
+        """Write the results so far (after each model: an interrupted run leaves its tables)."""
+        info = machine_info()
+        done = [{**r, "machine": machine_line(info), "scale": args.scale, "split": args.split} for r in rows]
+        atomic_write_json(args.out / f"{stem}.json", done)
+        md = markdown(done, labels, info, args, time.perf_counter() - t_start)
+        n_done = len({(r["model"], r["seed"]) for r in rows if r["attack"] != "sequential"})
+        n_seq = sum(r["attack"] == "sequential" for r in rows)
+        if n_done < len(models) or (not args.no_sequential and n_seq < len(methods) * len(optimizers) * len(seeds)):
+            title, rest = md.split("\n", 1)
+            md = (f"{title}\n\n**Incomplete**: {n_done} of {len(models)} models attacked, {n_seq} sequential runs "
+                  f"done; rerun the same command to continue.\n{rest}")
+        atomic_write_text(args.out / f"{stem}.md", md)
+        plot(done, labels, args.out / f"{stem}.png")
     for label, seed, model_dir in models:
         for name in names:
             cfg = attack_configs(seed or 0)[name]
@@ -238,7 +255,7 @@ def main() -> None:
                 if model_dir is None and label != "finetuned":
                     method, opt = label.split(" x ")
                     model_dir = unlearned(method, opt, seed)
-                res = run_attack(suite, args.split, cfg, model_dir=model_dir)
+                res = run_attack(suite, args.split, cfg, model_dir=model_dir, cache=memo)
                 nums = headline(name, res)
                 print(f"{label} seed {seed} {name}: " + ", ".join(f"{k} {_f(v)}" for k, v in list(nums.items())[:4]),
                       flush=True)
@@ -248,6 +265,7 @@ def main() -> None:
 
             r = run(key, attack)
             rows.append({"model": label, "seed": seed, "attack": name, **r})
+        report()
     if not args.no_sequential:
         for method in methods:
             for opt in optimizers:
@@ -263,18 +281,10 @@ def main() -> None:
 
                     rows.append({"model": f"{method} x {opt}", "seed": seed, "attack": "sequential",
                                  **run(key, sequential)})
-
-    info = machine_info()
-    for r in rows:
-        r["machine"] = machine_line(info)
-        r["scale"] = args.scale
-        r["split"] = args.split
-    atomic_write_json(args.out / f"{stem}.json", rows)
-    md = markdown(rows, labels, info, args, time.perf_counter() - t_start)
-    atomic_write_text(args.out / f"{stem}.md", md)
-    plot(rows, labels, args.out / f"{stem}.png")
+                    report()
+    report()
     run.finish()
-    print(md)
+    print((args.out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -584,10 +584,12 @@ def _probe_sets(suite, split: str, config: AttackConfig, forget: Sequence[QA]) -
 
 
 def _probe_results(suite, split: str, config: AttackConfig, sets: Mapping[str, list[QA]], model, tok, retrain,
-                   source, say: Callable[[str], None]) -> dict[str, Any]:
+                   source, say: Callable[[str], None],
+                   memo: Callable[[str, Callable[[], Any]], Any] = lambda part, fn: fn()) -> dict[str, Any]:
     """A probe's results: :func:`probe_scores` of every set for the model, the finetuned model and the
     retrain (the two ends: their difference, ``margin``, says whether the probe can tell a model that
-    knows the forget authors from one that never saw them), and the model's TOFU evaluation."""
+    knows the forget authors from one that never saw them), and the model's TOFU evaluation. ``memo(part,
+    compute)`` keeps the two ends' scores (see ``run_attack``'s ``cache``)."""
     from pathlib import Path
 
     from .models import load_model
@@ -602,8 +604,8 @@ def _probe_results(suite, split: str, config: AttackConfig, sets: Mapping[str, l
         return {name: probe_scores(m, tok, recs, **kw) for name, recs in sets.items()}
 
     mine = score(model, "model")
-    finetuned = mine if same else score(load_model(ft_dir)[0], "finetuned model")
-    ctrl = score(retrain, "retrain (control)")
+    finetuned = mine if same else memo("finetuned", lambda: score(load_model(ft_dir)[0], "finetuned model"))
+    ctrl = memo("control", lambda: score(retrain, "retrain (control)"))
     say(f"{config.attack}: the model's TOFU evaluation")
     evaluation = suite.evaluate(model, tok, split, with_ceiling=False)
     out: dict[str, Any] = {"sets": {n: len(r) for n, r in sets.items()},
@@ -643,8 +645,18 @@ def _probe_results(suite, split: str, config: AttackConfig, sets: Mapping[str, l
     return out
 
 
+def _memo(cache: MutableMapping[str, Any] | None, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or its value kept in ``cache`` under ``key`` (computed and kept there on a miss)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return copy.deepcopy(cache[key])  # callers may change what they get
+
+
 def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.PathLike | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[str], None] | None = None,
+               cache: MutableMapping[str, Any] | None = None) -> dict[str, Any]:
     """Attack the model in ``model_dir`` (default: ``suite``'s finetuned model) on ``split`` of ``suite``
     (an :class:`~soulkit.unlearn.suite.UnlearningSuite`) and evaluate it before and after with
     :func:`~soulkit.unlearn.evaluate.evaluate_model`; the same attack on the split's exact retrain (seed 1)
@@ -667,6 +679,11 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
     * sequential: ``before`` on all requests' authors, ``after`` / ``control["after"]`` keyed by request
       (as strings; forget set: the requests so far), ``per_request`` each request's :func:`probe_scores`
       after 0, 1, ... requests, ``runs`` the unlearning runs.
+
+    ``cache``: a dict shared by several calls on the same ``suite`` (a benchmark attacking many models)
+    keeps what does not depend on the attacked model -- the control's results, and the finetuned model's
+    probe scores -- keyed by the split, the attack's settings, the evaluation settings and the retrain, so
+    each is computed once. Results equal those without it.
     """
     from .evaluate import _subsample
     from .models import load_model, model_meta
@@ -695,6 +712,10 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
     retrain_dir = suite.retrained_dir(split, seed=1)
     retrain, _ = load_model(retrain_dir)
     results["control_model_dir"] = str(retrain_dir)
+    eval_settings = {k: v for k, v in asdict(ecfg).items() if k != "show_progress"}
+
+    def key(part: str) -> str:
+        return json.dumps([part, split, asdict(config), eval_settings, str(retrain_dir)], sort_keys=True, default=str)
 
     if config.attack == "quantize":
         q = dict(bits=config.bits, group_size=config.group_size, per_channel=config.per_channel)
@@ -704,7 +725,8 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
         after = suite.evaluate(quantize_weights(model, **q), tok, split, with_ceiling=False)
         say(f"evaluating the retrain (control) at int{config.bits}")
         ref = suite.reference(split, seed=1)
-        control_after = suite.evaluate(quantize_weights(retrain, **q), tok, split, with_ceiling=False)
+        control_after = _memo(cache, key("control"), lambda: suite.evaluate(quantize_weights(retrain, **q), tok, split,
+                                                                          with_ceiling=False))
         results.update(before=before, after=after, change=_change(before, after),
                        control={"before": ref, "after": control_after, "change": _change(ref, control_after)},
                        recovery=_recovery(after, control_after),
@@ -713,7 +735,7 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
     elif config.attack == "relearn":
         sets = replace(suite.eval_sets(split), forget=held_out)  # EvalSets checks the new set again
         say(f"evaluating the retrain on the held-out half ({len(held_out)} forget QA)")
-        ref = evaluate_model(retrain, tok, sets, config=ecfg)
+        ref = _memo(cache, key("reference"), lambda: evaluate_model(retrain, tok, sets, config=ecfg))
 
         def evaluate(m) -> dict[str, Any]:
             return evaluate_model(m, tok, sets, config=ecfg, reference=ref)
@@ -725,14 +747,18 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
         what = "forget QA" if config.relearn_data == "forget-half" else "related QA (no forget fact)"
         say(f"relearning the model on {len(attack_half)} {what} for {', '.join(map(str, config.steps))} steps")
         attacked, losses = relearn_budgets(model, tok, attack_half, config.steps, desc="relearn model", **kw)
-        say("relearning the retrain (control)")
-        controlled, control_losses = relearn_budgets(retrain, tok, attack_half, config.steps,
-                                                     desc="relearn retrain", **kw)
-        after, control_after, recovery = {}, {}, {}
+
+        def control() -> tuple[dict[str, Any], Any]:
+            say("relearning the retrain (control)")
+            controlled, control_losses = relearn_budgets(retrain, tok, attack_half, config.steps,
+                                                         desc="relearn retrain", **kw)
+            return {str(b): evaluate(controlled.pop(b)) for b in config.steps}, control_losses
+
+        control_after, control_losses = _memo(cache, key("control"), control)
+        after, recovery = {}, {}
         for b in config.steps:
             say(f"evaluating after {b} steps")
             after[str(b)] = evaluate(attacked.pop(b))
-            control_after[str(b)] = evaluate(controlled.pop(b))
             recovery[str(b)] = _recovery(after[str(b)], control_after[str(b)])
         results.update(
             attack_data=config.relearn_data, attack_questions=len(attack_half), eval_questions=len(held_out),
@@ -745,7 +771,8 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
                      "control_before": _headline(ref),
                      **{f"control_after_{b}": _headline(a) for b, a in control_after.items()}})
     elif config.attack in PROBES:
-        results.update(_probe_results(suite, split, config, probe_sets, model, tok, retrain, source, say))
+        results.update(_probe_results(suite, split, config, probe_sets, model, tok, retrain, source, say,
+                                      memo=lambda part, fn: _memo(cache, key(part), fn)))
     elif config.attack == "sequential":
         results.update(_sequential(suite, split, config, requests, model, tok, retrain, say))
     else:  # few-shot
@@ -753,7 +780,7 @@ def run_attack(suite, split: str, config: AttackConfig, *, model_dir: str | os.P
         say(f"few-shot probe: {len(records)} forget questions, {config.shots} retain QA pairs before each")
         kw = dict(shots=config.shots, seed=config.seed, max_new_tokens=ecfg.max_new_tokens)
         mine = few_shot_rouge(model, tok, records, retain, **kw)
-        ctrl = few_shot_rouge(retrain, tok, records, retain, **kw)
+        ctrl = _memo(cache, key("control"), lambda: few_shot_rouge(retrain, tok, records, retain, **kw))
         results.update(eval_questions=len(records), new_token_budget=mine["new_token_budget"],
                        before={"forget_rouge": mine["forget_rouge"]},
                        after={"forget_rouge": mine["forget_rouge_few_shot"]},

@@ -310,3 +310,31 @@ def test_sequential_requests_one_after_another(tmp_path, finetuned, cache, capsy
     assert per["1"][0]["probability"] < 0.5 * per["0"][0]["probability"]
     assert per["2"][1]["probability"] < 0.5 * per["1"][1]["probability"]
     assert _hash_dir(finetuned) == before
+
+
+def _untimed(d):
+    if isinstance(d, dict):
+        return {k: _untimed(v) for k, v in d.items() if not k.endswith("_seconds")}
+    return d
+
+
+def test_run_attack_cache_computes_the_control_once_and_changes_nothing(finetuned, cache, monkeypatch):
+    from soulkit.unlearn import attacks
+
+    suite = UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False)
+    other = suite.retrained_dir("forget10", seed=2)  # a second attacked model
+    configs = [AttackConfig("relearn", steps=(1, 2), seed=3), AttackConfig("phrasings")]
+    plain = {(c.attack, m): run_attack(suite, "forget10", c, model_dir=m) for c in configs for m in (finetuned, other)}
+    calls = []
+    real = attacks.relearn_budgets
+    monkeypatch.setattr(attacks, "relearn_budgets", lambda m, *a, **k: calls.append(k.get("desc")) or real(m, *a, **k))
+    memo: dict = {}
+    for c in configs:
+        for m in (finetuned, other):
+            res = run_attack(suite, "forget10", c, model_dir=m, cache=memo)
+            ref = plain[(c.attack, m)]
+            for k in ("before", "after", "control", "recovery"):
+                assert _untimed(res[k]) == _untimed(ref[k]), (c.attack, m, k)
+            res["control"]["after"].clear()  # what a caller does with its copy does not reach the cache
+    assert calls == ["relearn model", "relearn retrain", "relearn model"]  # the control relearnt once
+    assert len(memo) == 4  # relearn: reference + control; phrasings: the retrain's and the finetuned model's scores
