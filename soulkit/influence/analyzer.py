@@ -104,6 +104,9 @@ class InfluenceConfig:
         fisher_samples: factored route: pseudo-gradient draws per sequence (each an extra backward).
         query_rank: factored route: keep each preconditioned query gradient as a rank-``r`` product per
             module (``None``: exact).
+        projection: factored route: LoGra-style random projection of each module's gradients to
+            ``k x k`` (:class:`~soulkit.influence.factored.FactoredInfluence`); needed by
+            :meth:`InfluenceAnalyzer.train_statistics`.
         seed: factored route: seeds the pseudo-gradient draws.
         optimizer_state: ``solver="optimizer_state"``: the optimizer's ``state_dict`` (Sophia, AdaHessian,
             Adam/AdamW), or a path to one saved with ``torch.save`` (read with ``weights_only=True`` only).
@@ -138,6 +141,7 @@ class InfluenceConfig:
     likelihood: Literal["categorical", "gaussian"] = "categorical"
     fisher_samples: int = 1
     query_rank: int | None = None
+    projection: int | None = None
     seed: int = 0
     optimizer_state: Any = dataclasses.field(default=None, repr=False)
     optimizer_state_rule: Literal["auto", "hessian", "adam", "fisher"] = "auto"
@@ -179,6 +183,9 @@ class InfluenceConfig:
         if self.query_rank is not None and (isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int)
                                             or self.query_rank < 1):
             raise ValueError(f"query_rank must be an integer >= 1 or None, got {self.query_rank!r}")
+        if self.projection is not None and (isinstance(self.projection, bool) or not isinstance(self.projection, int)
+                                            or self.projection < 1):
+            raise ValueError(f"projection must be an integer >= 1 or None, got {self.projection!r}")
         if self.optimizer_state_rule not in OPTIMIZER_STATE_RULES:
             raise ValueError(
                 f"optimizer_state_rule must be one of {OPTIMIZER_STATE_RULES}, got {self.optimizer_state_rule!r}"
@@ -264,12 +271,15 @@ class InfluenceAnalyzer:
             self.factored = FactoredInfluence(
                 model, loss_fn, method=method, modules=cfg.modules, l2=cfg.l2, damping=cfg.damping,
                 fisher=cfg.fisher, likelihood=cfg.likelihood, fisher_samples=cfg.fisher_samples,
-                query_rank=cfg.query_rank, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+                query_rank=cfg.query_rank, projection=cfg.projection, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
                 optimizer_state=cfg.optimizer_state, optimizer_state_rule=cfg.optimizer_state_rule,
                 optimizer_params=cfg.optimizer_params,
                 optimizer_state_bias_correction=cfg.optimizer_state_bias_correction,
             )
             return
+        if cfg.projection is not None:
+            raise ValueError("projection is an option of the factored route: solver='kfac'/'ekfac', or 'identity' "
+                             "with modules=[...]")
         needs = [
             what
             for what, on in (
@@ -455,6 +465,16 @@ class InfluenceAnalyzer:
                     bar.update(b)
         self._check_count(j)
         return out
+
+    def train_statistics(self, train: Any, *,
+                         store: InfluenceStore | str | os.PathLike | None = None) -> dict[str, Tensor]:
+        """Factored route with ``projection``: keep every training example's projected gradient per module
+        (:meth:`FactoredInfluence.train_statistics`), so that later :meth:`scores` calls skip the pass over
+        the training set. Call after :meth:`fit`; ``store`` keeps them on disk."""
+        if self.factored is None:
+            raise RuntimeError("train_statistics needs the factored route (solver='kfac'/'ekfac', or 'identity' with "
+                               "modules=[...]) and projection=k")
+        return self.factored.train_statistics(train, store=store)
 
     def save_factors(self, directory: Any) -> None:
         """Factored route: write the fitted K-FAC/EK-FAC factors (safetensors + JSON) into ``directory``."""

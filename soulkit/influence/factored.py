@@ -98,6 +98,13 @@ class FactoredInfluence:
         likelihood: ``"categorical"`` (softmax over the last dimension) or ``"gaussian"``.
         fisher_samples: pseudo-gradient draws per sequence (each one extra backward, no forward).
         query_rank: keep each preconditioned query gradient as a rank-``r`` product (``None``: exact).
+        projection: LoGra-style gradient projection (Choe et al. 2024): each module's inputs ``a`` and output
+            gradients ``s`` are multiplied by fixed Gaussian matrices ``P_in [k, in]``, ``P_out [k, out]``
+            (entries ``N(0, 1/k)``, seeded by ``seed`` and the module's position; a side of ``k`` or fewer
+            features is left as it is), so a gradient ``G = sum_t s_t a_t^T`` becomes ``P_out G P_in^T``
+            ``[k, k]`` and the curvature, query and training gradients all live in that space. Inner
+            products are kept in expectation (Johnson-Lindenstrauss). This is what makes
+            :meth:`train_statistics` small enough to keep: ``k * k`` numbers per module and example.
         batch_size: batch size when a ``Dataset`` is given.
         seed: seeds the label draws (``derive_seed(seed, pass, batch, draw)``).
         progress: tqdm bars (``None``: only on a terminal).
@@ -120,6 +127,7 @@ class FactoredInfluence:
         likelihood: str = "categorical",
         fisher_samples: int = 1,
         query_rank: int | None = None,
+        projection: int | None = None,
         batch_size: int = 8,
         seed: int = 0,
         progress: bool | None = None,
@@ -147,6 +155,12 @@ class FactoredInfluence:
         if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
                                        or query_rank < 1):
             raise ValueError(f"query_rank must be an integer >= 1 or None, got {query_rank!r}")
+        if projection is not None and (isinstance(projection, bool) or not isinstance(projection, int)
+                                       or projection < 1):
+            raise ValueError(f"projection must be an integer >= 1 or None, got {projection!r}")
+        if projection is not None and method == "optimizer_state":
+            raise ValueError("method='optimizer_state' preconditions each parameter by its own curvature, which has "
+                             "no projected counterpart: leave projection=None")
         for name, v in (("l2", l2), ("damping", damping)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -156,6 +170,10 @@ class FactoredInfluence:
         self.l2, self.damping = float(l2), float(damping)
         self.batch_size, self.seed, self.progress = batch_size, int(seed), progress
         self.tracked: list[TrackedModule] = tracked_modules(model, modules)
+        self._device = next(model.parameters()).device
+        self.projection = projection
+        self._projections = self._make_projections(projection) if projection is not None else {}
+        self.statistics: dict[str, Tensor] | None = None  # train_statistics(): projected training gradients
         self.factors: KFACFactors | None = None
         self._fingerprint: tuple[Any, dict[str, Any]] | None = None
         self.n_train: int | None = None
@@ -201,7 +219,44 @@ class FactoredInfluence:
 
     @property
     def dims(self) -> dict[str, tuple[int, int]]:
-        return {tm.name: (tm.out_features, tm.in_dim) for tm in self.tracked}
+        """Per module, ``(out, in)`` of its gradients as the curvature sees them (projected with ``projection``)."""
+        out = {}
+        for tm in self.tracked:
+            p_in, p_out = self._projections.get(tm.name, (None, None))
+            out[tm.name] = (tm.out_features if p_out is None else p_out.shape[0],
+                            tm.in_dim if p_in is None else p_in.shape[0])
+        return out
+
+    def _make_projections(self, k: int) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """Per module ``(P_in, P_out)``, ``None`` for a side of ``k`` or fewer features (kept exact)."""
+        out = {}
+        for i, tm in enumerate(self.tracked):
+            sides = []
+            for side, d in enumerate((tm.in_dim, tm.out_features)):
+                if d <= k:
+                    sides.append(None)
+                    continue
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, 3, i, side))
+                P = torch.randn(k, d, generator=gen, dtype=torch.float64) / math.sqrt(k)
+                sides.append(P.to(device=self._device, dtype=torch.float32))  # the dtype ModuleCapture keeps
+            out[tm.name] = (sides[0], sides[1])
+        return out
+
+    def _project(self, tensors: Mapping[str, Tensor], side: int) -> dict[str, Tensor]:
+        """``a`` (``side=0``) or ``s`` (``side=1``) of each module, ``[b, T, d] -> [b, T, k]`` when projected."""
+        if not self._projections:
+            return dict(tensors)
+        out = {}
+        for name, t in tensors.items():
+            P = self._projections[name][side]
+            out[name] = t if P is None else t.to(P.dtype) @ P.T
+        return out
+
+    def _inputs(self, cap: ModuleCapture) -> dict[str, Tensor]:
+        return self._project(cap.inputs(), 0)
+
+    def _output_grads(self, cap: ModuleCapture, logits: Tensor, r: Tensor, **kw: Any) -> dict[str, Tensor]:
+        return self._project(cap.output_grads(logits, r, **kw), 1)
 
     def _source(self, data: Any, name: str) -> DataSource:
         return DataSource(data, name=name, batch_size=self.batch_size, dtype=None, device=self._device,
@@ -318,14 +373,15 @@ class FactoredInfluence:
         fp = {"model": model, "train": digest, "n_train": n, "train_batches": batches, "method": self.method,
               "modules": {n_: list(d) for n_, d in self.dims.items()}, "fisher": self.fisher,
               "likelihood": self.likelihood, "fisher_samples": self.fisher_samples, "seed": self.seed,
+              **({"projection": self.projection} if self.projection is not None else {}),
               "optimizer_state": tensors_digest(self.diagonal) if self.diagonal is not None else None}
         self._fingerprint = (train, fp)
         return fp
 
     def _sharded_pass(self, source: DataSource, phase: str, desc: str, sums: dict[str, Tensor],
-                      body: Callable[[int, Batch, int, ModuleCapture], None], store: InfluenceStore | None,
+                      body: Callable[[int, int, Batch, int, ModuleCapture], None], store: InfluenceStore | None,
                       sharding: Sharding) -> None:
-        """Run ``body`` (which adds into ``sums``) on this rank's batches, from the store's partial checkpoint
+        """Run ``body(k, start, batch, b, capture)`` (which adds into ``sums``) on this rank's batches, from the store's partial checkpoint
         of ``phase`` when there is one, saving one every ``store.checkpoint_seconds``; then sum over ranks."""
         begin = 0
         if store is not None and (got := store.load_partial(phase, sharding, self._device)) is not None:
@@ -335,8 +391,8 @@ class FactoredInfluence:
             begin = int(meta["next_batch"])
         clock = CheckpointClock(store.checkpoint_seconds) if store is not None else None
         select = None if begin == 0 and sharding.world == 1 else (lambda k: k >= begin and sharding.owns(k))
-        for k, _, batch, b, cap in self._passes(source, desc, select):
-            body(k, batch, b, cap)
+        for k, start, batch, b, cap in self._passes(source, desc, select):
+            body(k, start, batch, b, cap)
             if clock is not None and clock.due():
                 store.save_partial(phase, sharding, sums, {"next_batch": k + 1})  # type: ignore[union-attr]
         sharding.sum_(sums.values())
@@ -350,7 +406,7 @@ class FactoredInfluence:
         phase's results (and partial sums of an unfinished pass) so that a rerun resumes; one made for
         another model, data set or options is refused. Under torch.distributed each rank takes its share
         of the batches and the sums are all-reduced (:mod:`.store`)."""
-        self.factors, self._train_obj, self._fingerprint = None, None, None
+        self.factors, self._train_obj, self._fingerprint, self.statistics = None, None, None, None
         self.fit_seconds: dict[str, float] = {}
         sharding = Sharding.current()
         st = InfluenceStore.of(store)
@@ -374,17 +430,19 @@ class FactoredInfluence:
             sums = {**{f"{n}/a": t for n, t in acc.a.items()}, **{f"{n}/s": t for n, t in acc.s.items()},
                     "counts": counts}
 
-            def covariances(k: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
+            def covariances(k: int, start: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
                 logits, leaf, r = self._forward(cap, batch, b, "train")
-                for name, a in cap.inputs().items():
+                inputs = self._inputs(cap)
+                for name, a in inputs.items():
                     acc.add_inputs(name, a, self._token_mask(batch, a))
-                first = next(iter(cap.inputs().values()))
+                first = next(iter(inputs.values()))
                 m = self._token_mask(batch, first)
                 counts[0] += int(m.sum()) if m is not None else first.shape[0] * first.shape[1]
                 counts[1] += b
                 for draw in range(self.fisher_samples):
                     rt = self._pseudo_gradients(leaf, r, self._generator(1, k, draw))
-                    s = cap.output_grads(logits, rt.to(logits.dtype), retain_graph=draw < self.fisher_samples - 1)
+                    s = self._output_grads(cap, logits, rt.to(logits.dtype),
+                                           retain_graph=draw < self.fisher_samples - 1)
                     for name, sm in s.items():
                         acc.add_output_grads(name, sm, 1.0 / self.fisher_samples)
 
@@ -413,13 +471,13 @@ class FactoredInfluence:
             else:
                 sums = correction_sums(self.dims, self._device)
 
-                def corrections(k: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
+                def corrections(k: int, start: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
                     logits, leaf, r = self._forward(cap, batch, b, "train")
-                    a = cap.inputs()
+                    a = self._inputs(cap)
                     for draw in range(self.fisher_samples):
                         rt = self._pseudo_gradients(leaf, r, self._generator(2, k, draw))
-                        s = cap.output_grads(logits, rt.to(logits.dtype),
-                                             retain_graph=draw < self.fisher_samples - 1)
+                        s = self._output_grads(cap, logits, rt.to(logits.dtype),
+                                               retain_graph=draw < self.fisher_samples - 1)
                         for name in a:
                             add_correction(sums[name], factors[name], a[name], s[name], 1.0 / self.fisher_samples)
 
@@ -433,9 +491,48 @@ class FactoredInfluence:
         self.factors = KFACFactors(factors, self.method, {
             "sequences": n, "tokens": acc.tokens, "fisher": self.fisher, "likelihood": self.likelihood,
             "fisher_samples": self.fisher_samples, "fit_seconds": dict(self.fit_seconds),
+            **({"projection": self.projection, "seed": self.seed} if self.projection is not None else {}),
         })
         self.n_train, self._train_obj = n, train
         return self
+
+    def train_statistics(self, train: Any, *, store: InfluenceStore | str | os.PathLike | None = None
+                         ) -> dict[str, Tensor]:
+        """Compute and keep every training example's projected gradient per module, ``[n, k_out, k_in]``
+        (``projection`` must be set), so that :meth:`scores` needs no pass over the training set: scoring a
+        new set of queries then costs its query gradients and one product per module (LoGra's stored
+        statistics). ``store``: kept there as ``train_gradients.safetensors`` (resumable, sharded like the
+        factor passes), and read back by a later ``scores(..., store=)``. Call after :meth:`fit`."""
+        if self.n_train is None:
+            raise RuntimeError("call fit(train) before train_statistics(train)")
+        if self.projection is None:
+            raise ValueError("train_statistics keeps one gradient per training example and module: set projection=k "
+                             "(k x k numbers per module and example) so that they fit")
+        sharding = Sharding.current()
+        st = InfluenceStore.of(store)
+        if st is not None:
+            st.claim("factors", self.factor_fingerprint(train, sharding), sharding)
+            if st.has("train_gradients"):
+                self.statistics = st.load_phase("train_gradients", self._device)[0]
+                return self.statistics
+        n = self.n_train
+        dtype = torch.float32  # what ModuleCapture keeps
+        sums = {name: torch.zeros(n, o, i, dtype=dtype, device=self._device) for name, (o, i) in self.dims.items()}
+
+        def gradients(k: int, start: int, batch: Batch, b: int, cap: ModuleCapture) -> None:
+            if start + b > n:
+                raise ValueError(f"train has more than the {n} sequences the analyzer was fitted on: pass the "
+                                 "training set given to fit")
+            a, s = self._batch_gradients(cap, batch, b, "train")
+            for name, t in sums.items():
+                t[start:start + b] = per_example_gradients(a[name], s[name]).to(dtype)
+
+        self._sharded_pass(self._source(train, "train"), "train_gradients", "training gradients (projected)", sums,
+                           gradients, st, sharding)
+        if st is not None:
+            st.save_phase("train_gradients", sums, {"n_train": n}, sharding)
+        self.statistics = sums
+        return sums
 
     def save_factors(self, directory: Any) -> None:
         """Write the fitted factors (:meth:`KFACFactors.save`)."""
@@ -449,13 +546,17 @@ class FactoredInfluence:
             raise RuntimeError("method='optimizer_state' has no factors to load: its curvature is the optimizer state")
         factors = KFACFactors.load(directory, device=self._device)
         factors.check_matches(self.dims)
+        saved = (factors.meta.get("projection"), factors.meta.get("seed") if factors.meta.get("projection") else None)
+        if saved != (self.projection, self.seed if self.projection is not None else None):
+            raise ValueError(f"these factors were fitted with projection={saved[0]} (seed {saved[1]}) but this analyzer "
+                             f"has projection={self.projection} (seed {self.seed}): the projected spaces differ")
         if self.method == "ekfac" and factors.method != "ekfac":
             raise ValueError("these factors were fitted with 'kfac'; EK-FAC needs its eigenvalue pass: refit")
         n = int(factors.meta.get("sequences", 0))
         source = self._source(train, "train")
         if source.n != n:
             raise ValueError(f"the factors were fitted on {n} sequences but train has {source.n}")
-        self.factors, self.n_train, self._train_obj = factors, n, train
+        self.factors, self.n_train, self._train_obj, self.statistics = factors, n, train, None
         return self
 
     # ---- scoring ----------------------------------------------------------------------------
@@ -467,8 +568,8 @@ class FactoredInfluence:
     def _batch_gradients(self, cap: ModuleCapture, batch: Batch, b: int, name: str
                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         logits, _, r = self._forward(cap, batch, b, name)
-        s = cap.output_grads(logits, r.detach().to(logits.dtype))
-        return cap.inputs(), s
+        s = self._output_grads(cap, logits, r.detach().to(logits.dtype))
+        return self._inputs(cap), s
 
     def query_gradients(self, queries: Any) -> dict[str, Tensor | tuple[Tensor, Tensor]]:
         """Per module, the preconditioned query gradients ``Q`` ``[m, out, in]`` (or ``(U, V)`` with
@@ -526,6 +627,15 @@ class FactoredInfluence:
         done: set[int] = set()
         if st is not None:
             st.claim("factors", self.factor_fingerprint(train, sharding), sharding)
+            if self.statistics is None and not per_token and st.has("train_gradients"):
+                self.statistics = st.load_phase("train_gradients", self._device)[0]
+        if self.statistics is not None and not per_token:
+            if train is not self._train_obj and (data_fingerprint(self._source(train, "train").loader)[0]
+                                                 != data_fingerprint(self._source(self._train_obj, "train").loader)[0]):
+                raise ValueError("train differs from the training set the kept training gradients were computed on: "
+                                 "pass the training set given to fit and train_statistics")
+            return self._scores_from_statistics(queries)
+        if st is not None:
             st.claim("scores", self.score_fingerprint(train, queries, per_token, st, sharding), sharding)
             if st.has_scores():
                 return st.load_scores(self._device)["per_token" if per_token else "scores"]
@@ -560,6 +670,23 @@ class FactoredInfluence:
         flush()
         st.assemble_scores(n, sharding)
         return st.load_scores(self._device)["per_token" if per_token else "scores"]
+
+    def _scores_from_statistics(self, queries: Any) -> Tensor:
+        """``[m, n]`` scores against the kept training gradients (:meth:`train_statistics`): no training pass.
+        They are not written to a store: one product per module is cheaper than reading them back."""
+        assert self.statistics is not None and self.n_train is not None
+        Q = self.query_gradients(queries)
+        out = None
+        for name, q in Q.items():
+            G = self.statistics[name]
+            if self.query_rank is not None:
+                U, V = q
+                part = torch.einsum("mor,mir,noi->mn", U, V.to(U.dtype), G.to(U.dtype))
+            else:
+                part = torch.einsum("moi,noi->mn", q, G.to(q.dtype))
+            out = part if out is None else out + part
+        assert out is not None
+        return (out / self.n_train).float()  # the dtype of the training-pass route
 
     def _score_block(self, Q: Mapping[str, Any], a: Mapping[str, Tensor], s: Mapping[str, Tensor], m: int, b: int,
                      per_token: bool) -> Tensor:

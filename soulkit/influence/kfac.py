@@ -232,17 +232,20 @@ def with_corrections(factors: Mapping[str, ModuleFactors], sums: Mapping[str, Te
 
 
 def low_rank(Q: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``Q`` ``[m, out, in]`` as ``U @ V^T`` with ``U`` ``[m, out, r]``, ``V`` ``[m, in, r]`` (randomized SVD;
+    """``Q`` ``[m, out, in]`` as ``U @ V^T`` with ``U`` ``[m, out, r]``, ``V`` ``[m, in, r]`` (randomized SVD, seeded;
     exact, by a full SVD, when ``rank`` reaches ``min(out, in)``)."""
     m, out_f, in_f = Q.shape
     if rank >= min(out_f, in_f):
         U, S, Vh = torch.linalg.svd(Q.to(torch.float64), full_matrices=False)
         return (U * S.unsqueeze(1)).to(Q.dtype), Vh.transpose(1, 2).to(Q.dtype)
     Us, Vs = [], []
-    for q in Q:
-        U, S, V = torch.svd_lowrank(q, q=rank, niter=4)
-        Us.append(U * S)
-        Vs.append(V)
+    devices = [Q.device] if Q.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # svd_lowrank draws from the global RNG: same Q, same factors
+        torch.manual_seed(0)
+        for q in Q:
+            U, S, V = torch.svd_lowrank(q, q=rank, niter=4)
+            Us.append(U * S)
+            Vs.append(V)
     return torch.stack(Us), torch.stack(Vs)
 
 

@@ -8,6 +8,8 @@ atomically (a temporary file, fsynced, renamed), tensors as safetensors (no pick
     covariances.safetensors             K-FAC sums of a a^T and s s^T (all ranks), with the token/sequence counts
     eigendecompositions.safetensors     eigenvectors and eigenvalues of A and S per module
     eigenvalue_corrections.safetensors  EK-FAC's refitted eigenvalues per module
+    train_gradients.safetensors         with ``projection``: every training example's projected gradient per
+                                        module, which lets scores skip the training pass (``train_statistics``)
     partial/<phase>.rank<r>-of-<w>.safetensors   a rank's running sums of an unfinished pass (next batch in
                                         the metadata), every ``checkpoint_seconds``
     scores/chunk-<c>.safetensors        scores of training batches [c * chunk_batches, (c + 1) * chunk_batches)
@@ -53,7 +55,8 @@ FORMAT = "soulkit-influence-store-v1"
 META_FILE = "store.json"
 SCORES_FILE = "scores.safetensors"
 PHASE_FILES = {"covariances": "covariances.safetensors", "eigendecompositions": "eigendecompositions.safetensors",
-               "eigenvalue_corrections": "eigenvalue_corrections.safetensors"}
+               "eigenvalue_corrections": "eigenvalue_corrections.safetensors",
+               "train_gradients": "train_gradients.safetensors"}
 _OWNED = (META_FILE, SCORES_FILE, *PHASE_FILES.values(), "partial", "scores")
 
 

@@ -11,7 +11,7 @@ import torch
 from .. import _dist
 from . import _tiny_lm as L
 
-SCENARIOS = ("ekfac", "kfac_per_token")
+SCENARIOS = ("ekfac", "kfac_per_token", "projected")
 
 
 def _body(solver: str, per_token: bool):
@@ -36,8 +36,23 @@ def _body(solver: str, per_token: bool):
     return body
 
 
+def projected_analyzer():
+    from soulkit.influence import InfluenceAnalyzer
+
+    return InfluenceAnalyzer(L.TinyLM(), L.lm_loss(), solver="ekfac", projection=4, batch_size=L.BATCH, progress=False)
+
+
+def _projected(rank: int, world: int) -> dict:
+    """EK-FAC in a projected space, every training gradient kept (each rank fills its batches' rows)."""
+    an = projected_analyzer()
+    st = L.store(Path(_OUT[0]) / "store-projected", chunk_batches=2)
+    an.fit(L.train_set(), store=st)
+    stats = an.train_statistics(L.train_set(), store=st)
+    return {"statistics": stats, "scores": an.scores(L.train_set(), L.query_set(), store=st)}
+
+
 _OUT: list[str] = []
-_BODIES = {"ekfac": _body("ekfac", False), "kfac_per_token": _body("kfac", True)}
+_BODIES = {"ekfac": _body("ekfac", False), "kfac_per_token": _body("kfac", True), "projected": _projected}
 
 
 def main(rank: int, world: int, scenarios: list[str], out_dir: str) -> None:
