@@ -786,7 +786,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         raise ValueError(f"--solver must be one of {', '.join(LM_SOLVERS)}, got {args.solver!r}")
     for flag, v, low in (("--top-k", args.top_k, 1), ("--top-tokens", args.top_tokens, 1),
                          ("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2),
-                         ("--chunk-batches", args.chunk_batches, 1)):
+                         ("--chunk-batches", args.chunk_batches, 1), ("--projection", args.projection, 1)):
         if v is not None and v < low:
             raise ValueError(f"{flag} must be an int >= {low}, got {v}")
     if not (math.isfinite(args.damping) and args.damping >= 0):
@@ -804,6 +804,8 @@ def _cmd_influence(args: argparse.Namespace) -> int:
                          "never modifies; choose another --out")
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file; choose a directory")
+    if args.store is not None and args.store.exists() and not args.store.is_dir():
+        raise FileExistsError(f"--store {args.store} is a file; choose a directory")
     present = [name for name in OUTPUT_FILES if (args.out / name).exists()]
     if present and not args.overwrite:
         raise FileExistsError(f"{args.out} already holds results ({', '.join(present)}); pass --overwrite or choose "
@@ -814,7 +816,7 @@ def _cmd_influence(args: argparse.Namespace) -> int:
         per_token=args.per_token, top_k=args.top_k, top_tokens=args.top_tokens, text_field=args.text_field,
         prompt_field=args.prompt_field, completion_field=args.completion_field, max_length=args.max_length,
         batch_size=args.batch_size, damping=args.damping, progress=not args.no_progress, overwrite=args.overwrite,
-        chunk_batches=args.chunk_batches,
+        chunk_batches=args.chunk_batches, projection=args.projection, store=args.store,
     )  # results replace old ones (--overwrite) only once all of them are written; the store resumes a killed run
     if summary["rank"] == 0:
         print(f"{args.solver} influence of {summary['n_train']} training examples on {summary['n_queries']} queries "
@@ -1038,6 +1040,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "factors and chunks of scores, from which the same command resumes an interrupted run)")
     p_inf.add_argument("--overwrite", action="store_true",
                        help="replace results already in --out and start its store over")
+    p_inf.add_argument("--store", type=Path, default=None,
+                       help="keep the factors (and with --projection the training gradients) here instead of "
+                            "OUT/store: later runs with other --queries and the same model, --train and options "
+                            "reuse them (--overwrite does not clear a --store)")
+    p_inf.add_argument("--projection", type=int, default=None,
+                       help="LoGra-style: project each module's gradients to K x K and keep every training "
+                            "example's projected gradient in the store, so scoring new queries needs no pass "
+                            "over --train (default: exact gradients, one training pass per run)")
     p_inf.add_argument("--chunk-batches", type=int, default=16, dest="chunk_batches",
                        help="training batches per chunk of scores written to the store (default 16)")
     _registry_argument(p_inf, "--solver", default="ekfac", help="curvature: {choices} (identity: gradient dot "

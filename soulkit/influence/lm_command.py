@@ -184,13 +184,17 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
                   text_field: str = "text", prompt_field: str | None = None, completion_field: str | None = None,
                   max_length: int | None = None, batch_size: int = 8, damping: float = 0.0,
                   progress: bool | None = None, overwrite: bool = False, chunk_batches: int = 16,
+                  projection: int | None = None, store: Path | None = None,
                   ) -> dict[str, Any]:
     """Score, then write the four output files into ``out`` (each replaced only once all are ready).
 
     The factors and chunks of scores go to the store ``out/store`` (:class:`~soulkit.influence.InfluenceStore`,
     ``chunk_batches`` training batches per chunk) as they are computed, so that the same call after an
     interruption resumes; a store made for another model, data or options is refused unless ``overwrite``,
-    which starts it over. Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a gloo process group and split
+    which starts it over. ``store``: a store directory of the caller's instead (never cleared: a mismatch is an
+    error). ``projection``: LoGra-style projected gradients, every training example's kept in the store, so
+    that a later call with other queries against the same store skips the training pass (the scores
+    themselves are then recomputed, not stored). Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a gloo process group and split
     the work; rank 0 writes the outputs. ``options`` is written to ``run.json``. Returns a summary (sizes,
     seconds, paths, whether the store was resumed).
     """
@@ -234,14 +238,17 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
     modules = [t.name for t in tracked_modules(model)] if solver == "identity" else None
     t0 = time.perf_counter()
     an = InfluenceAnalyzer(model, lm_loss(), solver=solver, modules=modules, l2=0.0, damping=damping,
-                           batch_size=batch_size, progress=progress)
-    store = InfluenceStore(Path(out) / STORE_DIR, chunk_batches=chunk_batches)
+                           batch_size=batch_size, progress=progress, projection=projection)
+    own_store = store is None
+    store = InfluenceStore(Path(out) / STORE_DIR if own_store else store, chunk_batches=chunk_batches)
     with _process_group():
         sharding = Sharding.current()
-        if overwrite:
+        if overwrite and own_store:
             store.clear(sharding)
         resumed = (store.directory / "store.json").is_file()
         an.fit(train_loader, store=store)
+        if projection is not None and not per_token:
+            an.train_statistics(train_loader, store=store)
         if per_token:
             tok_scores = an.scores(train_loader, query_loader, per_token=True, store=store).float()
             scores = tok_scores.sum(-1)
@@ -282,7 +289,8 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
         "# soulkit influence", "",
         f"- model: `{model_dir}` ({type(model).__name__}, {n_params:,} parameters, {len(tracked)} tracked modules)",
         f"- solver: {solver}, damping: {damping:g}" + (" (0: 0.1x each module's mean eigenvalue)"
-                                                        if damping == 0 and solver != "identity" else ""),
+                                                        if damping == 0 and solver != "identity" else "")
+        + (f"; gradients projected to {projection} x {projection} per module (LoGra)" if projection else ""),
         f"- training examples: {len(train)} from `{train_path}`; queries: {len(queries)} from `{queries_path}`",
         "- loss: next-token cross-entropy summed over "
         + (f"the completion of records with `{prompt_field}` + `{completion_field}` (prompt masked), else "

@@ -211,6 +211,8 @@ def _bad_cases(tmp_path, model_dir, train, queries):
         "no safetensors": ([train, queries], ["MODEL", no_weights], "safetensors"),
         "top-k 0": ([train, queries], ["--top-k", "0"], "--top-k"),
         "chunk-batches 0": ([train, queries], ["--chunk-batches", "0"], "--chunk-batches"),
+        "projection 0": ([train, queries], ["--projection", "0"], "--projection must be an int >= 1"),
+        "store is a file": ([train, queries], ["--store", str(train)], "--store"),
         "unknown solver": ([train, queries], ["--solver", "cg"], "--solver"),
         "prompt without completion": ([train, queries], ["--prompt-field", "prompt"], "--completion-field"),
         "pair fields missing in a query": ([train, queries], ["--prompt-field", "p", "--completion-field", "c"],
@@ -354,3 +356,25 @@ def test_under_torchrun_two_ranks_write_the_single_process_results(model_dir, fi
     got, want = _load(two)[0]["scores"], _load(one)[0]["scores"]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     assert [e["positive"][0]["index"] for e in _load(two)[1]] == [e["positive"][0]["index"] for e in _load(one)[1]]
+
+
+def test_projection_keeps_training_gradients_that_new_queries_reuse(model_dir, files, tmp_path):
+    train_path, queries_path = files
+    store = tmp_path / "shared-store"
+    seqs = lambda texts: [(_ids(t), _ids(t)) for t in texts]  # noqa: E731
+    first = tmp_path / "first"
+    assert _run(model_dir, train_path, queries_path, first, "--projection", "3", "--store", str(store)) == 0
+    assert (store / "train_gradients.safetensors").is_file() and not (first / "store").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    an = InfluenceAnalyzer(model, lm_loss(), solver="ekfac", projection=3, batch_size=2, progress=False)
+    tr = _batches(seqs(TRAIN))
+    expected = an.fit(tr).scores(tr, _batches(seqs(QUERIES)))
+    torch.testing.assert_close(_load(first)[0]["scores"], expected.float(), rtol=1e-5, atol=1e-6)
+    # other queries against the same store: the factors and training gradients are read, not recomputed
+    other = _jsonl(tmp_path / "other.jsonl", [{"text": t} for t in reversed(QUERIES)])
+    before = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    second = tmp_path / "second"
+    assert _run(model_dir, train_path, other, second, "--projection", "3", "--store", str(store)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == before
+    torch.testing.assert_close(_load(second)[0]["scores"], _load(first)[0]["scores"].flip(0))
+    assert "projected to 3 x 3" in (second / "report.md").read_text()
