@@ -132,3 +132,38 @@ def test_projection_bad_input_is_named(tmp_path):
                               progress=False)
     with pytest.raises(ValueError, match="projected spaces differ"):
         other.load_factors(tmp_path / "f", train)
+
+
+@pytest.mark.parametrize("stop", [2, 14, 17])
+def test_an_interrupted_training_gradient_pass_resumes_bit_identically(tmp_path, stop):
+    """Stopped at its ``stop``-th forward (6 covariance, 6 EK-FAC, 6 training-gradient batches), the rerun
+    continues from the partial checkpoint and keeps the uninterrupted run's gradients bit for bit."""
+    from .test_store import _wrap_forward
+
+    train = L.train_set()
+
+    def make():
+        return InfluenceAnalyzer(L.TinyLM(), L.lm_loss(), solver="ekfac", projection=4, batch_size=L.BATCH,
+                                 progress=False)
+
+    reference = make().fit(train)
+    reference = reference.train_statistics(train)
+    st = L.store(tmp_path / "s")
+    an = make()
+    seen = []
+
+    def interrupt(fn, model, batch):
+        if len(seen) == stop:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return fn(model, batch)
+
+    _wrap_forward(an, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        an.fit(train, store=st).train_statistics(train, store=st)
+    again = make()
+    calls = _counting(again)
+    kept = again.fit(train, store=st).train_statistics(train, store=st)
+    assert len(calls) == 18 - stop
+    for name, g in reference.items():
+        assert torch.equal(kept[name], g)
