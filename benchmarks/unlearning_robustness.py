@@ -226,7 +226,6 @@ def main() -> None:
 
     models: list[tuple[str, int | None, Path | None]] = [("finetuned", None, None),
                                                          ("retrain-seed2", None, suite.retrained_dir(args.split, 2))]
-    # seed by seed: the first seed of every method x optimizer is done before any second seed
     models += [(f"{m} x {o}", s, None) for s in seeds for m in methods for o in optimizers]
     labels = list(dict.fromkeys(label for label, _, _ in models))
     rows: list[dict] = []
@@ -246,7 +245,7 @@ def main() -> None:
                   f"done; rerun the same command to continue.\n{rest}")
         atomic_write_text(args.out / f"{stem}.md", md)
         plot(done, labels, args.out / f"{stem}.png")
-    for label, seed, model_dir in models:
+    def attack_model(label: str, seed: int | None, model_dir: Path | None) -> None:
         for name in names:
             cfg = attack_configs(seed or 0)[name]
             key = f"{label}|{seed}|{args.split}|{name}"
@@ -266,22 +265,31 @@ def main() -> None:
             r = run(key, attack)
             rows.append({"model": label, "seed": seed, "attack": name, **r})
         report()
-    if not args.no_sequential:
-        for method in methods:
-            for opt in optimizers:
-                for seed in seeds:
-                    cfg = AttackConfig("sequential", method=method, optimizer=opt, seed=seed)
-                    key = f"{method} x {opt}|{seed}|{args.split}|sequential"
 
-                    def sequential(cfg=cfg) -> dict:
-                        res = run_attack(suite, args.split, cfg)
-                        return {"numbers": headline("sequential", res), "forget_quality": None,
-                                "model_utility": None, "forget_rouge": None,
-                                "attack_seconds": res["attack_seconds"]}
+    def sequential_run(method: str, opt: str, seed: int) -> None:
+        cfg = AttackConfig("sequential", method=method, optimizer=opt, seed=seed)
+        key = f"{method} x {opt}|{seed}|{args.split}|sequential"
 
-                    rows.append({"model": f"{method} x {opt}", "seed": seed, "attack": "sequential",
-                                 **run(key, sequential)})
-                    report()
+        def sequential() -> dict:
+            res = run_attack(suite, args.split, cfg)
+            return {"numbers": headline("sequential", res), "forget_quality": None, "model_utility": None,
+                    "forget_rouge": None, "attack_seconds": res["attack_seconds"]}
+
+        rows.append({"model": f"{method} x {opt}", "seed": seed, "attack": "sequential", **run(key, sequential)})
+        report()
+
+    # seed by seed (the two ends first): a stopped run has every model and request of its first seeds
+    for label, seed, model_dir in models:
+        if seed is None:
+            attack_model(label, seed, model_dir)
+    for s in seeds:
+        for label, seed, model_dir in models:
+            if seed == s:
+                attack_model(label, seed, model_dir)
+        if not args.no_sequential:
+            for method in methods:
+                for opt in optimizers:
+                    sequential_run(method, opt, s)
     report()
     run.finish()
     print((args.out / f"{stem}.md").read_text())
