@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import statistics
 import sys
@@ -57,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import machine_info, machine_line  # noqa: E402
-from _runs import ResumableRuns, select, slim  # noqa: E402
+from _runs import KEEP, ResumableRuns, select, slim  # noqa: E402
 
 from soulkit._io import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from soulkit.unlearn.evaluate import conventions  # noqa: E402
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-results", action="store_true",
+                    help="first take every run of the committed soul_repro.json into the partial file (same keys), "
+                         "so that this invocation adds only the runs that json lacks")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the outputs from the finished runs of the partial file, listing the rest")
     args = ap.parse_args()
@@ -143,6 +147,8 @@ def main() -> None:
 
     suite = UnlearningSuite.from_scale(args.scale, cache_dir=args.cache_dir, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        seed_partial(args.out / "soul_repro.json", args.out / ".soul_repro.partial.json")
     run = ResumableRuns(args.out / ".soul_repro.partial.json")
     t_start = time.perf_counter()
     info = machine_info()
@@ -232,6 +238,25 @@ def main() -> None:
         return
     run.finish()
     print((args.out / "soul_repro.md").read_text())
+
+
+def seed_partial(results: Path, partial: Path) -> None:
+    """Add the runs of a written ``soul_repro.json`` to the partial file under the keys ``main`` gives them
+    (runs already in the partial file are kept as they are)."""
+    done = json.loads(partial.read_text()) if partial.exists() else {}
+    names = {"finetuned": "finetuned", "retrain-seed2": "retrain2"}
+    added = 0
+    for r in json.loads(results.read_text()):
+        if r["phase"] == "reference":
+            key = f"{names[r['method']]}|{r['split']}"
+        else:
+            key = (f"{r['phase']}|{r['method']}|{r['optimizer']}|{r['split']}|{r['seed']}|{r['lr']:g}|{r['gamma']:g}|"
+                   f"{r['schedule']}")
+        if key not in done:
+            done[key] = {k: r.get(k) for k in (*KEEP, "wall_seconds", "error") if k in r}
+            added += 1
+    atomic_write_json(partial, done)
+    print(f"{added} runs of {results} taken into {partial}", flush=True)
 
 
 def _points(rows: list[dict], method: str, arm: str, split: str, schedule: str, ft: dict) -> list[dict]:
