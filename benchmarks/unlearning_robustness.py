@@ -198,6 +198,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more oversubscribe a shared machine)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--no-ends", action="store_true", help="skip the two ends (a process that adds other seeds)")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="partial file of another process of this benchmark (e.g. one run with --seeds 2 --no-ends "
+                         "--tag _seed2): its finished attacks are taken in as if run here")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the outputs from the finished attacks, listing the missing ones")
+    ap.add_argument("--keep-partial", action="store_true", help="keep the partial file once the outputs are written")
     args = ap.parse_args()
     if args.quick:
         args.methods, args.seeds, args.no_sequential = "npo", "1", True
@@ -215,6 +222,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"unlearning_robustness{args.tag}"
     run = ResumableRuns(args.out / f".{stem}.partial.json", verbose=False)
+    for other in args.merge:
+        import json
+
+        run.done.update({k: v for k, v in json.loads(other.read_text()).items() if k not in run.done})
+    missing: list[str] = []
     t_start = time.perf_counter()
 
     def unlearned(method: str, opt: str, seed: int) -> Path:
@@ -262,6 +274,9 @@ def main() -> None:
                 return {"numbers": nums, "forget_quality": None, "model_utility": None, "forget_rouge": None,
                         "attack_seconds": res["attack_seconds"]}
 
+            if args.report_only and key not in run.done:
+                missing.append(key)
+                continue
             r = run(key, attack)
             rows.append({"model": label, "seed": seed, "attack": name, **r})
         report()
@@ -269,6 +284,9 @@ def main() -> None:
     def sequential_run(method: str, opt: str, seed: int) -> None:
         cfg = AttackConfig("sequential", method=method, optimizer=opt, seed=seed)
         key = f"{method} x {opt}|{seed}|{args.split}|sequential"
+        if args.report_only and key not in run.done:
+            missing.append(key)
+            return
 
         def sequential() -> dict:
             res = run_attack(suite, args.split, cfg)
@@ -280,7 +298,7 @@ def main() -> None:
 
     # seed by seed (the two ends first): a stopped run has every model and request of its first seeds
     for label, seed, model_dir in models:
-        if seed is None:
+        if seed is None and not args.no_ends:
             attack_model(label, seed, model_dir)
     for s in seeds:
         for label, seed, model_dir in models:
@@ -291,7 +309,10 @@ def main() -> None:
                 for opt in optimizers:
                     sequential_run(method, opt, s)
     report()
-    run.finish()
+    if missing:
+        print(f"not run ({len(missing)}): " + ", ".join(missing))
+    elif not args.keep_partial:
+        run.finish()
     print((args.out / f"{stem}.md").read_text())
 
 
