@@ -217,7 +217,9 @@ def add_correction(total: Tensor, factors: ModuleFactors, a: Tensor, s: Tensor, 
     """Add ``sum_j (Q_S^T G_j Q_A)^2`` of one batch (``a`` ``[B, T, in]``, ``s`` ``[B, T, out]``) to ``total``."""
     qa, qs = factors.a_vecs.to(a.dtype), factors.s_vecs.to(s.dtype)
     rot = torch.bmm((s @ qs).transpose(1, 2), a @ qa)  # [B, out, in]
-    total.add_(rot.to(torch.float64).square().sum(0), alpha=weight)
+    # the batch's sum in rot's precision (float64 for float64 inputs), accumulated into the float64 total:
+    # a float64 copy of every per-example rotation would cost more than the rotation itself
+    total.add_(rot.square().sum(0).to(torch.float64), alpha=weight)
 
 
 def with_corrections(factors: Mapping[str, ModuleFactors], sums: Mapping[str, Tensor], sequences: int,
