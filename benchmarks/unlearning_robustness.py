@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more oversubscribe a shared machine)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--sequential-only", action="store_true", help="only the sequential requests (implies --no-ends)")
     ap.add_argument("--no-ends", action="store_true", help="skip the two ends (a process that adds other seeds)")
     ap.add_argument("--merge", type=Path, action="append", default=[],
                     help="partial file of another process of this benchmark (e.g. one run with --seeds 2 --no-ends "
@@ -298,11 +299,11 @@ def main() -> None:
 
     # seed by seed (the two ends first): a stopped run has every model and request of its first seeds
     for label, seed, model_dir in models:
-        if seed is None and not args.no_ends:
+        if seed is None and not (args.no_ends or args.sequential_only):
             attack_model(label, seed, model_dir)
     for s in seeds:
         for label, seed, model_dir in models:
-            if seed == s:
+            if seed == s and not args.sequential_only:
                 attack_model(label, seed, model_dir)
         if not args.no_sequential:
             for method in methods:
