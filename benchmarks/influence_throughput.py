@@ -90,7 +90,6 @@ import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -121,6 +120,7 @@ from influence_lm_lds import (  # noqa: E402
 
 from soulkit._causal_lm import ModelConfig, build_model  # noqa: E402
 from soulkit._io import atomic_write_json, atomic_write_text  # noqa: E402
+from soulkit.bench.machine import loopback_interface  # noqa: E402
 from soulkit.influence import InfluenceAnalyzer  # noqa: E402
 from soulkit.influence.modules import tracked_modules  # noqa: E402
 from soulkit.influence.store import InfluenceStore, model_fingerprint  # noqa: E402
@@ -207,14 +207,6 @@ def kron_call(model, xtr, xq, damping: float, names: list[str]) -> dict:
 # ------------------------------------------------------------------------------------- the 2-rank pool
 
 
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
 def kronfluence_state_probe(rank: int, world: int) -> dict:
     """What kronfluence's process state reports inside an initialised gloo group, with the environment
     ``torchrun`` sets, for ``cpu=True`` and ``cpu=False``."""
@@ -253,7 +245,7 @@ def rank_main(rank: int, world: int, cfg: dict, rendezvous: str, conn) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()) is not None:
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := loopback_interface()) is not None:
         os.environ["GLOO_SOCKET_IFNAME"] = lo
     try:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)

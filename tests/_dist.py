@@ -10,7 +10,6 @@ ranks that import torch costs far more than small scenarios, so one launch runs 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import warnings
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from soulkit.bench.machine import loopback_interface
+
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 90.0  # a guard against hung collectives; a launch takes ~15-30 s
 
@@ -27,14 +28,6 @@ needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="needs torch.distributed with the gloo backend",
 )
-
-
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 def run_rank(rank: int, world: int, scenarios: Sequence[str], out_dir: str,
@@ -59,7 +52,7 @@ def run_rank(rank: int, world: int, scenarios: Sequence[str], out_dir: str,
         os.environ.setdefault("TRITON_INTERPRET", "1")
     # Rendezvous through a file (no port to pick) and keep gloo on the loopback interface: the
     # sandbox's hostname may not resolve, and nothing outside this machine is needed.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()) is not None:
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := loopback_interface()) is not None:
         os.environ["GLOO_SOCKET_IFNAME"] = lo
     store = Path(out_dir) / "rendezvous"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

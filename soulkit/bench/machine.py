@@ -14,7 +14,7 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["machine_info", "machine_line", "cpu_model"]
+__all__ = ["machine_info", "machine_line", "cpu_model", "loopback_interface"]
 
 
 def cpu_model() -> str:
@@ -83,3 +83,15 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     print(machine_line())
+
+
+def loopback_interface() -> str | None:
+    """The loopback network interface's name (``lo`` or ``lo0``), for ``GLOO_SOCKET_IFNAME`` when gloo ranks on
+    one machine must not look for another interface; ``None`` if there is none."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)

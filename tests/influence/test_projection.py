@@ -10,7 +10,7 @@ from soulkit.influence import InfluenceAnalyzer
 from soulkit.influence.factored import FactoredInfluence
 
 from . import _tiny_lm as L
-from .test_store import _counting
+from .test_store import _counting, interrupt_at
 
 
 def _double(model: torch.nn.Module) -> torch.nn.Module:
@@ -138,8 +138,6 @@ def test_projection_bad_input_is_named(tmp_path):
 def test_an_interrupted_training_gradient_pass_resumes_bit_identically(tmp_path, stop):
     """Stopped at its ``stop``-th forward (6 covariance, 6 EK-FAC, 6 training-gradient batches), the rerun
     continues from the partial checkpoint and keeps the uninterrupted run's gradients bit for bit."""
-    from .test_store import _wrap_forward
-
     train = L.train_set()
 
     def make():
@@ -150,15 +148,7 @@ def test_an_interrupted_training_gradient_pass_resumes_bit_identically(tmp_path,
     reference = reference.train_statistics(train)
     st = L.store(tmp_path / "s")
     an = make()
-    seen = []
-
-    def interrupt(fn, model, batch):
-        if len(seen) == stop:
-            raise KeyboardInterrupt
-        seen.append(1)
-        return fn(model, batch)
-
-    _wrap_forward(an, interrupt)
+    interrupt_at(an, stop)
     with pytest.raises(KeyboardInterrupt):
         an.fit(train, store=st).train_statistics(train, store=st)
     again = make()

@@ -28,6 +28,19 @@ def _wrap_forward(an: InfluenceAnalyzer, wrapper) -> None:
     an.factored.loss = dataclasses.replace(loss, output_fn=lambda m, b: wrapper(loss.output_fn, m, b))
 
 
+def interrupt_at(an: InfluenceAnalyzer, stop: int) -> None:
+    """Make ``an`` raise KeyboardInterrupt at its ``stop``-th forward pass (counting from 0), as Ctrl-C would."""
+    seen: list[int] = []
+
+    def interrupt(fn, model, batch):
+        if len(seen) == stop:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return fn(model, batch)
+
+    _wrap_forward(an, interrupt)
+
+
 def _counting(an: InfluenceAnalyzer) -> list[int]:
     """Count the model's forward passes of ``an`` (one entry per batch run)."""
     calls: list[int] = []
@@ -119,15 +132,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, stop):
     reference = L.run(tmp_path / "uninterrupted")
     st = L.store(tmp_path / "s")
     an = L.analyzer()
-    seen = []
-
-    def interrupt(fn, model, batch):
-        if len(seen) == stop:
-            raise KeyboardInterrupt
-        seen.append(1)
-        return fn(model, batch)
-
-    _wrap_forward(an, interrupt)
+    interrupt_at(an, stop)
     with pytest.raises(KeyboardInterrupt):
         an.fit(L.train_set(), store=st).scores(L.train_set(), L.query_set(), store=st)
     again = L.analyzer()
