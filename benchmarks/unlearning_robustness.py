@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +126,8 @@ def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     lines = [f"# Does it stay forgotten? ({args.scale} scale, {args.split})", "",
              f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning_robustness.py "
-             f"{' '.join(sys.argv[1:])}`. Total {total / 60:.0f} min.", "",
+             f"{' '.join(sys.argv[1:])}`. The attacks took {total / 60:.0f} min (the sum of the rows' wall times; "
+             "runs merged from other processes included).", "",
              "Every unlearned model (method x optimizer at the settings benchmarks/unlearning.py selects, mean over "
              f"unlearning seeds {args.seeds}) and the two ends (the finetuned model; retrain seed 2, which never saw "
              "the forget authors) under each attack of `soulkit attack`, the split's retrain (seed 1) attacked the "
@@ -228,7 +228,8 @@ def main() -> None:
 
         run.done.update({k: v for k, v in json.loads(other.read_text()).items() if k not in run.done})
     missing: list[str] = []
-    t_start = time.perf_counter()
+    if args.report_only and not run.done:  # never overwrite finished outputs with an empty table
+        raise SystemExit(f"--report-only: no finished attack in {run.path} (or --merge): nothing to report")
 
     def unlearned(method: str, opt: str, seed: int) -> Path:
         out_dir = work / args.split / f"{method}-{opt}-seed{seed}"
@@ -249,7 +250,7 @@ def main() -> None:
         info = machine_info()
         done = [{**r, "machine": machine_line(info), "scale": args.scale, "split": args.split} for r in rows]
         atomic_write_json(args.out / f"{stem}.json", done)
-        md = markdown(done, labels, info, args, time.perf_counter() - t_start)
+        md = markdown(done, labels, info, args, sum(r.get("wall_seconds") or 0.0 for r in rows))
         n_done = len({(r["model"], r["seed"]) for r in rows if r["attack"] != "sequential"})
         n_seq = sum(r["attack"] == "sequential" for r in rows)
         if n_done < len(models) or (not args.no_sequential and n_seq < len(methods) * len(optimizers) * len(seeds)):
