@@ -81,10 +81,6 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     return f"{info.get('cpu_model')}, {cores}{threads}; torch {info.get('torch')}, Python {info.get('python')}; {gpu}"
 
 
-if __name__ == "__main__":  # pragma: no cover
-    print(machine_line())
-
-
 def loopback_interface() -> str | None:
     """The loopback network interface's name (``lo`` or ``lo0``), for ``GLOO_SOCKET_IFNAME`` when gloo ranks on
     one machine must not look for another interface; ``None`` if there is none."""
@@ -95,3 +91,7 @@ def loopback_interface() -> str | None:
     except OSError:
         return None
     return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(machine_line())

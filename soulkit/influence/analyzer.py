@@ -271,7 +271,8 @@ class InfluenceAnalyzer:
             self.factored = FactoredInfluence(
                 model, loss_fn, method=method, modules=cfg.modules, l2=cfg.l2, damping=cfg.damping,
                 fisher=cfg.fisher, likelihood=cfg.likelihood, fisher_samples=cfg.fisher_samples,
-                query_rank=cfg.query_rank, projection=cfg.projection, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+                query_rank=cfg.query_rank, projection=cfg.projection, batch_size=cfg.batch_size, seed=cfg.seed,
+                progress=cfg.progress,
                 optimizer_state=cfg.optimizer_state, optimizer_state_rule=cfg.optimizer_state_rule,
                 optimizer_params=cfg.optimizer_params,
                 optimizer_state_bias_correction=cfg.optimizer_state_bias_correction,

@@ -381,8 +381,9 @@ class FactoredInfluence:
     def _sharded_pass(self, source: DataSource, phase: str, desc: str, sums: dict[str, Tensor],
                       body: Callable[[int, int, Batch, int, ModuleCapture], None], store: InfluenceStore | None,
                       sharding: Sharding) -> None:
-        """Run ``body(k, start, batch, b, capture)`` (which adds into ``sums``) on this rank's batches, from the store's partial checkpoint
-        of ``phase`` when there is one, saving one every ``store.checkpoint_seconds``; then sum over ranks."""
+        """Run ``body(k, start, batch, b, capture)`` (which adds into ``sums``) on this rank's batches, from the
+        store's partial checkpoint of ``phase`` when there is one, saving one every ``store.checkpoint_seconds``;
+        then sum over ranks."""
         begin = 0
         if store is not None and (got := store.load_partial(phase, sharding, self._device)) is not None:
             saved, meta = got

@@ -194,8 +194,8 @@ def run_influence(model_dir: Path, train_path: Path, queries_path: Path, out: Pa
     which starts it over. ``store``: a store directory of the caller's instead (never cleared: a mismatch is an
     error). ``projection``: LoGra-style projected gradients, every training example's kept in the store, so
     that a later call with other queries against the same store skips the training pass (the scores
-    themselves are then recomputed, not stored). Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a gloo process group and split
-    the work; rank 0 writes the outputs. ``options`` is written to ``run.json``. Returns a summary (sizes,
+    themselves are then recomputed, not stored). Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks join a gloo
+    process group and split the work; rank 0 writes the outputs. ``options`` is written to ``run.json``. Returns a summary (sizes,
     seconds, paths, whether the store was resumed).
     """
     from safetensors.torch import save_file
