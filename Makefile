@@ -37,7 +37,7 @@ demo: $(STAMP)
 
 # every CPU benchmark behind the README's Results except the unlearning and peer ones (~1.5 h on 2 cores)
 bench: $(STAMP)
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_bench.py
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/projection.py
 	$(PY) benchmarks/hvp.py

@@ -20,7 +20,7 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/op
 section "Triton kernels compiled on CUDA against their references"
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_sophia_triton.py tests/kernels/test_adahessian_triton.py tests/kernels/test_projection.py 2>&1 | tail -n 5
 section "kernel benchmarks"
-timeout 240 "$PY" benchmarks/kernels.py --device cuda --reps 20 --kernels sophia,adahessian,projection "$@" 2>&1 | tail -n 30
+timeout 240 "$PY" benchmarks/kernel_bench.py --device cuda --reps 20 --kernels sophia,adahessian,projection "$@" 2>&1 | tail -n 30
 section "Sophia.step vs AdamW(fused=True).step (GPT-2 small and a 1B Llama layout)"
 timeout 120 "$PY" benchmarks/step.py --device cuda --reps 30 2>&1 | tail -n 8
 timeout 120 "$PY" benchmarks/step.py --device cuda --reps 30 --layout llama-1b --tag llama1b 2>&1 | tail -n 8

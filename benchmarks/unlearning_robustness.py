@@ -182,6 +182,26 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+#: The fields report() adds to a finished run when it writes the JSON (everything else is the run's own).
+_ROW_FIELDS = ("model", "seed", "attack", "machine", "scale", "split")
+
+
+def merged_runs(path: Path, scale: str, split: str) -> dict[str, dict[str, Any]]:
+    """The finished attacks of ``path`` under the keys :func:`main` gives them: ``path`` is the partial file
+    of another process of this benchmark (key -> run) or a written ``unlearning_robustness*.json`` (a list of
+    rows, as committed). Rows of another scale or split are left out of a written JSON; its runs keep their
+    numbers and wall times."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        return data
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "attack" in r for r in data):
+        raise SystemExit(f"--merge {path}: neither a partial file (an object) nor a results JSON (a list of rows)")
+    return {f"{r['model']}|{r['seed']}|{split}|{r['attack']}": {k: v for k, v in r.items() if k not in _ROW_FIELDS}
+            for r in data if r.get("scale") == scale and r.get("split") == split}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", default="small")
@@ -202,7 +222,7 @@ def main() -> None:
     ap.add_argument("--no-ends", action="store_true", help="skip the two ends (a process that adds other seeds)")
     ap.add_argument("--merge", type=Path, action="append", default=[],
                     help="partial file of another process of this benchmark (e.g. one run with --seeds 2 --no-ends "
-                         "--tag _seed2): its finished attacks are taken in as if run here")
+                         "--tag _seed2), or a written results JSON: its finished attacks are taken in as if run here")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the outputs from the finished attacks, listing the missing ones")
     ap.add_argument("--keep-partial", action="store_true", help="keep the partial file once the outputs are written")
@@ -224,9 +244,7 @@ def main() -> None:
     stem = f"unlearning_robustness{args.tag}"
     run = ResumableRuns(args.out / f".{stem}.partial.json", verbose=False)
     for other in args.merge:
-        import json
-
-        run.done.update({k: v for k, v in json.loads(other.read_text()).items() if k not in run.done})
+        run.done.update({k: v for k, v in merged_runs(other, args.scale, args.split).items() if k not in run.done})
     missing: list[str] = []
     if args.report_only and not run.done:  # never overwrite finished outputs with an empty table
         raise SystemExit(f"--report-only: no finished attack in {run.path} (or --merge): nothing to report")
@@ -238,10 +256,11 @@ def main() -> None:
             suite.unlearn(method, opt, args.split, config=cfg, out_dir=out_dir, evaluate=False)
         return out_dir / "model"
 
-    models: list[tuple[str, int | None, Path | None]] = [("finetuned", None, None),
-                                                         ("retrain-seed2", None, suite.retrained_dir(args.split, 2))]
-    models += [(f"{m} x {o}", s, None) for s in seeds for m in methods for o in optimizers]
-    labels = list(dict.fromkeys(label for label, _, _ in models))
+    # (label, unlearning seed); each model is built or found only when its first attack runs, so a
+    # --report-only or --no-ends process trains nothing it does not attack
+    models: list[tuple[str, int | None]] = [("finetuned", None), ("retrain-seed2", None)]
+    models += [(f"{m} x {o}", s) for s in seeds for m in methods for o in optimizers]
+    labels = list(dict.fromkeys(label for label, _ in models))
     rows: list[dict] = []
     memo: dict = {}  # what does not depend on the attacked model (the controls), computed once
 
@@ -259,15 +278,22 @@ def main() -> None:
                   f"done; rerun the same command to continue.\n{rest}")
         atomic_write_text(args.out / f"{stem}.md", md)
         plot(done, labels, args.out / f"{stem}.png")
-    def attack_model(label: str, seed: int | None, model_dir: Path | None) -> None:
+    def model_dir_of(label: str, seed: int | None) -> Path | None:
+        """The attacked model's directory (None: the finetuned model, ``run_attack``'s default)."""
+        if label == "finetuned":
+            return None
+        if label == "retrain-seed2":
+            return suite.retrained_dir(args.split, 2)
+        method, opt = label.split(" x ")
+        return unlearned(method, opt, seed)
+
+    def attack_model(label: str, seed: int | None) -> None:
         for name in names:
             cfg = attack_configs(seed or 0)[name]
             key = f"{label}|{seed}|{args.split}|{name}"
 
-            def attack(label=label, seed=seed, model_dir=model_dir, name=name, cfg=cfg) -> dict:
-                if model_dir is None and label != "finetuned":
-                    method, opt = label.split(" x ")
-                    model_dir = unlearned(method, opt, seed)
+            def attack(label=label, seed=seed, name=name, cfg=cfg) -> dict:
+                model_dir = model_dir_of(label, seed)
                 res = run_attack(suite, args.split, cfg, model_dir=model_dir, cache=memo)
                 nums = headline(name, res)
                 print(f"{label} seed {seed} {name}: " + ", ".join(f"{k} {_f(v)}" for k, v in list(nums.items())[:4]),
@@ -299,13 +325,13 @@ def main() -> None:
         report()
 
     # seed by seed (the two ends first): a stopped run has every model and request of its first seeds
-    for label, seed, model_dir in models:
+    for label, seed in models:
         if seed is None and not (args.no_ends or args.sequential_only):
-            attack_model(label, seed, model_dir)
+            attack_model(label, seed)
     for s in seeds:
-        for label, seed, model_dir in models:
+        for label, seed in models:
             if seed == s and not args.sequential_only:
-                attack_model(label, seed, model_dir)
+                attack_model(label, seed)
         if not args.no_sequential:
             for method in methods:
                 for opt in optimizers:

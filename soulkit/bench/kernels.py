@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks: ``soulkit bench kernels`` (and ``benchmarks/kernels.py``, a thin caller).
+"""Kernel microbenchmarks: ``soulkit bench kernels`` (and ``benchmarks/kernel_bench.py``, a thin caller).
 
 For flat tensors and real parameter layouts (GPT-2 small: 148 tensors / 124M; a 1B Llama; one
 Llama-7B decoder layer), each implementation's median time, its effective bandwidth (bytes that
@@ -322,7 +322,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of ``soulkit bench kernels`` (also ``benchmarks/kernels.py``'s)."""
+    """The options of ``soulkit bench kernels`` (also ``benchmarks/kernel_bench.py``'s)."""
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--sizes", default=None, help="flat sizes in M elements, comma-separated ('none': no flat case)")
     ap.add_argument("--layouts", default=None, help=f"comma-separated: {', '.join(LAYOUTS)} ('none': no layout)")
@@ -395,7 +395,7 @@ def run(args: argparse.Namespace, default_out: Path | None = None) -> Path:
 
 
 def main(argv=None, default_out: Path | None = None) -> int:
-    """Command-line entry (``benchmarks/kernels.py``); bad options end in one line and exit status 1."""
+    """Command-line entry (``benchmarks/kernel_bench.py``); bad options end in one line and exit status 1."""
     args = build_parser().parse_args(argv)
     try:
         run(args, default_out)

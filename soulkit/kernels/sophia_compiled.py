@@ -13,7 +13,7 @@ dtype and round once), so parameter lists with many small tensors (GPT-2: 98 of 
 have <= 3,072 elements) do not pay a compiled call per tensor. The larger tensors go through the
 compiled code ``CHUNK`` at a time (one Python call and one guard check for ``CHUNK`` tensors);
 fewer than ``CHUNK`` large tensors, and the remainder, go one call per tensor.
-``benchmarks/kernels.py`` measures both (rows ``sophia-compiled`` and ``sophia-compiled-1``).
+``benchmarks/kernel_bench.py`` measures both (rows ``sophia-compiled`` and ``sophia-compiled-1``).
 """
 
 from __future__ import annotations

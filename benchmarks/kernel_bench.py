@@ -1,11 +1,11 @@
 """Kernel microbenchmarks: a thin caller of :mod:`soulkit.bench.kernels` (``soulkit bench kernels``)
 that writes into ``benchmarks/results/``. The module's docstring says what is measured and how.
 
-    python benchmarks/kernels.py                 # CPU: sizes up to 64M + GPT-2 small layout, Sophia and AdaHessian
-    python benchmarks/kernels.py --families adahessian          # one family only
-    python benchmarks/kernels.py --kernels projection --layouts none --sizes 1,4
-    python benchmarks/kernels.py --sizes 1 --layouts none --reps 2 --tag smoke   # smoke test
-    python benchmarks/kernels.py --threads 1 --tag 1thread   # kernels_cpu_1thread.*
+    python benchmarks/kernel_bench.py                 # CPU: sizes up to 64M + GPT-2 small layout, Sophia and AdaHessian
+    python benchmarks/kernel_bench.py --families adahessian          # one family only
+    python benchmarks/kernel_bench.py --kernels projection --layouts none --sizes 1,4
+    python benchmarks/kernel_bench.py --sizes 1 --layouts none --reps 2 --tag smoke   # smoke test
+    python benchmarks/kernel_bench.py --threads 1 --tag 1thread   # kernels_cpu_1thread.*
 Outputs benchmarks/results/kernels{_cpu,_cuda}[_<tag>].{md,json,png}.
 """
 
