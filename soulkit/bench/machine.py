@@ -37,8 +37,21 @@ def _usable_cores() -> int | None:
         return None
 
 
+_MODEL_STACK = ("transformers", "tokenizers", "faker")
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, torch threads, Python/torch versions, and the GPU(s) if any."""
+    """CPU model, core counts, torch threads, Python/torch versions, the versions of the model stack
+    (``libraries``: transformers, tokenizers, Faker; None where not installed), and the GPU(s) if any."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -61,6 +74,9 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a dependency
         info["torch"] = None
         info["gpus"] = []
+    # the packages a cached benchmark model depends on besides torch: a model rebuilt under other versions of
+    # these (tokenizer training, weight initialisation) need not equal one built before
+    info["libraries"] = {name: _version(name) for name in _MODEL_STACK}
     try:
         load = os.getloadavg()
         info["load_avg_1_5_15"] = [round(x, 2) for x in load]
@@ -78,7 +94,9 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     gpus = info.get("gpus") or []
     gpu = ", ".join(g["name"] for g in gpus) if gpus else "no GPU"
     threads = f", {info['torch_threads']} torch threads" if info.get("torch_threads") else ""
-    return f"{info.get('cpu_model')}, {cores}{threads}; torch {info.get('torch')}, Python {info.get('python')}; {gpu}"
+    libs = "".join(f", {k} {v}" for k, v in (info.get("libraries") or {}).items() if v)
+    return (f"{info.get('cpu_model')}, {cores}{threads}; torch {info.get('torch')}{libs}, Python {info.get('python')}; "
+            f"{gpu}")
 
 
 def loopback_interface() -> str | None:
