@@ -121,6 +121,32 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
     return {key: {"n": len(vs), **{k: _mean([v.get(k) for v in vs]) for k in vs[0]}} for key, vs in groups.items()}
 
 
+#: The per-seed summary: (column, attack, headline key).
+PER_SEED = (("forget ROUGE", "quantize-int8", "forget_rouge_before"), ("utility", "quantize-int8", "model_utility"),
+            ("int4 excess", "quantize-int4", "rouge_excess"),
+            (f"relearn {BUDGETS[-1]} excess", "relearn-forget-half", f"rouge_excess_{BUDGETS[-1]}"),
+            (f"related {BUDGETS[-1]} excess", "relearn-related", f"rouge_excess_{BUDGETS[-1]}"),
+            ("phrasings ROUGE", "phrasings", "rouge_probe"), ("2-shot excess", "few-shot", "rouge_excess"),
+            ("seq. utility after 4", "sequential", "model_utility_4"),
+            ("seq. 1st author ROUGE after 4", "sequential", "first_request_rouge_4"))
+
+
+def per_seed_table(rows: list[dict], labels: list[str]) -> list[str]:
+    """One line per model and unlearning seed with the headline numbers, so the spread over seeds behind
+    each mean shows (markdown lines)."""
+    by = {(r["model"], r["seed"], r["attack"]): r["numbers"] for r in rows if r.get("numbers")}
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    out = ["## Per seed", "", "Headline numbers of each unlearning seed (the ends: one row). Forget ROUGE and "
+           "utility before any attack; excess = attacked model minus attacked control.", "",
+           "| model | seed | " + " | ".join(c for c, _, _ in PER_SEED) + " |", "|---" * (len(PER_SEED) + 2) + "|"]
+    for label in labels:
+        for seed in (None, *seeds):
+            vals = [(by.get((label, seed, a)) or {}).get(k) for _, a, k in PER_SEED]
+            if any(v is not None for v in vals):
+                out.append(f"| {label} | {'-' if seed is None else seed} | " + " | ".join(map(_f, vals)) + " |")
+    return [*out, ""]
+
+
 def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float) -> str:
     agg = aggregate(rows)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
@@ -132,7 +158,7 @@ def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float
              f"unlearning seeds {args.seeds}) and the two ends (the finetuned model; retrain seed 2, which never saw "
              "the forget authors) under each attack of `soulkit attack`, the split's retrain (seed 1) attacked the "
              "same way as the control. `excess` = attacked model minus attacked control: what an attack brings back "
-             "beyond what it teaches a model that never saw the authors.", ""]
+             "beyond what it teaches a model that never saw the authors.", "", *per_seed_table(rows, labels)]
     for attack in attacks:
         keys = [k for k in next(v for (m, a), v in agg.items() if a == attack) if k != "n"]
         lines += [f"## {attack}", "", "| model | seeds | " + " | ".join(keys) + " |",
