@@ -1,4 +1,4 @@
-"""benchmarks/unlearning_robustness.py --merge: a written results JSON gives back the keys of its runs."""
+"""benchmarks/unlearning_robustness.py: --merge of a written results JSON, and the equal-forgetting comparison."""
 
 from __future__ import annotations
 
@@ -48,3 +48,28 @@ def test_partial_file_is_taken_as_it_is_and_other_json_refused(robustness, tmp_p
     (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
     with pytest.raises(SystemExit, match="neither a partial file"):
         robustness.merged_runs(tmp_path / "bad.json", "small", "forget10")
+
+
+def test_sophia_offset_recovers_a_planted_offset_at_equal_forgetting(robustness):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.05, 0.7, size=12)
+    sophia = np.arange(12) % 2
+    recovery = 0.2 + 0.4 * before - 0.1 * sophia  # Sophia recovers 0.1 less at any forgetting
+    pts = [(float(b), float(r), int(s), 0.9) for b, r, s in zip(before, recovery, sophia)]
+    fit = robustness.sophia_offset(pts)
+    assert fit["n"] == 12 and abs(fit["sophia"] + 0.1) < 1e-9 and abs(fit["slope"] - 0.4) < 1e-9
+    assert fit["sophia_se"] < 1e-6  # an exact fit leaves no residual
+    noisy = [(b, r + float(e), s, u) for (b, r, s, u), e in zip(pts, rng.normal(0, 0.05, size=12))]
+    assert robustness.sophia_offset(noisy)["sophia_se"] > 0.005
+    assert robustness.sophia_offset([p for p in pts if p[2] == 0]) is None  # one optimizer: nothing to compare
+
+
+def test_points_pair_each_attack_with_the_models_forgetting_before_it(robustness):
+    rows = [_row("npo x sophia", 1, "quantize-int8"), _row("npo x sophia", 1, "relearn-forget-half"),
+            _row("finetuned", None, "quantize-int8"), _row("finetuned", None, "relearn-forget-half"),
+            _row("ga x adamw", 1, "relearn-forget-half")]  # no int8 row: no forgetting to pair with
+    rows[0]["numbers"] = {"forget_rouge_before": 0.3, "model_utility": 0.8}
+    rows[1]["numbers"] = {"rouge_excess_50": 0.4}
+    assert robustness._points(rows, "relearn-forget-half", "rouge_excess_50") == [(0.3, 0.4, 1, 0.8)]  # ends left out
