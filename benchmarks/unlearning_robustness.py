@@ -1,6 +1,6 @@
 """Does it stay forgotten? Every attack and probe of ``soulkit attack`` on every objective x optimizer.
 
-    python benchmarks/unlearning_robustness.py            # small scale, forget10, seeds 1,2 (hours on 2 cores)
+    python benchmarks/unlearning_robustness.py            # small scale, forget10, seeds 1,2,3 (~2.2 h at 1 thread)
     python benchmarks/unlearning_robustness.py --quick    # npo x adamw/sophia, seed 1, no sequential (smoke run)
 
 Protocol (issue 16), on the benchmark models of ``benchmarks/tofu_baselines.py`` (built or reused from
@@ -17,7 +17,11 @@ the cache):
 3. Sequential requests (forget01-sized, four, from the finetuned model) per method x optimizer x seed.
 
 Writes ``benchmarks/results/unlearning_robustness<tag>.{json,md,png}`` (JSON: one row per model and
-attack with the attack's headline numbers) and keeps a partial file so an interrupted run resumes.
+attack with the attack's headline numbers) and keeps a partial file so an interrupted run resumes. On
+2 cores, run seeds in two processes (``--seeds 1 --tag _s1 --keep-partial``; ``--seeds 2 --no-ends --tag _s2
+--keep-partial``; ...), then write the table with ``--report-only --merge`` of each partial file.
+The md leads with the per-seed numbers and "Sophia vs AdamW at equal forgetting": each recovery regressed
+on the forget ROUGE before the attack and a Sophia indicator over every unlearned model and seed.
 """
 
 from __future__ import annotations
@@ -303,7 +307,7 @@ def main() -> None:
     ap.add_argument("--split", default="forget10")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--attacks", default=None, help="comma-separated names of attack_configs() (default: all)")
     ap.add_argument("--no-sequential", action="store_true", help="skip the sequential requests")
     ap.add_argument("--quick", action="store_true", help="npo; adamw, sophia; seed 1; no sequential")
