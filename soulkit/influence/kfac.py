@@ -84,7 +84,9 @@ def _eig(cov: Tensor, what: str) -> tuple[Tensor, Tensor]:
     if not bool(torch.isfinite(cov).all()):
         raise FloatingPointError(f"the {what} covariance holds NaN or Inf (a non-finite activation or gradient)")
     vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
-    return vals.clamp_min(0.0), vecs
+    # eigh returns column-major vectors and a store reads them back row-major; matmuls of the two layouts can
+    # round differently, so one layout keeps scores from factors fitted here and read back bit-identical
+    return vals.clamp_min(0.0), vecs.contiguous()
 
 
 class CovarianceAccumulator:

@@ -225,6 +225,9 @@ _ADAHESSIAN_2_13 = {
                  'adahessian-reference': '87846efc18fcb3a34bacfbe3'},
     "7e3074a3": {'adahessian': 'c60b550c01b322c41e415d3b', 'adahessian-block-power': '7e1568d9ed62c21c7bfef818',
                  'adahessian-reference': '21235e2708358632fb9b5352'},
+    # MKL's path on an AMD EPYC (AVX-512 capability), recorded there: none of the three above
+    "511cc0dc": {'adahessian': '5e32d36d634fa843d00d5dd9', 'adahessian-block-power': 'f6077060caf4d92e3c367cbe',
+                 'adahessian-reference': 'b602d844948f34e191ce01e8'},
 }
 # (torch version, CPU capability, _sqrt_fingerprint()) -> case -> digest, for the cases that take a sqrt
 GOLDEN_SQRT: dict[tuple[str, ...], dict[str, str]] = {

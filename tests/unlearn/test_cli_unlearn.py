@@ -332,11 +332,12 @@ def test_unlearn_eval_every_records_progress(tmp_path, cache, capsys):
     assert all(0.0 < p["forget_probability"] <= 1.0 and 0.0 < p["retain_probability"] <= 1.0 for p in progress)
 
 
+# the checkout on sys.path, not tests/ itself: tests/kernels would shadow the ``kernels`` package transformers imports
 _CLI_SCRIPT = r"""
 import sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})
 from soulkit.unlearn import suite
-from unlearn.test_cli_unlearn import TINY
+from tests.unlearn.test_cli_unlearn import TINY
 suite.SCALES["tiny"] = TINY
 from soulkit.cli import main
 raise SystemExit(main(sys.argv[1:]))
@@ -352,7 +353,7 @@ def test_a_killed_unlearn_run_resumes_with_the_same_command(tmp_path, cache):
 
     UnlearningSuite.from_scale("tiny", cache_dir=cache, progress=False).finetuned_dir()  # models cached first
     script = tmp_path / "cli.py"
-    script.write_text(_CLI_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1])))
+    script.write_text(_CLI_SCRIPT.format(root=str(Path(__file__).resolve().parents[2])))
     out = tmp_path / "out"
     argv = [sys.executable, str(script), "unlearn", "--method", "ga", "--split", "forget10", *_bench(cache),
             "--out", str(out), "--steps", "30", "--checkpoint-every", "2", "--threads", "1"]
