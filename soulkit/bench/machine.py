@@ -14,38 +14,15 @@ import platform
 import sys
 from typing import Any
 
+from .._env import cpu_model, library_versions
+
 __all__ = ["machine_info", "machine_line", "cpu_model", "loopback_interface"]
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else ``platform.processor()``, else ``"unknown"``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _usable_cores() -> int | None:
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return None
-
-
-_MODEL_STACK = ("transformers", "tokenizers", "faker")
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
         return None
 
 
@@ -76,7 +53,7 @@ def machine_info() -> dict[str, Any]:
         info["gpus"] = []
     # the packages a cached benchmark model depends on besides torch: a model rebuilt under other versions of
     # these (tokenizer training, weight initialisation) need not equal one built before
-    info["libraries"] = {name: _version(name) for name in _MODEL_STACK}
+    info["libraries"] = library_versions()
     try:
         load = os.getloadavg()
         info["load_avg_1_5_15"] = [round(x, 2) for x in load]

@@ -278,6 +278,17 @@ _FORMAT = "soulkit-zoo-v1"
 _ROUGE_SPLIT = "forget10"
 
 
+def built_with() -> dict[str, Any]:
+    """What a model trained here depends on besides its data, recipe and seed: the CPU model, its vector ISA
+    and the versions of torch and the model stack. The cache key leaves these out (a cache is reused on
+    the machine that built it); a model rebuilt where they differ need not equal the cached one, and this
+    record, kept in each stage's metadata, tells why."""
+    from .._env import cpu_model, library_versions
+
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__, **library_versions()}
+
+
 class ModelZoo:
     """Builds the benchmark's models once and caches them under ``cache_dir/models/<key>/``.
 
@@ -406,7 +417,7 @@ class ModelZoo:
 
     def _finish(self, model, tok, d: Path, meta: dict[str, Any]) -> Path:
         meta = {**meta, "recipe": self.recipe.to_dict(), "data_fingerprint": self.benchmark.fingerprint(),
-                "zoo_key": self.key}
+                "zoo_key": self.key, "built_with": built_with()}
         save_model(model, tok, d, meta)
         shutil.rmtree(self._ckpt(meta["stage"]), ignore_errors=True)
         return d

@@ -332,6 +332,13 @@ def test_model_zoo_end_to_end(tmp_path, monkeypatch):
     assert meta_ft["stage"] == "finetuned" and meta_rt["stage"] == "retrain-forget10-seed1"
     assert meta_ft["zoo_key"] == meta_rt["zoo_key"] == zoo.key
     assert meta_ft["data_fingerprint"] == bench.fingerprint()
+    # what else a rebuilt model depends on: the CPU and the versions that trained it
+    import transformers
+
+    assert meta_ft["built_with"]["torch"] == torch.__version__
+    assert meta_ft["built_with"]["transformers"] == transformers.__version__
+    assert meta_ft["built_with"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert meta_ft["built_with"]["cpu"]
     assert 1 <= meta_ft["train"]["epochs"] <= 40
     checks = meta_ft["rouge_checks"]  # every check_every epochs, and one at the end
     assert [c["epoch"] for c in checks][:-1] == list(range(10, meta_ft["train"]["epochs"], 10))[:len(checks) - 1]
@@ -342,8 +349,9 @@ def test_model_zoo_end_to_end(tmp_path, monkeypatch):
         assert meta_ft["train"]["epochs"] == 40
     assert meta_rt["train"]["epochs"] == meta_ft["train"]["epochs"]
     assert meta_rt["split"] == "forget10" and meta_rt["n_forget"] == len(forget) and meta_rt["seed"] == 1
-    assert sorted(p.name for p in zoo.root.iterdir()) == sorted(
-        ["tokenizer", "base", "finetuned", "retrain-forget10-seed1"])  # no checkpoints or temp dirs left
+    stages = ["tokenizer", "base", "finetuned", "retrain-forget10-seed1"]
+    # no checkpoints or temp dirs left: the stages and the (empty) lock files their builders took
+    assert sorted(p.name for p in zoo.root.iterdir()) == sorted(stages + [f".{n}.lock" for n in stages])
 
     # the fine-tune memorised the forget authors; the retrain knows the retain authors but not them
     ft_model, tok = load_model(ft)
