@@ -125,8 +125,22 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict[str, Any]]:
     return {key: {"n": len(vs), **{k: _mean([v.get(k) for v in vs]) for k in vs[0]}} for key, vs in groups.items()}
 
 
+def run_key(model: str, seed: int | None, split: str, attack: str) -> str:
+    """The key of one finished attack in the partial file (and of a row of the written JSON)."""
+    return f"{model}|{seed}|{split}|{attack}"
+
+
+def _by_run(rows: list[dict]) -> dict[tuple[str, int | None, str], dict[str, Any]]:
+    """(model, seed, attack) -> headline numbers of the rows that have them."""
+    return {(r["model"], r["seed"], r["attack"]): r["numbers"] for r in rows if r.get("numbers")}
+
+
+#: Where a model's state before any attack is read: the int8 attack's "before" (quantization changes nothing
+#: before it runs, and every model gets it).
+BEFORE = "quantize-int8"
+
 #: The per-seed summary: (column, attack, headline key).
-PER_SEED = (("forget ROUGE", "quantize-int8", "forget_rouge_before"), ("utility", "quantize-int8", "model_utility"),
+PER_SEED = (("forget ROUGE", BEFORE, "forget_rouge_before"), ("utility", BEFORE, "model_utility"),
             ("int4 excess", "quantize-int4", "rouge_excess"),
             (f"relearn {BUDGETS[-1]} excess", "relearn-forget-half", f"rouge_excess_{BUDGETS[-1]}"),
             (f"related {BUDGETS[-1]} excess", "relearn-related", f"rouge_excess_{BUDGETS[-1]}"),
@@ -138,7 +152,7 @@ PER_SEED = (("forget ROUGE", "quantize-int8", "forget_rouge_before"), ("utility"
 def per_seed_table(rows: list[dict], labels: list[str]) -> list[str]:
     """One line per model and unlearning seed with the headline numbers, so the spread over seeds behind
     each mean shows (markdown lines)."""
-    by = {(r["model"], r["seed"], r["attack"]): r["numbers"] for r in rows if r.get("numbers")}
+    by = _by_run(rows)
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     out = ["## Per seed", "", "Headline numbers of each unlearning seed (the ends: one row). Forget ROUGE and "
            "utility before any attack; excess = attacked model minus attacked control.", "",
@@ -152,26 +166,26 @@ def per_seed_table(rows: list[dict], labels: list[str]) -> list[str]:
 
 
 #: What "more robust at equal forgetting" is judged on: (column, attack, headline key) of the recovery, each
-#: regressed on the forget ROUGE before the attack (x of PER_SEED's first column) and a Sophia indicator.
+#: regressed on the forget ROUGE before the attack and a Sophia indicator.
 EQUAL_FORGETTING = (
     (f"relearn {BUDGETS[-1]} excess", "relearn-forget-half", f"rouge_excess_{BUDGETS[-1]}"),
     (f"related {BUDGETS[-1]} excess", "relearn-related", f"rouge_excess_{BUDGETS[-1]}"),
     ("int4 excess", "quantize-int4", "rouge_excess"), ("phrasings ROUGE", "phrasings", "rouge_probe"))
 
 
-def _points(rows: list[dict], attack: str, key: str) -> list[tuple[float, float, int, float]]:
-    """(forget ROUGE before, recovery, is Sophia, utility) for each unlearned model and seed."""
-    by = {(r["model"], r["seed"], r["attack"]): r["numbers"] for r in rows if r.get("numbers")}
+def _points(rows: list[dict], attack: str, key: str) -> list[tuple[float, float, int]]:
+    """(forget ROUGE before, recovery, is Sophia) for each unlearned model and seed."""
+    by = _by_run(rows)
     pts = []
     for (model, seed, a), nums in by.items():
-        base = by.get((model, seed, "quantize-int8"))
+        base = by.get((model, seed, BEFORE))
         if a != attack or seed is None or base is None or nums.get(key) is None or " x " not in model:
             continue
-        pts.append((base["forget_rouge_before"], nums[key], int(model.endswith(" x sophia")), base["model_utility"]))
+        pts.append((base["forget_rouge_before"], nums[key], int(model.endswith(" x sophia"))))
     return pts
 
 
-def sophia_offset(points: list[tuple[float, float, int, float]]) -> dict[str, float] | None:
+def sophia_offset(points: list[tuple[float, float, int]]) -> dict[str, float] | None:
     """Least squares ``recovery = a + b * forget_rouge_before + c * is_sophia``: ``c`` is how much more a
     Sophia model recovers than an AdamW model that forgot as much (its standard error from the residuals).
     None with fewer than five points or without both optimizers."""
@@ -203,13 +217,27 @@ def equal_forgetting_table(rows: list[dict]) -> list[str]:
     return [*out, ""]
 
 
-def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float) -> str:
+def model_set_line(zoo) -> str:
+    """Which models were attacked: the zoo key and, from the cached fine-tune's metadata (never building it),
+    its epochs and where it was built. Models rebuilt on another CPU or library stack need not be these."""
+    from soulkit.unlearn.models import model_meta
+
+    meta = model_meta(zoo.root / "finetuned")
+    if not meta:
+        return f"Models: zoo key `{zoo.key}` (no fine-tune cached here)."
+    built = meta.get("built_with") or {}
+    where = f", built on {built['cpu']} with transformers {built.get('transformers')}" if built.get("cpu") else ""
+    return (f"Models: zoo key `{zoo.key}`; the fine-tune ran {meta['train']['epochs']} epochs (probe ROUGE "
+            f"{meta['rouge_checks'][-1]['rouge']:.4f}){where}.")
+
+
+def markdown(rows: list[dict], labels: list[str], info: dict, args, total: float, models: str = "") -> str:
     agg = aggregate(rows)
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     lines = [f"# Does it stay forgotten? ({args.scale} scale, {args.split})", "",
              f"Machine: {machine_line(info)}. Command: `python benchmarks/unlearning_robustness.py "
              f"{' '.join(sys.argv[1:])}`. The attacks took {total / 60:.0f} min (the sum of the rows' wall times; "
-             "runs merged from other processes included).", "",
+             f"runs merged from other processes included). {models}", "",
              "Every unlearned model (method x optimizer at the settings benchmarks/unlearning.py selects, mean over "
              f"unlearning seeds {args.seeds}) and the two ends (the finetuned model; retrain seed 2, which never saw "
              "the forget authors) under each attack of `soulkit attack`, the split's retrain (seed 1) attacked the "
@@ -250,7 +278,7 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     for i, label in enumerate(labels):
         ys = [(agg.get((label, a)) or {}).get(k) for _, a, k in cols]
         if ys[0] is None:  # no attack: before either quantization
-            ys[0] = (agg.get((label, "quantize-int8")) or {}).get("forget_rouge_before")
+            ys[0] = (agg.get((label, BEFORE)) or {}).get("forget_rouge_before")
         ax.plot(range(len(cols)), [float("nan") if y is None else y for y in ys],
                 marker="o" if label in ends else "*", ls="--" if label in ends else "-",
                 color=ends.get(label, f"C{i % 10}"), label=label, alpha=0.9)
@@ -268,7 +296,7 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
             sc.scatter(*zip(*xy), marker=marker, label=f"{name} (model x seed)", alpha=0.8)
     for label, color in ends.items():
         v = (agg.get((label, attack)) or {}).get(key)
-        x = (agg.get((label, "quantize-int8")) or {}).get("forget_rouge_before")
+        x = (agg.get((label, BEFORE)) or {}).get("forget_rouge_before")
         if v is not None and x is not None:
             sc.scatter([x], [v], marker="s", color=color, label=label)
     sc.set_xlabel("forget ROUGE before the attack")
@@ -297,7 +325,7 @@ def merged_runs(path: Path, scale: str, split: str) -> dict[str, dict[str, Any]]
         return data
     if not isinstance(data, list) or not all(isinstance(r, dict) and "attack" in r for r in data):
         raise SystemExit(f"--merge {path}: neither a partial file (an object) nor a results JSON (a list of rows)")
-    return {f"{r['model']}|{r['seed']}|{split}|{r['attack']}": {k: v for k, v in r.items() if k not in _ROW_FIELDS}
+    return {run_key(r["model"], r["seed"], split, r["attack"]): {k: v for k, v in r.items() if k not in _ROW_FIELDS}
             for r in data if r.get("scale") == scale and r.get("split") == split}
 
 
@@ -368,7 +396,8 @@ def main() -> None:
         info = machine_info()
         done = [{**r, "machine": machine_line(info), "scale": args.scale, "split": args.split} for r in rows]
         atomic_write_json(args.out / f"{stem}.json", done)
-        md = markdown(done, labels, info, args, sum(r.get("wall_seconds") or 0.0 for r in rows))
+        md = markdown(done, labels, info, args, sum(r.get("wall_seconds") or 0.0 for r in rows),
+                      model_set_line(suite.zoo))
         n_done = len({(r["model"], r["seed"]) for r in rows if r["attack"] != "sequential"})
         n_seq = sum(r["attack"] == "sequential" for r in rows)
         if n_done < len(models) or (not args.no_sequential and n_seq < len(methods) * len(optimizers) * len(seeds)):
@@ -389,7 +418,7 @@ def main() -> None:
     def attack_model(label: str, seed: int | None) -> None:
         for name in names:
             cfg = attack_configs(seed or 0)[name]
-            key = f"{label}|{seed}|{args.split}|{name}"
+            key = run_key(label, seed, args.split, name)
 
             def attack(label=label, seed=seed, name=name, cfg=cfg) -> dict:
                 model_dir = model_dir_of(label, seed)
@@ -410,7 +439,7 @@ def main() -> None:
 
     def sequential_run(method: str, opt: str, seed: int) -> None:
         cfg = AttackConfig("sequential", method=method, optimizer=opt, seed=seed)
-        key = f"{method} x {opt}|{seed}|{args.split}|sequential"
+        key = run_key(f"{method} x {opt}", seed, args.split, "sequential")
         if args.report_only and key not in run.done:
             missing.append(key)
             return
